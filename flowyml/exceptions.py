@@ -1,0 +1,130 @@
+"""Every error flowyml raises, in one place.
+
+::
+
+    FlowymlError                    base of everything below
+    ├── PipelineError               the pipeline cannot be built (raised by ``add_step``/``run``)
+    │   ├── DuplicateNameError      two steps or two outputs share a name
+    │   ├── MissingInputError       an input that no step or source produces
+    │   ├── CycleError              steps depend on each other in a loop
+    │   └── ParameterError          unknown ``params`` key, or a parameter nothing fills
+    ├── BackendError                unknown backend, unreachable cluster, unpicklable step
+    │   └── NotPicklableError       a step, param or input cannot be sent to a worker
+    ├── DataError                   a source matches no file, or a file cannot be read
+    ├── CacheError                  a cache entry is corrupt or unreadable (recomputed, not raised to users)
+    ├── StepTimeoutError            one attempt of a step ran past its ``timeout``
+    ├── WorkerDiedError             the process running a step died (killed, out of memory, segfault)
+    └── StepFailed                  a step failed at run time; ``__cause__`` is the user's exception
+
+Every message names the step (and partition) involved and, where there is one,
+the fix.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BackendError",
+    "CacheError",
+    "CycleError",
+    "DataError",
+    "DuplicateNameError",
+    "FlowymlError",
+    "MissingInputError",
+    "NotPicklableError",
+    "ParameterError",
+    "PipelineError",
+    "StepFailed",
+    "StepTimeoutError",
+    "WorkerDiedError",
+]
+
+
+class FlowymlError(Exception):
+    """Base class of every error flowyml raises."""
+
+
+class PipelineError(FlowymlError):
+    """The pipeline as declared cannot run; raised before any task starts."""
+
+
+class DuplicateNameError(PipelineError):
+    """Two steps, or two assets, share one name."""
+
+
+class MissingInputError(PipelineError):
+    """A step lists an input that no step, source or run input provides."""
+
+
+class CycleError(PipelineError):
+    """Steps depend on each other in a loop; ``path`` lists the loop."""
+
+    def __init__(self, message: str, path: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.path = list(path or [])
+
+
+class ParameterError(PipelineError):
+    """A ``params`` key matches no parameter, or a required parameter is unfilled."""
+
+
+class BackendError(FlowymlError):
+    """The executor cannot run here: unknown backend, unreachable cluster, ..."""
+
+
+class NotPicklableError(BackendError):
+    """A step, param or input cannot be pickled for a worker process."""
+
+
+class DataError(FlowymlError):
+    """A data source matches no file, or one of its files cannot be read."""
+
+
+class CacheError(FlowymlError):
+    """A cache entry is missing, truncated or corrupt."""
+
+
+class StepTimeoutError(FlowymlError):
+    """One attempt of a step ran longer than its ``timeout``."""
+
+
+class WorkerDiedError(FlowymlError):
+    """The worker process running a step died before returning."""
+
+
+class StepFailed(FlowymlError):
+    """A step raised; the user's exception is ``__cause__`` (type and traceback kept).
+
+    Attributes
+    ----------
+    step : str
+        The step's name.
+    partition : int or None
+        The partition that failed, for per-partition steps.
+    attempt : int
+        Which attempt failed last (1 for the first).
+    """
+
+    def __init__(
+        self,
+        step: str,
+        partition: int | None = None,
+        attempt: int = 1,
+        message: str | None = None,
+    ) -> None:
+        self.step = step
+        self.partition = partition
+        self.attempt = attempt
+        where = f"step {step!r}" + (f", partition {partition}" if partition is not None else "")
+        tries = f" (attempt {attempt})" if attempt > 1 else ""
+        detail = f": {message}" if message else ""
+        super().__init__(f"{where} failed{tries}{detail}")
+
+    def __reduce__(self):  # keep the attributes across process boundaries
+        return (_rebuild_step_failed, (self.step, self.partition, self.attempt, str(self)))
+
+
+def _rebuild_step_failed(step, partition, attempt, text):
+    error = StepFailed.__new__(StepFailed)
+    Exception.__init__(error, text)
+    error.step, error.partition, error.attempt = step, partition, attempt
+    return error
