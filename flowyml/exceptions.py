@@ -119,12 +119,45 @@ class StepFailed(FlowymlError):
         detail = f": {message}" if message else ""
         super().__init__(f"{where} failed{tries}{detail}")
 
-    def __reduce__(self):  # keep the attributes across process boundaries
-        return (_rebuild_step_failed, (self.step, self.partition, self.attempt, str(self)))
+    def __reduce__(self):
+        # Exceptions pickle only their args; a StepFailed crosses process
+        # boundaries (process pools, distributed workers) with its attributes,
+        # its cause and the cause's traceback, so the user sees where their code
+        # failed wherever it ran.
+        return (
+            _rebuild_step_failed,
+            (self.step, self.partition, self.attempt, str(self), *_pack_cause(self.__cause__)),
+        )
 
 
-def _rebuild_step_failed(step, partition, attempt, text):
+def _pack_cause(cause: BaseException | None) -> tuple[object, object]:
+    if cause is None:
+        return None, None
+    import pickle
+
+    import cloudpickle
+    from tblib import Traceback
+
+    try:
+        payload = cloudpickle.dumps(cause)
+        pickle.loads(payload)
+    except Exception:  # an exception that cannot cross processes: keep its text
+        payload = cloudpickle.dumps(RuntimeError(f"{type(cause).__qualname__}: {cause}"))
+    tb = Traceback(cause.__traceback__).as_dict() if cause.__traceback__ else None
+    return payload, tb
+
+
+def _rebuild_step_failed(step, partition, attempt, text, cause=None, tb=None):
+    import pickle
+
     error = StepFailed.__new__(StepFailed)
     Exception.__init__(error, text)
     error.step, error.partition, error.attempt = step, partition, attempt
+    if cause is not None:
+        original = pickle.loads(cause)
+        if tb is not None:
+            from tblib import Traceback
+
+            original = original.with_traceback(Traceback.from_dict(tb).as_traceback())
+        error.__cause__ = original
     return error

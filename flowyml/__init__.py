@@ -1,0 +1,66 @@
+"""flowyml: batch pipelines of pandas work on Dask.
+
+Decorate plain functions with :func:`step`, wire them into a :class:`Pipeline`,
+and run the same pipeline on Dask's synchronous, threaded, multiprocessing or
+distributed scheduler with one setting::
+
+    from flowyml import Pipeline, ParallelExecutor, step
+
+    @step
+    def process_chunk(chunk_id):
+        return f"processed_{chunk_id}"
+
+    pipeline = Pipeline("parallel_processing")
+    for i in range(5):
+        pipeline.add_step(process_chunk, name=f"chunk_{i}", params={"chunk_id": i})
+    result = pipeline.run(executor=ParallelExecutor(max_workers=4))
+"""
+
+from __future__ import annotations
+
+from .context import TaskContext, current_task
+from .exceptions import (
+    BackendError,
+    CycleError,
+    DataError,
+    DuplicateNameError,
+    FlowymlError,
+    MissingInputError,
+    NotPicklableError,
+    ParameterError,
+    PipelineError,
+    StepFailed,
+    StepTimeoutError,
+    WorkerDiedError,
+)
+from .executors import ParallelExecutor
+from .pipeline import Pipeline
+from .result import PipelineResult, StepResult, TaskRecord
+from .step import Step, step
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendError",
+    "CycleError",
+    "DataError",
+    "DuplicateNameError",
+    "FlowymlError",
+    "MissingInputError",
+    "NotPicklableError",
+    "ParallelExecutor",
+    "ParameterError",
+    "Pipeline",
+    "PipelineError",
+    "PipelineResult",
+    "Step",
+    "StepFailed",
+    "StepResult",
+    "StepTimeoutError",
+    "TaskContext",
+    "TaskRecord",
+    "WorkerDiedError",
+    "__version__",
+    "current_task",
+    "step",
+]

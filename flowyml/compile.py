@@ -1,0 +1,222 @@
+"""Plan -> Dask task graph. Pure: it imports no executor and starts nothing.
+
+The graph is a plain dict (Dask's own format), built in one pass at well
+under a microsecond a task, where ``dask.delayed`` would cost hundreds:
+
+- a whole step is one task keyed by its name: ``"chunk_0"``;
+- partition *i* of a per-partition step or of a source is ``("clean", i)``;
+- a sink's commit task is keyed by its name once its partitions are done;
+- every task is ``(callable, *dependency_keys)``: the callable
+  (:mod:`flowyml.tasks`) carries the step and its params, so Dask never mistakes
+  a param for a key, and the arguments are keys or lists of keys only.
+
+A ``key_suffix`` (the distributed backend's run token) keeps two concurrent
+runs of one pipeline on one cluster apart; Dask's dashboard strips it, so task
+prefixes stay the step names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .pipeline import Plan
+from .step import Step
+from .tasks import FinalizeTask, SourceTask, StepSpec, StepTask, ValueTask, _argument
+
+__all__ = ["AssetRef", "CompiledGraph", "compile_plan", "is_source", "to_delayed"]
+
+Key = Hashable
+
+
+@dataclass(frozen=True)
+class AssetRef:
+    """Where an asset's value lives in the graph.
+
+    ``keys`` holds one key for a whole asset, or one per partition; ``selector``
+    picks one output of a multi-output step.
+    """
+
+    step: str
+    keys: tuple[Key, ...]
+    partitioned: bool
+    selector: int | None = None
+
+    def collect(self, results: Mapping[Key, Any]) -> Any:
+        """The asset's value from computed task results (partitions combined in order)."""
+        if self.partitioned:
+            return _argument([results[key] for key in self.keys], (self.selector, True))
+        return _argument(results[self.keys[0]], (self.selector, False))
+
+
+@dataclass
+class CompiledGraph:
+    """A plan as a Dask graph plus what a run needs to read it back."""
+
+    dsk: dict[Key, Any]
+    assets: dict[str, AssetRef]
+    outputs: tuple[str, ...]
+    run_id: str
+    step_keys: dict[str, list[Key]] = field(default_factory=dict)
+    partitions: dict[str, int | None] = field(default_factory=dict)
+    per_partition: dict[str, bool] = field(default_factory=dict)
+
+    @property
+    def output_keys(self) -> list[Key]:
+        """The keys to ask the scheduler for: those of the requested outputs."""
+        seen: dict[Key, None] = {}
+        for asset in self.outputs:
+            for key in self.assets[asset].keys:
+                seen.setdefault(key, None)
+        return list(seen)
+
+    def task_step(self) -> dict[Key, str]:
+        """Task key -> step (or source) name."""
+        return {key: name for name, keys in self.step_keys.items() for key in keys}
+
+
+def is_source(value: Any) -> bool:
+    """A partitioned source (``read_csv``...), as opposed to an in-memory value."""
+    return callable(getattr(value, "partitions", None)) and not isinstance(value, type)
+
+
+def compile_plan(
+    plan: Plan,
+    *,
+    run_id: str,
+    mode: int,
+    key_suffix: str = "",
+    source_partitions: Mapping[str, list[Any]] | None = None,
+) -> CompiledGraph:
+    """Build the task graph for ``plan``.
+
+    Parameters
+    ----------
+    plan : Plan
+        From :meth:`Pipeline.plan`.
+    run_id : str
+        Unique per run; tasks see it in :func:`flowyml.context.current_task`.
+    mode : int
+        ``tasks.PLAIN``, ``RAISE`` or ``CONTINUE``.
+    key_suffix : str
+        Appended to every key's name part (``"clean-1a2b3c4d"``).
+    source_partitions : dict, optional
+        Already-resolved partitions per source; resolved here when absent.
+    """
+    graph = CompiledGraph(dsk={}, assets={}, outputs=plan.outputs, run_id=run_id)
+    resolved = dict(source_partitions or {})
+    for name, value in plan.inputs.items():
+        if is_source(value):
+            parts = resolved[name] if name in resolved else value.partitions()
+            keys = [(name + key_suffix, i) for i in range(len(parts))]
+            for key, (index, part) in zip(keys, enumerate(parts)):
+                graph.dsk[key] = (SourceTask(name, part, index, run_id, mode),)
+            _record(graph, name, keys, len(parts), True)
+            graph.assets[name] = AssetRef(name, tuple(keys), partitioned=True)
+        else:
+            key = name + key_suffix
+            graph.dsk[key] = (ValueTask(name, value, run_id, mode),)
+            _record(graph, name, [key], None, False)
+            graph.assets[name] = AssetRef(name, (key,), partitioned=False)
+    for s in plan.steps:
+        _add_step(graph, s, plan, run_id, mode, key_suffix)
+    return graph
+
+
+def _record(graph: CompiledGraph, name: str, keys: list[Key], partitions, per_partition) -> None:
+    graph.step_keys[name] = keys
+    graph.partitions[name] = partitions
+    graph.per_partition[name] = per_partition
+
+
+def _add_step(graph: CompiledGraph, s: Step, plan: Plan, run_id: str, mode: int, suffix: str) -> None:
+    refs = [graph.assets[asset] for asset in s.inputs]
+    driver = next((i for i, ref in enumerate(refs) if ref.partitioned), None) if s.per_partition else None
+    binding = plan.bindings[s.name]
+    position = {asset: i for i, asset in enumerate(s.inputs)}
+    spec = StepSpec(
+        name=s.name,
+        func=s.func,
+        params=dict(s.params),
+        positional=tuple(position[a] for a in binding.positional),
+        keyword=tuple((p, position[a]) for p, a in binding.keyword),
+        varargs=tuple(position[a] for a in binding.varargs),
+        args=tuple((ref.selector, ref.partitioned and i != driver) for i, ref in enumerate(refs)),
+        outputs=s.outputs,
+        retries=s.retries,
+        retry_delay=s.retry_delay,
+        timeout=s.timeout,
+    )
+    name = s.name + suffix
+
+    def arguments(index: int | None) -> list[Any]:
+        out = []
+        for i, ref in enumerate(refs):
+            if i == driver:
+                out.append(ref.keys[index])
+            elif ref.partitioned:
+                out.append(list(ref.keys))
+            else:
+                out.append(ref.keys[0])
+        return out
+
+    dsk = graph.dsk
+    if driver is not None:
+        count = len(refs[driver].keys)
+        keys = [(name, i) for i in range(count)]
+        for i, key in enumerate(keys):
+            dsk[key] = (StepTask(spec, i, run_id, mode), *arguments(i))
+    elif s.finalize is not None:  # a sink fed by a whole asset writes it as one partition
+        count = 1
+        keys = [(name, 0)]
+        dsk[keys[0]] = (StepTask(spec, 0, run_id, mode), *arguments(0))
+    else:
+        count = None
+        keys = [name]
+        dsk[name] = (StepTask(spec, None, run_id, mode), *arguments(None))
+
+    if s.finalize is not None:
+        dsk[name] = (FinalizeTask(s.name, s.finalize, run_id, mode), list(keys))
+        _record(graph, s.name, [*keys, name], count, True)
+        out_keys, partitioned = (name,), False
+    else:
+        _record(graph, s.name, keys, count, driver is not None)
+        out_keys, partitioned = tuple(keys), driver is not None
+
+    assets = s.asset_names
+    for index, asset in enumerate(assets):
+        selector = index if len(assets) > 1 and s.finalize is None else None
+        graph.assets[asset] = AssetRef(s.name, out_keys, partitioned, selector)
+
+
+def to_delayed(graph: CompiledGraph, plan: Plan) -> dict[str, Any]:
+    """One ``dask.delayed.Delayed`` per requested asset, sharing one graph.
+
+    ``graph`` must be compiled in ``PLAIN`` mode, so tasks return bare values.
+    """
+    from dask.delayed import Delayed
+
+    dsk = dict(graph.dsk)
+    out = {}
+    for asset in plan.outputs:
+        ref = graph.assets[asset]
+        if not ref.partitioned and ref.selector is None:
+            out[asset] = Delayed(ref.keys[0], dsk)
+            continue
+        key = f"{ref.step}.{asset}"
+        argument = list(ref.keys) if ref.partitioned else ref.keys[0]
+        dsk[key] = (_Collect(ref.selector, ref.partitioned), argument)
+        out[asset] = Delayed(key, dsk)
+    return out
+
+
+class _Collect:
+    """Pick one output of a multi-output step, or combine partitions, as a task."""
+
+    def __init__(self, selector: int | None, concat: bool) -> None:
+        self.spec = (selector, concat)
+
+    def __call__(self, raw: Any) -> Any:
+        return _argument(raw, self.spec)
+

@@ -1,0 +1,63 @@
+"""The backend contract and its registry."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any, ClassVar, Protocol
+
+__all__ = ["BACKENDS", "Backend", "RunHooks", "register"]
+
+BACKENDS: dict[str, type[Backend]] = {}
+
+
+class RunHooks(Protocol):
+    """What a backend reports while a graph runs (progress, the report).
+
+    Local backends call ``task_started``/``task_finished`` with keys as Dask runs
+    them; a backend that cannot see results (distributed) hands the outcomes its
+    workers published to ``task_reported`` instead.
+    """
+
+    run_id: str
+
+    def task_reported(self, outcome: Any) -> None: ...
+
+    def task_started(self, key: Hashable) -> None: ...
+
+    def task_finished(self, key: Hashable, outcome: Any) -> None: ...
+
+
+class Backend:
+    """One way to run a Dask graph. Subclasses only pick and manage the scheduler.
+
+    ``execute(dsk, keys, hooks)`` returns the results of ``keys`` in order.
+    ``pickles`` says whether tasks cross a process boundary (so steps and inputs
+    must pickle). ``key_suffix(run_id)`` names the run in task keys where runs may
+    share a scheduler.
+    """
+
+    name: ClassVar[str]
+    pickles: ClassVar[bool] = False
+
+    def __init__(self, max_workers: int | None = None, **options: Any) -> None:
+        self.max_workers = max_workers or os.cpu_count() or 1
+        self.dashboard_link: str | None = None
+
+    def open(self) -> None:
+        """Start the pool or cluster; called once per ``with`` block or run."""
+
+    def close(self) -> None:
+        """Stop what ``open`` started; safe to call twice."""
+
+    def key_suffix(self, run_id: str) -> str:
+        return ""
+
+    def execute(self, dsk: Mapping, keys: Sequence[Hashable], hooks: RunHooks) -> list[Any]:
+        raise NotImplementedError
+
+
+def register(cls: type[Backend]) -> type[Backend]:
+    """Class decorator: make a backend available by its ``name``."""
+    BACKENDS[cls.name] = cls
+    return cls

@@ -1,0 +1,46 @@
+"""Check, before any task starts, that what must reach worker processes pickles."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import cloudpickle
+
+from .exceptions import NotPicklableError
+
+if TYPE_CHECKING:
+    from .pipeline import Plan
+
+__all__ = ["check_picklable"]
+
+
+def check_picklable(plan: Plan) -> None:
+    """Raise :class:`NotPicklableError` naming the first step, param or input that cannot pickle.
+
+    Functions from ``__main__``, notebooks and files loaded by the CLI pickle by
+    value (cloudpickle), so they run on process and distributed workers.
+    """
+    for name, value in plan.inputs.items():
+        _check(value, f"input {name!r}", "pass it as a file source or build it inside a step")
+    for s in plan.steps:
+        _check(s.func, f"step {s.name!r} (its function {_name(s.func)})",
+               "move what it closes over (locks, connections, open files) inside the function")
+        for key, value in s.params.items():
+            _check(value, f"step {s.name!r}, param {key!r}", "pass something picklable, such as a path")
+        for hook in (s.finalize, s.abort):
+            if hook is not None:
+                _check(hook, f"step {s.name!r} ({_name(hook)})", "make it a module-level function")
+
+
+def _check(value: Any, what: str, fix: str) -> None:
+    try:
+        cloudpickle.dumps(value)
+    except Exception as exc:
+        raise NotPicklableError(
+            f"{what} cannot be pickled for the worker processes ({type(exc).__name__}: {exc}); "
+            f"{fix}, or use backend='thread' or 'sync', which do not pickle"
+        ) from exc
+
+
+def _name(func: Any) -> str:
+    return getattr(func, "__qualname__", None) or repr(func)

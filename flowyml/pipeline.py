@@ -1,0 +1,297 @@
+"""Pipeline: named steps and sources wired by asset names.
+
+Building is pure: adding steps checks names, params and signatures, and
+:meth:`Pipeline.plan` orders the steps and checks inputs and cycles. Nothing
+here imports an executor or starts anything; :mod:`flowyml.compile` turns a
+plan into a Dask graph and :mod:`flowyml.run` runs it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from .exceptions import CycleError, DuplicateNameError, MissingInputError, PipelineError
+from .step import Binding, Step, step as make_step
+
+if TYPE_CHECKING:
+    from .executors import ParallelExecutor
+    from .result import PipelineResult
+
+__all__ = ["Pipeline", "Plan"]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A validated, ordered view of a pipeline for one run.
+
+    ``steps`` are in dependency order and include only those the requested
+    ``outputs`` need; ``producer`` maps each asset to the step (or input)
+    that makes it; ``bindings`` say how each step's inputs reach its function.
+    """
+
+    steps: tuple[Step, ...]
+    bindings: Mapping[str, Binding]
+    producer: Mapping[str, str]
+    inputs: Mapping[str, Any]  # asset name -> value or source, for run inputs and sources
+    outputs: tuple[str, ...]
+
+
+class Pipeline:
+    """Steps wired by asset names, run as one Dask graph.
+
+    Parameters
+    ----------
+    name : str
+        Shown in logs, reports and the dashboard.
+    cache_dir : path, optional
+        Where task results are cached between runs (default: ``FLOWYML_CACHE_DIR``).
+
+    Examples
+    --------
+    >>> from flowyml import Pipeline, ParallelExecutor, step
+    >>> @step
+    ... def process_chunk(chunk_id):
+    ...     return f"processed_{chunk_id}"
+    >>> pipeline = Pipeline("parallel_processing")
+    >>> for i in range(3):
+    ...     _ = pipeline.add_step(process_chunk, name=f"chunk_{i}", params={"chunk_id": i})
+    >>> result = pipeline.run(executor=ParallelExecutor(backend="sync"), progress=False)
+    >>> result["chunk_2"]
+    'processed_2'
+    """
+
+    def __init__(self, name: str, *, cache_dir: str | os.PathLike[str] | None = None) -> None:
+        if not isinstance(name, str) or not name:
+            raise PipelineError(f"a pipeline name must be a non-empty string, got {name!r}")
+        self.name = name
+        self.cache_dir = cache_dir
+        self.steps: dict[str, Step] = {}
+        self.sources: dict[str, Any] = {}
+        self._bindings: dict[str, Binding] = {}
+
+    def __repr__(self) -> str:
+        return f"<Pipeline {self.name!r}: {len(self.steps)} steps, {len(self.sources)} sources>"
+
+    # -- building -----------------------------------------------------------------
+
+    def add_step(
+        self,
+        step_or_function: Step | Callable[..., Any],
+        *,
+        name: str | None = None,
+        params: Mapping[str, Any] | None = None,
+        inputs: str | Iterable[str] | None = None,
+        outputs: str | Iterable[str] | None = None,
+        **step_options: Any,
+    ) -> Pipeline:
+        """Add a step (or a plain function); returns the pipeline, so calls chain.
+
+        Keyword arguments override the decorator's options. The same function may
+        be added many times under different names.
+        """
+        base = step_or_function if isinstance(step_or_function, Step) else make_step(step_or_function)
+        overrides = {key: value for key, value in step_options.items()}
+        for key, value in (("name", name), ("params", params), ("inputs", inputs), ("outputs", outputs)):
+            if value is not None:
+                overrides[key] = dict(value) if key == "params" else value
+        added = base.with_options(**overrides) if overrides else base
+        self._check_names(added)
+        binding = added.bind()
+        self.steps[added.name] = added
+        self._bindings[added.name] = binding
+        return self
+
+    def add_source(self, name: str, source: Any) -> Pipeline:
+        """Add a named input (``read_csv(...)``, ``read_parquet(...)`` or a value)."""
+        if not isinstance(name, str) or not name:
+            raise PipelineError(f"a source name must be a non-empty string, got {name!r}")
+        if name in self.sources or name in self.steps or name in self._assets():
+            raise DuplicateNameError(
+                f"pipeline {self.name!r}: source {name!r} clashes with an existing step, "
+                f"source or output of that name; choose another name"
+            )
+        if hasattr(source, "name") and getattr(source, "name", None) is None:
+            source.name = name
+        self.sources[name] = source
+        return self
+
+    def _assets(self) -> dict[str, str]:
+        return {asset: s.name for s in self.steps.values() for asset in s.asset_names}
+
+    def _check_names(self, new: Step) -> None:
+        if new.name in self.steps:
+            raise DuplicateNameError(
+                f"pipeline {self.name!r} already has a step named {new.name!r}; "
+                f"pass name=... to add_step to add it again under another name"
+            )
+        if new.name in self.sources:
+            raise DuplicateNameError(
+                f"pipeline {self.name!r}: step {new.name!r} has the name of a source; rename one"
+            )
+        assets = self._assets()
+        for asset in new.asset_names:
+            if asset in assets:
+                raise DuplicateNameError(
+                    f"pipeline {self.name!r}: output {asset!r} of step {new.name!r} is already "
+                    f"produced by step {assets[asset]!r}; give it another name with outputs=[...]"
+                )
+            if asset in self.sources:
+                raise DuplicateNameError(
+                    f"pipeline {self.name!r}: output {asset!r} of step {new.name!r} has the "
+                    f"name of a source; rename one"
+                )
+
+    # -- planning -----------------------------------------------------------------
+
+    def plan(
+        self, inputs: Mapping[str, Any] | None = None, outputs: Iterable[str] | None = None
+    ) -> Plan:
+        """Check and order the steps that ``outputs`` need, given run ``inputs``.
+
+        Raises
+        ------
+        MissingInputError
+            A step needs an asset no step, source or run input provides.
+        CycleError
+            Steps depend on each other in a loop (the message shows the loop).
+        """
+        given = {**self.sources, **dict(inputs or {})}
+        producer = {asset: name for asset, name in self._assets().items() if asset not in given}
+        producer |= {asset: asset for asset in given}
+        consumed = {asset for s in self.steps.values() for asset in s.inputs}
+        for s in self.steps.values():
+            for asset in s.inputs:
+                if asset not in producer:
+                    known = sorted(producer) or ["(none)"]
+                    raise MissingInputError(
+                        f"step {s.name!r} needs input {asset!r}, which no step, source or "
+                        f"run input provides; known assets: {', '.join(known)}. Add a step "
+                        f"with outputs=[{asset!r}], add_source({asset!r}, ...), or pass "
+                        f"run(inputs={{{asset!r}: ...}})"
+                    )
+        if outputs is None:
+            wanted = tuple(a for s in self.steps.values() for a in s.asset_names if a not in consumed)
+        else:
+            wanted = tuple([outputs] if isinstance(outputs, str) else outputs)
+            for asset in wanted:
+                if asset not in producer:
+                    raise MissingInputError(
+                        f"pipeline {self.name!r} has no asset {asset!r} to return; "
+                        f"known assets: {', '.join(sorted(producer))}"
+                    )
+        order = self._order(producer, wanted)
+        needed_inputs = {a: given[a] for s in order for a in s.inputs if a in given}
+        needed_inputs |= {a: given[a] for a in wanted if a in given}
+        return Plan(
+            steps=tuple(order),
+            bindings={s.name: self._bindings[s.name] for s in order},
+            producer=producer,
+            inputs=needed_inputs,
+            outputs=wanted,
+        )
+
+    def _order(self, producer: Mapping[str, str], wanted: Iterable[str]) -> list[Step]:
+        """Depth-first topological order of the steps ``wanted`` needs; finds cycles."""
+        order: list[Step] = []
+        state: dict[str, int] = {}  # 1: on the current path, 2: done
+        path: list[str] = []
+
+        def visit(name: str) -> None:
+            if state.get(name) == 2 or name not in self.steps:
+                return
+            if state.get(name) == 1:
+                loop = path[path.index(name) :] + [name]
+                raise CycleError(
+                    f"pipeline {self.name!r} has a cycle: {' -> '.join(loop)}; "
+                    f"a step cannot depend on its own outputs",
+                    loop,
+                )
+            state[name] = 1
+            path.append(name)
+            for asset in self.steps[name].inputs:
+                visit(producer[asset])
+            path.pop()
+            state[name] = 2
+            order.append(self.steps[name])
+
+        for asset in wanted:
+            visit(producer[asset])
+        return order
+
+    # -- running --------------------------------------------------------------------
+
+    def run(
+        self,
+        inputs: Mapping[str, Any] | None = None,
+        *,
+        executor: ParallelExecutor | None = None,
+        outputs: Iterable[str] | None = None,
+        on_failure: str = "raise",
+        progress: bool | None = None,
+    ) -> PipelineResult:
+        """Run the pipeline and return a :class:`~flowyml.result.PipelineResult`.
+
+        Parameters
+        ----------
+        inputs : dict, optional
+            Asset name -> value or source; overrides ``add_source`` for this run.
+        executor : ParallelExecutor, optional
+            Where to run; default ``ParallelExecutor()`` (``FLOWYML_BACKEND`` or ``process``).
+        outputs : list of str, optional
+            Assets to return; only the steps they need run. Default: every leaf asset.
+        on_failure : {"raise", "continue"}
+            ``raise``: a failing step raises :class:`~flowyml.exceptions.StepFailed`.
+            ``continue``: independent branches finish, dependents are skipped, and
+            the result lists the failures.
+        progress : bool, optional
+            Show a progress bar; default: on in a terminal or notebook.
+        """
+        from .run import run_pipeline
+
+        return run_pipeline(
+            self, inputs, executor=executor, outputs=outputs, on_failure=on_failure, progress=progress
+        )
+
+    def to_delayed(
+        self, inputs: Mapping[str, Any] | None = None, *, outputs: Iterable[str] | None = None
+    ) -> dict[str, Any]:
+        """The compiled graph as ``dask.delayed`` objects, one per asset.
+
+        Use it to mix flowyml with other Dask code::
+
+            dask.compute(*pipeline.to_delayed().values())
+
+        Failures raise the user's exception; retries and timeouts still apply.
+        """
+        from .compile import compile_plan, to_delayed
+
+        plan = self.plan(inputs, outputs)
+        return to_delayed(compile_plan(plan, run_id="delayed", mode="plain"), plan)
+
+    # -- pictures -------------------------------------------------------------------
+
+    def graph_description(self) -> tuple[list[dict[str, Any]], list[tuple[str, str, str]]]:
+        """Nodes and edges of the step graph (for :mod:`flowyml.visualize`)."""
+        nodes = [
+            {"name": name, "kind": "source", "per_partition": True, "partitions": None, "status": None}
+            for name in self.sources
+        ]
+        producer = {**self._assets(), **{name: name for name in self.sources}}
+        edges = []
+        for s in self.steps.values():
+            nodes.append(
+                {
+                    "name": s.name,
+                    "kind": "sink" if s.finalize is not None else "step",
+                    "per_partition": s.per_partition,
+                    "partitions": None,
+                    "status": None,
+                }
+            )
+            for asset in s.inputs:
+                if asset in producer:
+                    edges.append((producer[asset], s.name, asset))
+        return nodes, edges

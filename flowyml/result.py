@@ -1,0 +1,198 @@
+"""What a run returns: outputs, per-step results, and the task records behind them."""
+
+from __future__ import annotations
+
+import os
+import traceback
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from .exceptions import StepFailed
+
+__all__ = ["PipelineResult", "StepResult", "TaskRecord"]
+
+
+@dataclass(frozen=True)
+class TaskRecord:
+    """One task of a run: which step and partition, how it ended, where and when."""
+
+    key: str
+    step: str
+    partition: int | None
+    status: str
+    attempts: int
+    start: float
+    stop: float
+    worker: str
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class StepResult:
+    """How one step went.
+
+    ``status`` is ``succeeded``, ``failed``, ``skipped`` (an input failed) or
+    ``cached`` (none of its tasks had to run); ``attempts`` is the most any of
+    its partitions took; ``error`` is the :class:`StepFailed` of a failed step.
+    """
+
+    name: str
+    status: str
+    duration_s: float = 0.0
+    attempts: int = 0
+    partitions: int | None = None
+    cached_partitions: int = 0
+    per_partition: bool = False
+    error: StepFailed | None = None
+
+    @property
+    def traceback(self) -> str | None:
+        """The failure's full text, the user's traceback included."""
+        if self.error is None:
+            return None
+        return "".join(traceback.format_exception(self.error))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "status": self.status,
+            "duration_s": round(self.duration_s, 6),
+            "attempts": self.attempts,
+            "partitions": self.partitions,
+            "cached_partitions": self.cached_partitions,
+            "per_partition": self.per_partition,
+            "error": _error_line(self.error),
+            "traceback": self.traceback,
+        }
+
+
+def _error_line(error: BaseException | None) -> str | None:
+    if error is None:
+        return None
+    cause = error.__cause__ or error
+    return f"{type(cause).__name__}: {cause}"
+
+
+@dataclass
+class PipelineResult:
+    """The outcome of ``Pipeline.run``.
+
+    ``result[name]`` is ``result.outputs[name]``. ``steps`` maps step name to
+    :class:`StepResult` in the order they ran; ``success`` is False when any step
+    failed (only possible with ``on_failure="continue"``).
+    """
+
+    pipeline: str
+    run_id: str
+    backend: str
+    max_workers: int
+    started_at: datetime
+    duration_s: float
+    outputs: dict[str, Any]
+    steps: dict[str, StepResult]
+    tasks: list[TaskRecord] = field(default_factory=list)
+    dashboard_link: str | None = None
+    extra_report_html: str | None = None
+
+    @property
+    def success(self) -> bool:
+        return all(s.status != "failed" and s.status != "skipped" for s in self.steps.values())
+
+    @property
+    def failures(self) -> dict[str, StepFailed]:
+        """Step name -> error, for every step that failed."""
+        return {name: s.error for name, s in self.steps.items() if s.error is not None}
+
+    @property
+    def skipped(self) -> list[str]:
+        """Steps that did not run because an input failed."""
+        return [name for name, s in self.steps.items() if s.status == "skipped"]
+
+    def __getitem__(self, name: str) -> Any:
+        try:
+            return self.outputs[name]
+        except KeyError:
+            raise KeyError(
+                f"{name!r} is not among this run's outputs {sorted(self.outputs)}; "
+                f"ask for it with run(outputs=[{name!r}, ...])"
+            ) from None
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.outputs
+
+    def __repr__(self) -> str:
+        state = "succeeded" if self.success else "failed"
+        return (
+            f"<PipelineResult {self.pipeline!r} {state} in {self.duration_s:.2f}s: "
+            f"{len(self.steps)} steps, outputs {sorted(self.outputs)}>"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready record of the run (no output values), for monitoring."""
+        return {
+            "pipeline": self.pipeline,
+            "run_id": self.run_id,
+            "backend": self.backend,
+            "max_workers": self.max_workers,
+            "success": self.success,
+            "started_at": self.started_at.isoformat(),
+            "duration_s": round(self.duration_s, 6),
+            "dashboard_link": self.dashboard_link,
+            "steps": {name: s.to_dict() for name, s in self.steps.items()},
+            "tasks": [t.to_dict() for t in self.tasks],
+            "outputs": sorted(self.outputs),
+        }
+
+    def summary(self) -> str:
+        """A text table: step, status, partitions, attempts, cached, duration."""
+        from .report import format_summary
+
+        return format_summary(self.to_dict())
+
+    def save_report(self, path: str | os.PathLike[str]) -> os.PathLike[str]:
+        """Write the run as ``.json`` or as a self-contained ``.html`` page with a timeline."""
+        from .report import save_report
+
+        return save_report(self.to_dict(), path, extra_html=self.extra_report_html)
+
+    def _repr_html_(self) -> str:
+        from .report import to_html_repr
+
+        return to_html_repr(self.to_dict())
+
+
+def step_results(
+    order: list[str],
+    records: Mapping[str, list[TaskRecord]],
+    partitions: Mapping[str, int | None],
+    per_partition: Mapping[str, bool],
+    errors: Mapping[str, StepFailed],
+) -> dict[str, StepResult]:
+    """Fold task records into one :class:`StepResult` per step."""
+    out = {}
+    for name in order:
+        tasks = records.get(name, [])
+        statuses = {t.status for t in tasks}
+        if "failed" in statuses or name in errors:
+            status = "failed"
+        elif "skipped" in statuses:
+            status = "skipped"
+        elif tasks and statuses == {"cached"}:
+            status = "cached"
+        else:
+            status = "succeeded"
+        out[name] = StepResult(
+            name=name,
+            status=status,
+            duration_s=(max(t.stop for t in tasks) - min(t.start for t in tasks)) if tasks else 0.0,
+            attempts=max((t.attempts for t in tasks), default=0),
+            partitions=partitions.get(name),
+            cached_partitions=sum(t.status == "cached" for t in tasks),
+            per_partition=per_partition.get(name, False),
+            error=errors.get(name),
+        )
+    return out

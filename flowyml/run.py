@@ -1,0 +1,230 @@
+"""The one path every run takes (API, CLI, notebook): plan, compile, execute, collect.
+
+Validation, the progress display, the report and clean-up live here and only
+here, so every way of running a pipeline behaves the same.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Hashable, Iterable, Mapping
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any
+
+from .compile import CompiledGraph, compile_plan, is_source
+from .exceptions import PipelineError, StepFailed
+from .result import PipelineResult, TaskRecord, step_results
+from .tasks import CONTINUE, RAISE, Outcome
+
+if TYPE_CHECKING:
+    from .executors import ParallelExecutor
+    from .pipeline import Pipeline, Plan
+
+__all__ = ["run_pipeline"]
+
+log = logging.getLogger("flowyml")
+
+ON_FAILURE = ("raise", "continue")
+
+
+def run_pipeline(
+    pipeline: Pipeline,
+    inputs: Mapping[str, Any] | None = None,
+    *,
+    executor: ParallelExecutor | None = None,
+    outputs: Iterable[str] | None = None,
+    on_failure: str = "raise",
+    progress: bool | None = None,
+) -> PipelineResult:
+    """Run ``pipeline``; see :meth:`Pipeline.run` for the parameters."""
+    from .executors import ParallelExecutor
+
+    if on_failure not in ON_FAILURE:
+        raise PipelineError(
+            f"on_failure={on_failure!r} is not one of {', '.join(map(repr, ON_FAILURE))}"
+        )
+    executor = executor if executor is not None else ParallelExecutor()
+    plan = pipeline.plan(inputs, outputs)
+    run_id = uuid.uuid4().hex[:8]
+    mode = CONTINUE if on_failure == "continue" else RAISE
+    started_at = datetime.now(timezone.utc)
+    start = time.perf_counter()
+    with executor.session() as backend:
+        graph = compile_plan(
+            plan,
+            run_id=run_id,
+            mode=mode,
+            key_suffix=backend.key_suffix(run_id),
+            source_partitions=_resolve_sources(plan),
+        )
+        if backend.pickles:
+            from .pickling import check_picklable
+
+            check_picklable(plan)
+        log.info(
+            "pipeline %r run %s: %d tasks on backend %r with %d workers%s",
+            pipeline.name,
+            run_id,
+            len(graph.dsk),
+            executor.backend,
+            executor.max_workers,
+            f", dashboard {backend.dashboard_link}" if backend.dashboard_link else "",
+        )
+        recorder = RunRecorder(graph, plan, progress, pipeline.name)
+        try:
+            with recorder:
+                values = backend.execute(graph.dsk, graph.output_keys, recorder)
+        except BaseException:
+            _abort_sinks(plan, run_id)
+            raise
+        results = dict(zip(graph.output_keys, values))
+    outcomes = {key: value for key, value in results.items() if type(value) is Outcome}
+    recorder.add_missing(outcomes)
+    collected = {asset: graph.assets[asset].collect(results) for asset in _ok_outputs(graph, recorder)}
+    result = PipelineResult(
+        pipeline=pipeline.name,
+        run_id=run_id,
+        backend=executor.backend,
+        max_workers=executor.max_workers,
+        started_at=started_at,
+        duration_s=time.perf_counter() - start,
+        outputs=collected,
+        steps=recorder.step_results(),
+        tasks=recorder.task_records(),
+        dashboard_link=backend.dashboard_link,
+    )
+    if not result.success:
+        _abort_sinks(plan, run_id)
+    log.info(
+        "pipeline %r run %s %s in %.2fs",
+        pipeline.name,
+        run_id,
+        "succeeded" if result.success else "failed",
+        result.duration_s,
+    )
+    return result
+
+
+def _resolve_sources(plan: Plan) -> dict[str, list[Any]]:
+    """List every source's partitions before any task starts (a glob matching nothing fails here)."""
+    return {name: value.partitions() for name, value in plan.inputs.items() if is_source(value)}
+
+
+def _abort_sinks(plan: Plan, run_id: str) -> None:
+    for s in plan.steps:
+        if s.abort is not None:
+            try:
+                s.abort(run_id)
+            except Exception:  # clean-up must not hide the run's own error
+                log.exception("step %r: could not remove the staged output of run %s", s.name, run_id)
+
+
+def _ok_outputs(graph: CompiledGraph, recorder: RunRecorder) -> list[str]:
+    """Requested outputs whose tasks all succeeded (with on_failure="continue")."""
+    bad = recorder.unsuccessful_keys()
+    return [asset for asset in graph.outputs if not bad.intersection(graph.assets[asset].keys)]
+
+
+class RunRecorder:
+    """Collects one record per task as the backend reports it; drives the progress display."""
+
+    def __init__(self, graph: CompiledGraph, plan: Plan, progress: bool | None, name: str) -> None:
+        from .progress import Progress
+
+        self.run_id = graph.run_id
+        self._graph = graph
+        self._plan = plan
+        self._step_of = graph.task_step()
+        self._records: dict[Hashable, Outcome] = {}
+        self._lock = threading.Lock()
+        counts: dict[str, int] = {}
+        for step_name in self._step_of.values():
+            counts[step_name] = counts.get(step_name, 0) + 1
+        self._progress = Progress(
+            len(self._step_of), enabled=progress, description=name, tasks_per_step=counts
+        )
+
+    def __enter__(self) -> RunRecorder:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self._progress.close()
+
+    # -- RunHooks ---------------------------------------------------------------
+
+    def task_started(self, key: Hashable) -> None:
+        self._progress.start(self._step_of.get(key, str(key)))
+
+    def task_finished(self, key: Hashable, outcome: Any) -> None:
+        if type(outcome) is not Outcome:
+            return
+        meta = Outcome(None, outcome.step, outcome.partition, outcome.status, outcome.attempts,
+                       outcome.start, outcome.stop, outcome.worker, outcome.error)
+        with self._lock:
+            self._records[key] = meta
+        self._progress.finish(outcome.step, outcome.status)
+
+    def task_reported(self, outcome: Outcome) -> None:
+        key = self._key_of(outcome.step, outcome.partition)
+        if key is not None and key not in self._records:
+            self._records[key] = outcome
+            self._progress.finish(outcome.step, outcome.status)
+
+    def _key_of(self, step: str, partition: int | None) -> Hashable | None:
+        keys = self._graph.step_keys.get(step, [])
+        for key in keys:
+            index = key[1] if isinstance(key, tuple) else None
+            if index == partition:
+                return key
+        return None
+
+    # -- after the run ------------------------------------------------------------
+
+    def add_missing(self, outcomes: Mapping[Hashable, Outcome]) -> None:
+        for key, outcome in outcomes.items():
+            self._records.setdefault(key, outcome)
+
+    def unsuccessful_keys(self) -> set[Hashable]:
+        return {key for key, o in self._records.items() if o.status in ("failed", "skipped")}
+
+    def _ordered(self) -> list[tuple[Hashable, Outcome]]:
+        return sorted(self._records.items(), key=lambda item: item[1].start)
+
+    def task_records(self) -> list[TaskRecord]:
+        return [_task_record(key, outcome) for key, outcome in self._ordered()]
+
+    def step_results(self):
+        by_step: dict[str, list[TaskRecord]] = {}
+        errors: dict[str, StepFailed] = {}
+        for key, outcome in self._ordered():
+            by_step.setdefault(outcome.step, []).append(_task_record(key, outcome))
+            if outcome.error is not None:
+                errors.setdefault(outcome.step, outcome.error)
+        return step_results(
+            list(self._graph.step_keys), by_step, self._graph.partitions, self._graph.per_partition, errors
+        )
+
+
+def _task_record(key: Hashable, o: Outcome) -> TaskRecord:
+    return TaskRecord(
+        key=str(key),
+        step=o.step,
+        partition=o.partition,
+        status=o.status,
+        attempts=o.attempts,
+        start=o.start,
+        stop=o.stop,
+        worker=o.worker,
+        error=_error_text(o.error),
+    )
+
+
+def _error_text(error: BaseException | None) -> str | None:
+    if error is None:
+        return None
+    cause = error.__cause__ or error
+    return f"{type(cause).__name__}: {cause}"
+

@@ -1,0 +1,385 @@
+"""What runs inside a Dask task: calling a step, retrying it, reporting how it went.
+
+Every task in a compiled graph is ``(callable, *dependency_keys)``; the
+callables here hold the step and its params as attributes, so Dask never
+mistakes a param for a key. Under ``Pipeline.run`` a task returns an
+:class:`Outcome`, the value plus what the driver needs for the report
+(attempts, timing, worker); under ``to_delayed`` it returns the bare value. These objects are pickled to worker processes: keep
+them small and free of driver state.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .context import TaskContext, running
+from .exceptions import FlowymlError, StepFailed, StepTimeoutError
+
+__all__ = ["Outcome", "StepSpec", "StepTask", "SourceTask", "ValueTask", "FinalizeTask"]
+
+SUCCEEDED, FAILED, SKIPPED, CACHED = "succeeded", "failed", "skipped", "cached"
+
+#: Task modes. PLAIN (``to_delayed``): bare values, a failure raises StepFailed.
+#: RAISE (``run``): Outcome objects, a failure raises. CONTINUE
+#: (``on_failure="continue"``): a failure is a failed Outcome and everything
+#: downstream of it is skipped, so independent branches still finish.
+PLAIN, RAISE, CONTINUE = 0, 1, 2
+
+
+class Outcome:
+    """A task's value and its report line; ``status`` is one of succeeded/failed/skipped/cached."""
+
+    __slots__ = ("value", "step", "partition", "status", "attempts", "start", "stop", "worker", "error")
+
+    def __init__(self, value, step, partition, status, attempts, start, stop, worker, error=None):
+        self.value = value
+        self.step = step
+        self.partition = partition
+        self.status = status
+        self.attempts = attempts
+        self.start = start
+        self.stop = stop
+        self.worker = worker
+        self.error = error  # a StepFailed (with __cause__) when status is failed
+
+    def __reduce__(self):
+        return (Outcome, tuple(getattr(self, name) for name in Outcome.__slots__))
+
+    def __repr__(self) -> str:
+        return f"<Outcome {self.step}[{self.partition}] {self.status}>"
+
+
+# -- where am I running -----------------------------------------------------------
+
+_local = threading.local()
+#: Set by the process backend's pool initializer: an attempt with a timeout may
+#: then run in a child process that is killed when it overruns.
+KILLABLE_TIMEOUTS = False
+
+
+def worker_label() -> str:
+    """A stable name for the lane this task runs in (thread, process or Dask worker)."""
+    label = getattr(_local, "label", None)
+    if label is None:
+        _local.dask_worker = _dask_worker()
+        if _local.dask_worker is not None:
+            label = _local.dask_worker.address
+        elif threading.current_thread() is threading.main_thread():
+            label = f"process-{os.getpid()}"
+        else:
+            label = threading.current_thread().name
+        _local.label = label
+    return label
+
+
+def _dask_worker() -> Any:
+    import sys
+
+    if "distributed" not in sys.modules:
+        return None
+    try:
+        from distributed import get_worker
+
+        return get_worker()
+    except ValueError:  # not inside a distributed worker
+        return None
+
+
+def _publish(outcome: Outcome, run_id: str) -> None:
+    """On a distributed worker, tell the driver how the task went (no value).
+
+    The event travels on the worker's ordered stream ahead of the task's own
+    completion, so the scheduler has it before the run's results are ready.
+    """
+    worker = getattr(_local, "dask_worker", None)
+    if worker is not None:
+        import pickle
+
+        error = pickle.dumps(outcome.error) if outcome.error is not None else None
+        fields = [getattr(outcome, name) for name in Outcome.__slots__[1:-1]]
+        worker.log_event(f"flowyml-{run_id}", [*fields, error])  # msgpack-able
+
+
+def outcome_from_event(message: list[Any]) -> Outcome:
+    """The inverse of ``_publish``, on the driver."""
+    import pickle
+
+    *fields, error = message
+    return Outcome(None, *fields, pickle.loads(error) if error is not None else None)
+
+
+# -- specs --------------------------------------------------------------------------
+
+#: How one input reaches a step: ``(selector, concat)``. ``selector`` picks the
+#: i-th output of a multi-output producer (None: the whole value); ``concat``
+#: says the argument is a list of partition keys to combine into one object.
+ArgSpec = tuple[int | None, bool]
+
+
+@dataclass(frozen=True, eq=False)
+class StepSpec:
+    """Everything a task needs to call one step, shared by all its partitions."""
+
+    name: str
+    func: Callable[..., Any]
+    params: dict[str, Any]
+    positional: tuple[int, ...]  # indexes into the inputs
+    keyword: tuple[tuple[str, int], ...]
+    varargs: tuple[int, ...]
+    args: tuple[ArgSpec, ...]  # one per input, in the step's inputs order
+    outputs: tuple[str, ...] | None  # None or one name: the whole value
+    retries: int = 0
+    retry_delay: float = 0.0
+    timeout: float | None = None
+
+
+def combine(parts: Sequence[Any]) -> Any:
+    """Partitions as one object: ``pandas.concat`` for frames and series, else a list."""
+    if parts and all(_is_pandas(part) for part in parts):
+        import pandas
+
+        return pandas.concat(parts)
+    return list(parts)
+
+
+def _is_pandas(value: Any) -> bool:
+    module = type(value).__module__
+    return module.startswith("pandas") and type(value).__name__ in ("DataFrame", "Series")
+
+
+class _Upstream(Exception):
+    """An input failed or was skipped: this task is skipped, not failed."""
+
+
+def _unwrap(value: Any) -> Any:
+    if type(value) is Outcome:
+        if value.status in (FAILED, SKIPPED):
+            raise _Upstream(value.step)
+        return value.value
+    return value
+
+
+def _argument(raw: Any, spec: ArgSpec) -> Any:
+    selector, concat = spec
+    if concat:
+        parts = [_unwrap(part) for part in raw]
+        if selector is not None:
+            parts = [part[selector] for part in parts]
+        return combine(parts)
+    value = _unwrap(raw)
+    return value if selector is None else value[selector]
+
+
+class _TaskBase:
+    """Common machinery: the run id, the mode, and how a result is reported."""
+
+    __slots__ = ()
+
+    mode: int  # PLAIN, RAISE or CONTINUE
+
+    def _report(self, value, step, partition, status, attempts, start, error=None):
+        if error is not None and self.mode != CONTINUE:
+            raise error
+        if self.mode == PLAIN:
+            return value
+        outcome = Outcome(value, step, partition, status, attempts, start, time.time(), worker_label(), error)
+        _publish(outcome, self.run_id)
+        return outcome
+
+
+class StepTask(_TaskBase):
+    """Call one step on one partition (or once for a whole step)."""
+
+    __slots__ = ("spec", "partition", "run_id", "mode")
+
+    def __init__(self, spec: StepSpec, partition: int | None, run_id: str, mode: int) -> None:
+        self.spec = spec
+        self.partition = partition
+        self.run_id = run_id
+        self.mode = mode
+
+    def __reduce__(self):
+        return (StepTask, (self.spec, self.partition, self.run_id, self.mode))
+
+    def __repr__(self) -> str:
+        return f"StepTask({self.spec.name!r}, partition={self.partition})"
+
+    def __call__(self, *raw: Any) -> Any:
+        spec = self.spec
+        start = time.time()
+        try:
+            inputs = [_argument(value, arg) for value, arg in zip(raw, spec.args)]
+        except _Upstream:
+            return self._report(None, spec.name, self.partition, SKIPPED, 0, start)
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                value = self._attempt(inputs, attempt)
+                return self._report(value, spec.name, self.partition, SUCCEEDED, attempt, start)
+            except Exception as exc:  # the user's code failed: retry or report
+                if attempt <= spec.retries:
+                    if spec.retry_delay:
+                        time.sleep(spec.retry_delay)
+                    continue
+                error = _step_failed(spec.name, self.partition, attempt, exc)
+                return self._report(None, spec.name, self.partition, FAILED, attempt, start, error)
+
+    def _attempt(self, inputs: list[Any], attempt: int) -> Any:
+        spec = self.spec
+        args = [inputs[i] for i in spec.positional] + [inputs[i] for i in spec.varargs]
+        kwargs = {name: inputs[i] for name, i in spec.keyword}
+        if spec.params:
+            kwargs.update(spec.params)
+        context = TaskContext(spec.name, self.partition, attempt, self.run_id)
+        with running(context):
+            if spec.timeout is None:
+                value = spec.func(*args, **kwargs)
+            else:
+                value = call_with_timeout(spec.func, args, kwargs, spec.timeout, context)
+        return _split_outputs(spec, value)
+
+
+def _split_outputs(spec: StepSpec, value: Any) -> Any:
+    """Several outputs become a tuple in ``outputs`` order, so consumers select by index."""
+    outputs = spec.outputs
+    if outputs is None or len(outputs) == 1:
+        return value
+    if isinstance(value, dict):
+        missing = [name for name in outputs if name not in value]
+        if missing:
+            raise FlowymlError(
+                f"step {spec.name!r} declares outputs {list(outputs)} but its result dict "
+                f"lacks {missing} (it has {sorted(map(str, value))})"
+            )
+        return tuple(value[name] for name in outputs)
+    if isinstance(value, (tuple, list)) and len(value) == len(outputs):
+        return tuple(value)
+    got = f"{len(value)} values" if isinstance(value, (tuple, list)) else type(value).__name__
+    raise FlowymlError(
+        f"step {spec.name!r} declares {len(outputs)} outputs {list(outputs)} but returned "
+        f"{got}; return a tuple of {len(outputs)} values or a dict with those keys"
+    )
+
+
+def _step_failed(step: str, partition: int | None, attempt: int, exc: BaseException) -> StepFailed:
+    message = f"{type(exc).__name__}: {exc}"
+    error = StepFailed(step, partition, attempt, message)
+    error.__cause__ = exc
+    return error
+
+
+def call_with_timeout(func, args, kwargs, timeout: float, context: TaskContext) -> Any:
+    """Run one attempt for at most ``timeout`` seconds.
+
+    In a thread (sync, thread, distributed backends) an overrunning attempt is
+    abandoned: it is reported as failed (and retried) at once, but Python cannot
+    stop a thread, so it runs on to its end in the background. Where the
+    process backend allows (``KILLABLE_TIMEOUTS``), the attempt runs in a child
+    process that is killed instead.
+    """
+    if KILLABLE_TIMEOUTS:
+        from .timeouts import call_in_child  # process backend only
+
+        return call_in_child(func, args, kwargs, timeout, context)
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        with running(context):
+            try:
+                box["value"] = func(*args, **kwargs)
+            except BaseException as exc:  # handed to the waiting thread
+                box["error"] = exc
+
+    thread = threading.Thread(target=target, name=f"flowyml-{context.step}", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        raise StepTimeoutError(
+            f"step {context.step!r} attempt {context.attempt} ran past its timeout of "
+            f"{timeout:g}s (its thread cannot be stopped and runs on in the background)"
+        )
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+class SourceTask(_TaskBase):
+    """Read one partition of a source; fails like a step named after the source."""
+
+    __slots__ = ("name", "partition", "index", "run_id", "mode")
+
+    def __init__(self, name: str, partition: Any, index: int, run_id: str, mode: int) -> None:
+        self.name = name
+        self.partition = partition
+        self.index = index
+        self.run_id = run_id
+        self.mode = mode
+
+    def __reduce__(self):
+        return (SourceTask, (self.name, self.partition, self.index, self.run_id, self.mode))
+
+    def __repr__(self) -> str:
+        return f"SourceTask({self.name!r}, partition={self.index})"
+
+    def __call__(self) -> Any:
+        start = time.time()
+        try:
+            with running(TaskContext(self.name, self.index, 1, self.run_id)):
+                value = self.partition.load()
+        except Exception as exc:
+            error = _step_failed(self.name, self.index, 1, exc)
+            return self._report(None, self.name, self.index, FAILED, 1, start, error)
+        return self._report(value, self.name, self.index, SUCCEEDED, 1, start)
+
+
+class ValueTask(_TaskBase):
+    """An in-memory run input, as a task (so params and values are never read as keys)."""
+
+    __slots__ = ("name", "value", "run_id", "mode")
+
+    def __init__(self, name: str, value: Any, run_id: str, mode: int) -> None:
+        self.name = name
+        self.value = value
+        self.run_id = run_id
+        self.mode = mode
+
+    def __reduce__(self):
+        return (ValueTask, (self.name, self.value, self.run_id, self.mode))
+
+    def __call__(self) -> Any:
+        return self._report(self.value, self.name, None, SUCCEEDED, 1, time.time())
+
+
+class FinalizeTask(_TaskBase):
+    """Run a sink's ``finalize`` once every partition is done (commit written files)."""
+
+    __slots__ = ("name", "finalize", "run_id", "mode")
+
+    def __init__(self, name: str, finalize: Callable[[list[Any]], Any], run_id: str, mode: int):
+        self.name = name
+        self.finalize = finalize
+        self.run_id = run_id
+        self.mode = mode
+
+    def __reduce__(self):
+        return (FinalizeTask, (self.name, self.finalize, self.run_id, self.mode))
+
+    def __call__(self, parts: list[Any]) -> Any:
+        start = time.time()
+        try:
+            values = [_unwrap(part) for part in parts]
+        except _Upstream:
+            return self._report(None, self.name, None, SKIPPED, 0, start)
+        try:
+            with running(TaskContext(self.name, None, 1, self.run_id)):
+                value = self.finalize(values)
+        except Exception as exc:
+            error = _step_failed(self.name, None, 1, exc)
+            return self._report(None, self.name, None, FAILED, 1, start, error)
+        return self._report(value, self.name, None, SUCCEEDED, 1, start)
