@@ -267,9 +267,10 @@ class Pipeline:
         Failures raise the user's exception; retries and timeouts still apply.
         """
         from .compile import compile_plan, to_delayed
+        from .tasks import PLAIN
 
         plan = self.plan(inputs, outputs)
-        return to_delayed(compile_plan(plan, run_id="delayed", mode="plain"), plan)
+        return to_delayed(compile_plan(plan, run_id="delayed", mode=PLAIN), plan)
 
     # -- pictures -------------------------------------------------------------------
 

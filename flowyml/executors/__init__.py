@@ -74,9 +74,9 @@ class ParallelExecutor:
             from . import distributed  # noqa: F401  imports distributed only when asked
 
         if name not in BACKENDS:
-            source = "backend=" if backend is not None else "FLOWYML_BACKEND="
+            source = "backend" if backend is not None else "FLOWYML_BACKEND"
             raise BackendError(
-                f"unknown backend {source}{name!r}; valid backends are "
+                f"unknown {source}={name!r}; valid backends are "
                 f"{', '.join(repr(b) for b in sorted(_known_backends()))}"
             )
         if max_workers is not None and (not isinstance(max_workers, int) or max_workers < 1):

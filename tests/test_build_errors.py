@@ -1,0 +1,123 @@
+"""Mistakes in a pipeline are found while building it, with the fix in the message."""
+
+from __future__ import annotations
+
+import pytest
+
+from flowyml import (
+    CycleError,
+    DuplicateNameError,
+    MissingInputError,
+    ParameterError,
+    Pipeline,
+    PipelineError,
+    step,
+)
+
+from . import pipelines
+
+
+def test_duplicate_step_name():
+    pipeline = Pipeline("p").add_step(pipelines.process_chunk, params={"chunk_id": 1})
+    with pytest.raises(DuplicateNameError, match="already has a step named 'process_chunk'.*name="):
+        pipeline.add_step(pipelines.process_chunk, params={"chunk_id": 2})
+
+
+def test_duplicate_output_name():
+    pipeline = Pipeline("p").add_step(pipelines.numbers)
+    with pytest.raises(DuplicateNameError, match="output 'numbers' of step 'again'.*step 'numbers'"):
+        pipeline.add_step(pipelines.numbers, name="again")
+
+
+def test_source_and_step_clash():
+    pipeline = Pipeline("p").add_source("numbers", [1, 2])
+    with pytest.raises(DuplicateNameError, match="numbers"):
+        pipeline.add_step(pipelines.numbers)
+
+
+def test_missing_input_names_step_and_fix():
+    pipeline = Pipeline("p").add_step(pipelines.split)
+    with pytest.raises(MissingInputError, match="step 'split' needs input 'numbers'.*add_source"):
+        pipeline.run(progress=False)
+
+
+def test_cycle_shows_its_path():
+    @step(inputs=["c"], outputs=["a"])
+    def one(c):
+        return c
+
+    @step(inputs=["a"], outputs=["b"])
+    def two(a):
+        return a
+
+    @step(inputs=["b"], outputs=["c"])
+    def three(b):
+        return b
+
+    @step(inputs=["c"], outputs=["d"])
+    def leaf(c):
+        return c
+
+    pipeline = Pipeline("loop").add_step(one).add_step(two).add_step(three).add_step(leaf)
+    with pytest.raises(CycleError) as info:
+        pipeline.run(progress=False)
+    assert info.value.path in (
+        ["three", "two", "one", "three"],
+        ["one", "three", "two", "one"],
+        ["two", "one", "three", "two"],
+    )
+    assert " -> " in str(info.value)
+
+
+def test_unknown_params_key():
+    with pytest.raises(ParameterError, match="step 'numbers': unknown params key 'cnt'.*count"):
+        Pipeline("p").add_step(pipelines.numbers, params={"cnt": 3})
+
+
+def test_required_parameter_unfilled_is_a_build_error():
+    with pytest.raises(ParameterError, match="required parameter 'chunk_id'.*params="):
+        Pipeline("p").add_step(pipelines.process_chunk)
+
+
+def test_too_many_inputs():
+    with pytest.raises(ParameterError, match="step 'add' has 3 inputs"):
+        Pipeline("p").add_step(pipelines.add, inputs=["a", "b", "c"])
+
+
+def test_param_also_given_as_input():
+    with pytest.raises(ParameterError, match="already filled by input"):
+        Pipeline("p").add_step(pipelines.add, inputs=["a", "b"], params={"b": 1})
+
+
+def test_unknown_step_option():
+    with pytest.raises(ParameterError, match="unknown option.*retires"):
+        Pipeline("p").add_step(pipelines.numbers, retires=2)
+
+
+def test_bad_option_values():
+    with pytest.raises(PipelineError, match="retries must be an int >= 0"):
+        step(retries=-1)(len)
+    with pytest.raises(PipelineError, match="timeout must be > 0"):
+        step(timeout=0)(len)
+
+
+def test_unknown_output_requested():
+    with pytest.raises(MissingInputError, match="no asset 'nope'"):
+        pipelines.diamond().run(outputs=["nope"], progress=False)
+
+
+def test_bad_on_failure():
+    with pytest.raises(PipelineError, match="on_failure='ignore'"):
+        pipelines.diamond().run(on_failure="ignore", progress=False)
+
+
+def test_step_still_calls_like_the_function():
+    assert pipelines.split([1, 2, 3]) == ([2], [1, 3])
+    assert pipelines.process_chunk(7) == "processed_7"
+
+
+def test_decorator_options_are_overridden_per_add():
+    pipeline = Pipeline("p").add_step(pipelines.numbers, retries=3, name="n", outputs=["nums"])
+    added = pipeline.steps["n"]
+    assert (added.retries, added.asset_names) == (3, ("nums",))
+    assert pipelines.numbers.retries == 0  # the decorated step is unchanged

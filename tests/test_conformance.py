@@ -1,0 +1,121 @@
+"""The executor conformance suite: every backend gives the same results."""
+
+from __future__ import annotations
+
+import traceback
+
+import dask
+import pytest
+
+from flowyml import Pipeline, StepFailed, step
+from flowyml.utils.parallel import parallel_map
+
+from . import pipelines
+from .pipelines import add
+
+
+def test_parallel_processing_example(executor):
+    result = pipelines.parallel_processing().run(executor=executor, progress=False)
+    assert result.success
+    assert result["chunk_3"] == "processed_3"
+    assert result.outputs == {f"chunk_{i}": f"processed_{i}" for i in range(5)}
+    assert {s.status for s in result.steps.values()} == {"succeeded"}
+    assert all(s.attempts == 1 for s in result.steps.values())
+
+
+def test_tuple_and_dict_outputs_and_args_fan_in(executor):
+    result = pipelines.diamond().run(executor=executor, progress=False)
+    expected = [sum([0, 2, 4, 6, 8]), sum([1, 3, 5, 7, 9]), sum(range(5)), sum(range(5, 10))]
+    assert result.outputs == {"report": expected}
+    assert list(result.steps) == ["numbers", "split", "halves", "report"]
+
+
+def test_params_and_overrides(executor):
+    pipeline = (
+        Pipeline("params")
+        .add_step(pipelines.numbers, params={"count": 4})
+        .add_step(pipelines.split)
+        .add_step(pipelines.halves, params={"cut": 2})
+        .add_step(pipelines.report, params={"scale": 10})
+    )
+    result = pipeline.run(executor=executor, progress=False)
+    assert result["report"] == [10 * 2, 10 * 4, 10 * 1, 10 * 5]
+
+
+def test_requested_outputs_run_only_what_they_need(executor):
+    result = pipelines.diamond().run(executor=executor, outputs=["evens"], progress=False)
+    assert result.outputs == {"evens": [0, 2, 4, 6, 8]}
+    assert list(result.steps) == ["numbers", "split"]
+
+
+def test_run_inputs_feed_steps(executor):
+    pipeline = Pipeline("inputs").add_step(add, inputs=["x", "y"], outputs=["sum"])
+    result = pipeline.run({"x": 2, "y": 40}, executor=executor, progress=False)
+    assert result["sum"] == 42
+    # An input that looks like a task key or a task is passed through untouched.
+    tricky = pipeline.run({"x": ("sum", 0), "y": ("add",)}, executor=executor, progress=False)
+    assert tricky["sum"] == ("sum", 0, "add")
+
+
+def test_params_are_never_read_as_keys(executor):
+    @step
+    def echo(value):
+        return value
+
+    pipeline = Pipeline("keys").add_step(echo, name="a", params={"value": "b"})
+    pipeline.add_step(echo, name="b", params={"value": ("a", 0)})
+    pipeline.add_step(echo, name="c", params={"value": [("b",), "a"]})
+    result = pipeline.run(executor=executor, progress=False)
+    assert result.outputs == {"a": "b", "b": ("a", 0), "c": [("b",), "a"]}
+
+
+def test_failure_raises_step_failed_with_the_user_traceback(executor):
+    with pytest.raises(StepFailed) as info:
+        pipelines.failing().run(executor=executor, progress=False)
+    error = info.value
+    assert error.step == "fail_if_big" and error.partition is None and error.attempt == 1
+    assert "fail_if_big" in str(error) and "exceeds" in str(error)
+    assert isinstance(error.__cause__, ValueError)
+    frames = "".join(traceback.format_tb(error.__cause__.__traceback__))
+    assert "fail_if_big" in frames and "raise ValueError" in frames or "line" in frames
+
+
+def test_continue_finishes_independent_branches(executor):
+    result = pipelines.failing().run(executor=executor, on_failure="continue", progress=False)
+    assert not result.success
+    assert result.steps["fail_if_big"].status == "failed"
+    assert result.steps["after"].status == "skipped"
+    assert result.steps["independent"].status == "succeeded"
+    assert result.outputs == {"independent": 10}
+    assert list(result.failures) == ["fail_if_big"]
+    assert isinstance(result.failures["fail_if_big"].__cause__, ValueError)
+    assert result.skipped == ["after"]
+
+
+def test_to_delayed_runs_with_plain_dask(executor):
+    delayed = pipelines.diamond().to_delayed()
+    assert list(delayed) == ["report"]
+    (value,) = dask.compute(*delayed.values(), scheduler="sync")
+    assert value == pipelines.diamond().run(executor=executor, progress=False)["report"]
+
+
+def test_parallel_map_inside_a_step(executor):
+    @step
+    def squares(n=6):
+        return parallel_map(lambda x: x * x, range(n), max_workers=2)
+
+    result = Pipeline("map").add_step(squares).run(executor=executor, progress=False)
+    assert result["squares"] == [0, 1, 4, 9, 16, 25]
+
+
+def test_same_results_on_every_backend(executor):
+    """The full record (outputs and statuses) matches the sync backend's."""
+    from flowyml import ParallelExecutor
+
+    reference = pipelines.diamond().run(executor=ParallelExecutor(backend="sync"), progress=False)
+    result = pipelines.diamond().run(executor=executor, progress=False)
+    assert result.outputs == reference.outputs
+    assert {n: s.status for n, s in result.steps.items()} == {
+        n: s.status for n, s in reference.steps.items()
+    }
+    assert len(result.tasks) == len(reference.tasks) == 4

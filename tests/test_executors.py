@@ -1,0 +1,84 @@
+"""Choosing a backend, and the life of pools and clusters."""
+
+from __future__ import annotations
+
+import os
+
+import psutil
+import pytest
+
+from flowyml import BackendError, ParallelExecutor, Pipeline, step
+
+from . import pipelines
+
+
+def test_default_is_process_with_cpu_count(monkeypatch):
+    monkeypatch.delenv("FLOWYML_BACKEND", raising=False)
+    executor = ParallelExecutor()
+    assert executor.backend == "process"
+    assert executor.max_workers == os.cpu_count()
+
+
+def test_environment_variable_chooses_backend(monkeypatch):
+    monkeypatch.setenv("FLOWYML_BACKEND", "thread")
+    assert ParallelExecutor().backend == "thread"
+    assert ParallelExecutor(backend="sync").backend == "sync"  # the argument wins
+
+
+def test_unknown_backend_lists_valid_ones(monkeypatch):
+    with pytest.raises(BackendError, match="unknown backend='threads'.*'distributed'.*'process'.*'sync'.*'thread'"):
+        ParallelExecutor(backend="threads")
+    monkeypatch.setenv("FLOWYML_BACKEND", "gpu")
+    with pytest.raises(BackendError, match="FLOWYML_BACKEND='gpu'"):
+        ParallelExecutor()
+
+
+def test_distributed_options_need_distributed():
+    with pytest.raises(BackendError, match="address only apply to backend='distributed'"):
+        ParallelExecutor(backend="thread", address="tcp://127.0.0.1:8786")
+
+
+def test_max_workers_must_be_positive():
+    with pytest.raises(BackendError, match="max_workers"):
+        ParallelExecutor(max_workers=0)
+
+
+def _worker_pids(executor) -> set[int]:
+    @step
+    def pid():
+        return os.getpid()
+
+    pipeline = Pipeline("pid")
+    for i in range(4):
+        pipeline.add_step(pid, name=f"pid_{i}")
+    return set(pipeline.run(executor=executor, progress=False).outputs.values())
+
+
+def test_pool_lives_across_runs_inside_with():
+    with ParallelExecutor(max_workers=2, backend="process") as executor:
+        first = _worker_pids(executor)
+        second = _worker_pids(executor)
+        assert first and first <= {p.pid for p in psutil.Process().children(recursive=True)}
+        assert second <= first  # the same worker processes served both runs
+
+
+@pytest.mark.parametrize("backend", ["process", "distributed"])
+def test_nothing_left_running_outside_with(backend):
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    executor = ParallelExecutor(max_workers=2, backend=backend)
+    result = pipelines.parallel_processing(3).run(executor=executor, progress=False)
+    assert result.success
+    left = [
+        p for p in psutil.Process().children(recursive=True)
+        if p.pid not in before and p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    ]
+    assert left == []
+
+
+def test_distributed_local_cluster_is_local_and_has_a_dashboard():
+    with ParallelExecutor(max_workers=2, backend="distributed") as executor:
+        link = executor.dashboard_link
+        assert link.startswith("http://127.0.0.1:")
+        result = pipelines.parallel_processing(2).run(executor=executor, progress=False)
+        assert all(t.worker.startswith("tcp://127.0.0.1:") for t in result.tasks)
+        assert len({t.worker for t in result.tasks}) >= 1
