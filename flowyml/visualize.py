@@ -128,8 +128,8 @@ def to_mermaid(nodes: Sequence[Node], edges: Iterable[Edge]) -> str:
     -------
     str
         Mermaid source. Sources are cylinders, sinks parallelograms and
-        per-partition steps ``[[name ×N]]``; nodes with a status get a class
-        coloured like the HTML report.
+        per-partition steps ``[[name ×N]]``; nodes get a class coloured
+        like the DOT output and the HTML report (by status, else by kind).
     """
     edges = [tuple(edge) for edge in edges]
     names = [str(node["name"]) for node in nodes]
@@ -144,13 +144,15 @@ def to_mermaid(nodes: Sequence[Node], edges: Iterable[Edge]) -> str:
         lines.append(f"    {node_id}{opening}{_mermaid_text(_node_label(node))}{closing}")
         if node.get("status") in STATUS_COLOURS:
             classes.setdefault(node["status"], []).append(node_id)
+        elif kind in ("source", "sink"):
+            classes.setdefault(kind, []).append(node_id)
     for src, dst, *asset in edges:
         label = f'|"{_mermaid_text(str(asset[0]))}"|' if asset and asset[0] else ""
         lines.append(f"    {ids[str(src)]} -->{label} {ids[str(dst)]}")
-    for status, members in classes.items():
-        fill, border = STATUS_COLOURS[status]
-        lines.append(f"    classDef {status} fill:{fill},stroke:{border},color:#1a202c")
-        lines.append(f"    class {','.join(members)} {status}")
+    for class_name, members in classes.items():
+        fill, border = STATUS_COLOURS.get(class_name) or KIND_COLOURS[class_name]
+        lines.append(f"    classDef {class_name} fill:{fill},stroke:{border},color:#1a202c")
+        lines.append(f"    class {','.join(members)} {class_name}")
     return "\n".join(lines)
 
 
