@@ -28,7 +28,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 __all__ = ["format_summary", "render_html", "save_report", "to_html_repr"]
 
@@ -388,6 +388,7 @@ class _Timeline:
     svg: str
     note: str
     lanes: int
+    slots: int  # rows over all lanes: the most tasks seen running at once per worker, summed
     drawn_tasks: int
     undrawn_tasks: int
     busy_s: float
@@ -411,7 +412,7 @@ def _timeline(run: Run, colours: Mapping[str, str]) -> _Timeline:
     ]
     undrawn = len(all_tasks) - len(tasks)
     if not tasks:
-        return _Timeline("", "", 0, 0, undrawn, 0.0, 0.0)
+        return _Timeline("", "", 0, 0, 0, undrawn, 0.0, 0.0)
     t0 = _run_origin(run, min(t["start"] for t in tasks))
     t_end = max(t["stop"] for t in tasks)
     if isinstance(run.get("duration_s"), (int, float)):
@@ -488,7 +489,7 @@ def _timeline(run: Run, colours: Mapping[str, str]) -> _Timeline:
         "</pattern></defs>" + "".join(lanes_svg + grid + parts) + "</svg>"
     )
     busy = sum(t["stop"] - t["start"] for t in tasks if t.get("status") != "cached")
-    return _Timeline(svg, note, len(lanes), len(tasks), undrawn, busy, span)
+    return _Timeline(svg, note, len(lanes), len(flat_rows), len(tasks), undrawn, busy, span)
 
 
 # ---------------------------------------------------------------------------
@@ -606,9 +607,11 @@ def _cards(run: Run, rows: list[_StepRow], timeline: _Timeline) -> str:
         (f"{len(tasks):,}", f"tasks: {failed_tasks:,} failed, {cached_tasks:,} from cache", failed_tasks > 0),
         (f"{timeline.lanes}", "worker lanes", False),
     ]
-    if timeline.lanes and timeline.span_s > 0:
-        use = timeline.busy_s / (timeline.lanes * timeline.span_s)
-        cards.append((f"{use:.0%}", f"worker utilisation ({_fmt_seconds(timeline.busy_s)} busy)", False))
+    if timeline.slots and timeline.span_s > 0:
+        # Busy time over the task slots the chart shows (a multi-threaded worker has several).
+        use = min(1.0, timeline.busy_s / (timeline.slots * timeline.span_s))
+        slots = f"{timeline.slots} task slots, " if timeline.slots != timeline.lanes else ""
+        cards.append((f"{use:.0%}", f"utilisation ({slots}{_fmt_seconds(timeline.busy_s)} busy)", False))
     return (
         '<div class="cards">'
         + "".join(
@@ -804,7 +807,7 @@ def to_html_repr(run: Run) -> str:
     GitHub's strip style sheets from outputs.
     """
     success = bool(run.get("success"))
-    cell = 'style="padding:3px 10px;text-align:{};border-bottom:1px solid #e2e8f0"'
+    cell = 'style="padding:3px 10px;text-align:{};border-bottom:1px solid #e2e8f0;font-size:12px"'
     left, right = cell.format("left"), cell.format("right")
     header = "".join(
         f"<th {right if n in {'partitions', 'cached', 'attempts', 'duration'} else left}>{n}</th>"

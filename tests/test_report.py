@@ -7,6 +7,7 @@ timings: overlapping steps, a failed partition with retries, cached tasks.
 
 from __future__ import annotations
 
+import html
 import json
 import random
 import re
@@ -74,7 +75,7 @@ def make_run(
                   after=max(clean_done[p], zones_done))
         else:
             place("enrich", p, rng.uniform(0.2, 0.6), after=max(clean_done[p], zones_done))
-    stats_done = place("zone_stats", None, 0.8, after=zones_done)
+    place("zone_stats", None, 0.8, after=zones_done)
     end = max(t["stop"] for t in tasks)
     if not failed:
         end = place("fare_by_zone", None, 0.6, after=end)
@@ -100,7 +101,6 @@ def make_run(
     }
     if failed:
         steps["fare_by_zone"].update(duration_s=None, attempts=0)
-    del stats_done
     return {
         "pipeline": "trips", "run_id": "3f2a9c1b", "backend": "process", "max_workers": workers,
         "success": not failed, "started_at": "2025-11-29T23:59:01.000000+00:00",
@@ -214,9 +214,7 @@ def test_html_has_one_bar_per_task_with_key_attempts_and_duration():
     bars = _task_bars(svg)
     assert len(bars) == len(run["tasks"])
     keys = Counter(title.splitlines()[0] for title in bars)
-    import html as html_lib
-
-    assert keys == Counter(html_lib.escape(t["key"], quote=True) for t in run["tasks"])
+    assert keys == Counter(html.escape(t["key"], quote=True) for t in run["tasks"])
     enrich_failed = next(t for t in bars if "failed" in t and "enrich" in t)
     assert "attempts 3" in enrich_failed and "0.50s" in enrich_failed
     # Failed tasks are marked (red outline class and hatching) and only they are.
@@ -226,7 +224,7 @@ def test_html_has_one_bar_per_task_with_key_attempts_and_duration():
 
 def test_html_has_one_lane_per_worker_in_natural_order():
     run = make_run(partitions=20, workers=12, worker_names="thread-{}")
-    for index, task in enumerate(run["tasks"]):  # names thread-0 .. thread-11
+    for task in run["tasks"]:  # names thread-0 .. thread-11
         task["worker"] = f"thread-{int(task['worker'].split('-')[1]) - 12340}"
     svg = _timeline_svg(render_html(run))
     labels = re.findall(r'<text class="lane-label"[^>]*><title>[^<]*</title>([^<]*)</text>', svg)
@@ -374,3 +372,19 @@ def test_chromium_draws_the_timeline(tmp_path):
     assert set(palette_hits) >= {"clean", "enrich"}, f"step colours not drawn: {palette_hits}"
     background = colours.most_common(1)[0][1]
     assert background < 0.9 * sum(colours.values()), "timeline area is almost one colour"
+
+
+def test_tasks_running_at_once_on_one_worker_get_their_own_rows():
+    run = make_run(partitions=12, workers=4)
+    for task in run["tasks"]:  # one distributed worker with four threads
+        task["worker"] = "tcp://127.0.0.1:40123"
+    svg = _timeline_svg(render_html(run))
+    bars = re.findall(r'<rect class="bar [^"]*" x="([\d.]+)" y="(\d+)" width="([\d.]+)"', svg)
+    assert len(bars) == len(run["tasks"])
+    by_row: dict[str, list[tuple[float, float]]] = {}
+    for x, y, width in bars:
+        by_row.setdefault(y, []).append((float(x), float(x) + float(width)))
+    assert len(by_row) == 4  # four tasks ran at once
+    for spans in by_row.values():  # within a row no two bars overlap (beyond rounding)
+        spans.sort()
+        assert all(a[1] <= b[0] + 1.1 for a, b in zip(spans, spans[1:]))
