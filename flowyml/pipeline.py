@@ -118,6 +118,18 @@ class Pipeline:
         self.sources[name] = source
         return self
 
+    def set_params(self, step_name: str, **params: Any) -> Pipeline:
+        """Change some params of an added step (the CLI's ``--param STEP.KEY=VALUE``)."""
+        if step_name not in self.steps:
+            raise PipelineError(
+                f"pipeline {self.name!r} has no step {step_name!r}; its steps are "
+                f"{', '.join(self.steps) or '(none)'}"
+            )
+        changed = self.steps[step_name].with_options(params={**self.steps[step_name].params, **params})
+        self._bindings[step_name] = changed.bind()
+        self.steps[step_name] = changed
+        return self
+
     def _assets(self) -> dict[str, str]:
         return {asset: s.name for s in self.steps.values() for asset in s.asset_names}
 
@@ -273,6 +285,44 @@ class Pipeline:
         return to_delayed(compile_plan(plan, run_id="delayed", mode=PLAIN), plan)
 
     # -- pictures -------------------------------------------------------------------
+
+    def to_mermaid(self) -> str:
+        """The step graph as a Mermaid ``flowchart`` (renders on GitHub and in many docs tools)."""
+        from .visualize import to_mermaid
+
+        return to_mermaid(*self.graph_description())
+
+    def to_dot(self) -> str:
+        """The step graph in Graphviz DOT."""
+        from .visualize import to_dot
+
+        return to_dot(*self.graph_description(), name=self.name)
+
+    def visualize(self, path: str | os.PathLike[str] | None = None) -> str:
+        """The step graph as SVG, drawn by Graphviz's ``dot``; written to ``path`` if given.
+
+        Without Graphviz installed this raises a :class:`FlowymlError` that says how
+        to install it; :meth:`to_mermaid` needs nothing.
+        """
+        from .visualize import render_svg
+
+        svg = render_svg(self.to_dot())
+        if path is not None:
+            with open(path, "w", encoding="utf-8") as stream:
+                stream.write(svg)
+        return svg
+
+    def _repr_html_(self) -> str:
+        """Jupyter shows the graph (SVG where Graphviz is installed, else the Mermaid text)."""
+        import html
+
+        from .exceptions import FlowymlError
+
+        try:
+            picture = self.visualize()
+        except FlowymlError:
+            picture = f"<pre>{html.escape(self.to_mermaid())}</pre>"
+        return f"<div><strong>Pipeline {html.escape(self.name)}</strong>: {len(self.steps)} steps{picture}</div>"
 
     def graph_description(self) -> tuple[list[dict[str, Any]], list[tuple[str, str, str]]]:
         """Nodes and edges of the step graph (for :mod:`flowyml.visualize`)."""
