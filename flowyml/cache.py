@@ -31,7 +31,9 @@ What a fingerprint covers
   (numbers, strings, bytes, None, enums, dates, paths, tuples/lists/dicts/sets of
   those, dataclasses of those), numpy arrays or pandas objects (by content), or
   functions and classes of the user's own code (recursively, each once: recursion is
-  safe). Other globals (modules, loggers, clients) count by their type only.
+  safe), including callable objects that set ``__wrapped__`` (``functools.wraps``,
+  ``@step``), by the wrapped function. Other globals (modules, loggers, clients)
+  count by their type only.
 
 Code of installed packages and the standard library (files under ``site-packages``
 or the interpreter's prefix) counts by its qualified name only: upgrading pandas
@@ -234,7 +236,9 @@ def task_key(fingerprint: str, params: dict[str, Any], inputs: list[Any]) -> str
     False
     """
     if not isinstance(fingerprint, str):
-        raise TypeError(f"task_key: fingerprint must be a str, got {type(fingerprint).__qualname__}")
+        raise TypeError(
+            f"task_key: fingerprint must be a str, got {type(fingerprint).__qualname__}"
+        )
     encoded_params = []
     for name in sorted(params):
         try:
@@ -378,6 +382,10 @@ def _canonical_container(value: Any, walk: _Walk, *, plain_only: bool) -> Any:
         return ("dataclass", _describe_callable(kind, walk), fields)
     if _dask_knows(value):
         return ("dask", _dask_token(value))
+    wrapped = getattr(value, "__wrapped__", None)
+    if callable(value) and isinstance(wrapped, types.FunctionType):
+        # A decorated helper such as another @step: its code is the wrapped function's.
+        return ("wraps", _describe_callable(wrapped, walk))
     if plain_only:
         raise _NotPlain(_type_name(value))
     if callable(value):
@@ -420,7 +428,9 @@ def _dask_token(value: Any) -> str:
     try:
         return tokenize(value, ensure_deterministic=True)
     except TokenizationError as exc:
-        raise CacheError(f"dask cannot tokenize a {_type_name(value)} deterministically ({exc})") from exc
+        raise CacheError(
+            f"dask cannot tokenize a {_type_name(value)} deterministically ({exc})"
+        ) from exc
 
 
 # ------------------------------------------------------------- code description
@@ -438,7 +448,11 @@ def _describe_callable(func: Any, walk: _Walk) -> Any:
             _describe_value(func.keywords, walk),
         )
     if isinstance(func, types.MethodType):
-        return ("method", _describe_callable(func.__func__, walk), _describe_value(func.__self__, walk))
+        return (
+            "method",
+            _describe_callable(func.__func__, walk),
+            _describe_value(func.__self__, walk),
+        )
     if isinstance(func, types.FunctionType):
         if not _is_user_code(func.__code__.co_filename):
             return ("function-ref", func.__module__, func.__qualname__)
@@ -674,7 +688,8 @@ class Cache:
     """
 
     def __init__(self, directory: str | os.PathLike[str]) -> None:
-        self.directory = pathlib.Path(os.path.abspath(pathlib.Path(os.fspath(directory)).expanduser()))
+        expanded = pathlib.Path(os.fspath(directory)).expanduser()
+        self.directory = pathlib.Path(os.path.abspath(expanded))
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
         except (FileExistsError, NotADirectoryError) as exc:
@@ -683,7 +698,9 @@ class Cache:
                 f"choose another cache_dir"
             ) from exc
         except OSError as exc:
-            raise CacheError(f"cannot create cache directory {str(self.directory)!r}: {exc}") from exc
+            raise CacheError(
+                f"cannot create cache directory {str(self.directory)!r}: {exc}"
+            ) from exc
         self._tag_directory()
 
     def __repr__(self) -> str:
@@ -868,7 +885,8 @@ def _check_key(key: str) -> None:
 def _write_atomically(final: pathlib.Path, parts: tuple[bytes | memoryview, ...]) -> None:
     final.parent.mkdir(exist_ok=True)
     # A unique temp name per writer: concurrent writers never share a temp file.
-    tmp = final.with_name(f"{final.name[: -len(_ENTRY_SUFFIX)]}.{os.getpid()}.{secrets.token_hex(4)}{_TMP_SUFFIX}")
+    key = final.name[: -len(_ENTRY_SUFFIX)]
+    tmp = final.with_name(f"{key}.{os.getpid()}.{secrets.token_hex(4)}{_TMP_SUFFIX}")
     try:
         with open(tmp, "xb") as handle:
             for part in parts:
@@ -989,7 +1007,9 @@ def _has_object_dtype(frame: pd.DataFrame) -> bool:
     indexes = [frame.index, frame.columns]
     levels = [level for index in indexes
               for level in (index.levels if isinstance(index, pd.MultiIndex) else [index])]
-    return any(dtype == object for dtype in frame.dtypes) or any(level.dtype == object for level in levels)
+    return any(dtype == object for dtype in frame.dtypes) or any(
+        level.dtype == object for level in levels
+    )
 
 
 def _identical(got: pd.DataFrame, want: pd.DataFrame) -> bool:

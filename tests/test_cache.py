@@ -153,6 +153,35 @@ def test_fingerprint_follows_global_constants_and_helper_functions(tmp_path):
     assert fingerprint("fp_glob_d", 3, 5) != base  # a called helper's body changed
 
 
+WRAPPED_HELPER_MODULE = """
+    import functools
+
+    class Decorated:                       # what @step returns: a callable object
+        def __init__(self, func):
+            functools.update_wrapper(self, func)
+            self.func = func
+
+        def __call__(self, *args):
+            return self.func(*args)
+
+    @Decorated
+    def helper(x):
+        return x + {increment}
+
+    def step(x):
+        return helper(x) * 2
+"""
+
+
+def test_fingerprint_follows_decorated_helpers(tmp_path):
+    def fingerprint(name, increment):
+        source = WRAPPED_HELPER_MODULE.format(increment=increment)
+        return code_fingerprint(load_module(tmp_path, name, source).step)
+
+    assert fingerprint("fp_wrapped_a", 1) == fingerprint("fp_wrapped_b", 1)
+    assert fingerprint("fp_wrapped_a", 1) != fingerprint("fp_wrapped_c", 2)
+
+
 def test_fingerprint_tells_apart_lambdas_on_one_line():
     plus, times = (lambda x: x + 1), (lambda x: x * 2)
     assert code_fingerprint(plus) != code_fingerprint(times)
@@ -227,7 +256,7 @@ def test_fingerprint_without_source_is_stable_and_sensitive():
         from flowyml.cache import code_fingerprint
         WORDS = {{"a", "b", "c", "d", "e", "f"}}
         def step(x, scale=3):
-            return [w * scale for w in WORDS if w in x] + [{body}]
+            return [w * scale for w in WORDS if w in x and w not in {{"q", "r", "s", "t", "u"}}] + [{body}]
         print(code_fingerprint(step))
     """
     first = run_python(code.format(body="1"), hash_seed="3")
@@ -343,6 +372,8 @@ FRAMES = {
     "multi_index": pd.DataFrame({"a": range(4)}, index=pd.MultiIndex.from_product([[1, 2], ["p", "q"]],
                                                                                names=["n", "l"])),
     "object_mixed": pd.DataFrame({"o": pd.Series([1, "two", 3.0, None, b"5"], dtype=object)}),
+    # Parquet would turn these strings into the str dtype; the first rows do not show it.
+    "object_late_strings": pd.DataFrame({"o": pd.Series([None] * 40 + ["x", "y"], dtype=object)}),
     "non_string_labels": pd.DataFrame({0: [1, 2], 1.5: [3, 4], ("t", "u"): [5, 6]}),
     "duplicate_labels": pd.DataFrame([[1, 2]], columns=["a", "a"]),
     "empty": pd.DataFrame(),
