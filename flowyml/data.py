@@ -465,11 +465,15 @@ def _as_path_list(paths: Any, reader: str) -> tuple[str, ...]:
 def _parse_blocksize(blocksize: int | str | None) -> int | None:
     if blocksize is None:
         return None
-    size = parse_bytes(blocksize) if isinstance(blocksize, str) else blocksize
+    problem = f"read_csv(blocksize={blocksize!r}): give a positive number of bytes or a string like '64MB'"
+    try:
+        size = parse_bytes(blocksize) if isinstance(blocksize, str) else blocksize
+    except ValueError as exc:
+        raise ValueError(f"{problem} ({exc})") from None
     if isinstance(size, float) and size.is_integer():
         size = int(size)
     if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
-        raise ValueError(f"read_csv(blocksize={blocksize!r}): give a positive number of bytes or a string like '64MB'")
+        raise ValueError(problem)
     return size
 
 
@@ -635,8 +639,9 @@ def _block_starts(fs: Any, path: str, size: int, blocksize: int, data_start: int
 
     A nominal offset moves to just after the next line end (what
     ``read_block(..., delimiter=b"\\n")`` would do); offsets that land in the
-    header, at the end of the file or on an already-taken line are dropped, so
-    no block is empty when ``blocksize`` is smaller than a line.
+    header or on its line end (the first block keeps at least one data line),
+    at the end of the file or on an already-taken line are dropped, so no
+    block is empty when ``blocksize`` is smaller than a line.
     """
     count = -(-size // blocksize)
     starts = [0]
@@ -645,7 +650,7 @@ def _block_starts(fs: Any, path: str, size: int, blocksize: int, data_start: int
             file.seek(size * number // count)
             seek_delimiter(file, b"\n", _SEEK_CHUNK)
             start = file.tell()
-            if data_start <= start < size and start > starts[-1]:
+            if data_start < start < size and start > starts[-1]:
                 starts.append(start)
     return starts
 
