@@ -314,8 +314,8 @@ class CsvSource(Source):
         parts: list[Partition] = []
         for (fs, path), order in zip(files, orders):
             size, version = _stat(fs, path)
-            common = dict(path=_full_path(fs, path), size=size, mtime_ns=version,
-                          source=self.label, options_token=token, columns=order)
+            common = dict(path=_full_path(fs, path), size=size, mtime_ns=version, source=self.label,
+                          options_token=_with_order(token, order), columns=order)
             for spec in self._plan_file(fs, path, size):
                 parts.append(CsvPartition(index=len(parts), **common, **spec))
         return parts
@@ -391,7 +391,7 @@ class ParquetSource(Source):
             for group in groups:
                 parts.append(ParquetPartition(
                     index=len(parts), path=_full_path(fs, path), size=size, mtime_ns=version,
-                    source=self.label, options_token=token, row_group=group,
+                    source=self.label, options_token=_with_order(token, order), row_group=group,
                     read_kwargs=self.pandas_kwargs, columns=order,
                 ))
         return parts
@@ -490,8 +490,13 @@ def _check_csv_options(kwargs: dict[str, Any], blocksize: int | None) -> None:
         raise ValueError("read_csv(blocksize=...) needs skiprows to be an int (or blocksize=None)")
     if isinstance(kwargs.get("header"), (list, tuple)):
         raise ValueError("read_csv(blocksize=...) does not support a multi-line header (or use blocksize=None)")
+    encoding = kwargs.get("encoding") or "utf-8"
+    if "\n".encode(encoding)[len("".encode(encoding)):] != b"\n":  # skip a BOM, as dask does
+        raise ValueError(f"read_csv(blocksize=...) cannot split {encoding} text on line ends; use blocksize=None")
     if kwargs.get("lineterminator") not in (None, "\n"):
-        raise ValueError("read_csv(blocksize=...) splits on '\\n' line ends; use blocksize=None with another lineterminator")
+        raise ValueError(
+            "read_csv(blocksize=...) splits on '\\n' line ends; use blocksize=None with another lineterminator"
+        )
 
 
 def _is_url(path: str) -> bool:
@@ -700,6 +705,11 @@ def _check_same_columns(paths: list[str], columns: list[tuple], label: str) -> l
             )
         orders.append(None if names == first else first)
     return orders
+
+
+def _with_order(token: str, order: tuple | None) -> str:
+    # A file reordered to match the others returns other data than alone.
+    return token if order is None else tokenize(token, order)
 
 
 def _read_row_group(path: str, row_group: int, kwargs: dict[str, Any]) -> pd.DataFrame:

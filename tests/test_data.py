@@ -108,6 +108,9 @@ def test_options_that_cannot_work_per_block_are_refused_up_front():
         read_csv("x.csv", blocksize=100, nrows=5)
     with pytest.raises(ValueError, match="chunksize"):
         read_csv("x.csv", chunksize=5)
+    with pytest.raises(ValueError, match="utf-16"):
+        read_csv("x.csv", blocksize=100, encoding="utf-16")
+    read_csv("x.csv", blocksize=100, encoding="utf-8-sig")  # a BOM is fine
     with pytest.raises(ValueError, match="engine"):
         read_parquet("x", split_row_groups=True, engine="fastparquet")
 
@@ -250,6 +253,35 @@ def test_partitions_round_trip_through_pickle(csv_files, parquet_files, dumps, l
     assert max(len(pickle.dumps(part)) for part in parts) < 2000  # sent inside every task
 
 
+def test_a_source_pickles_and_plans_the_same_after(csv_files):
+    source = read_csv(csv_files, blocksize=700)
+    source.name = "trips"
+    copy = pickle.loads(pickle.dumps(source))
+    assert copy.name == "trips" and copy.partitions() == source.partitions()
+
+
+def test_fsspec_urls_are_read_like_local_paths(tmp_path):
+    import fsspec
+
+    memory = fsspec.filesystem("memory")
+    root = f"/flowyml-test-{tmp_path.name}"
+    try:
+        for month in (1, 2):
+            with memory.open(f"{root}/trips_{month}.csv", "w") as file:
+                trips_frame(40, seed=month).to_csv(file, index=False)
+            with memory.open(f"{root}/pq/trips_{month}.parquet", "wb") as file:
+                trips_frame(40, seed=month).to_parquet(file, row_group_size=15)
+        csv = read_csv(f"memory://{root}/trips_*.csv", blocksize=500)
+        expected = concat(pd.read_csv(f"memory://{root}/trips_{month}.csv") for month in (1, 2))
+        assert len(csv.partitions()) > 2
+        pd.testing.assert_frame_equal(load_all(csv), expected)
+        parquet = read_parquet(f"memory://{root}/pq", split_row_groups=True)
+        assert len(parquet.partitions()) == 6
+        pd.testing.assert_frame_equal(load_all(parquet), concat(trips_frame(40, seed=m) for m in (1, 2)))
+    finally:
+        memory.rm(root, recursive=True)
+
+
 # --------------------------------------------------------------------------- Parquet
 
 
@@ -364,8 +396,10 @@ def test_differing_parquet_columns_name_both_files(parquet_files):
 def test_same_columns_in_another_order_read_in_the_first_files_order(csv_files):
     frame = pd.read_csv(csv_files[1])
     frame[list(reversed(frame.columns))].to_csv(csv_files[1], index=False)
+    alone = read_csv(csv_files[1]).partitions()[0]
     parts = [part.load() for part in read_csv(csv_files).partitions()]
     assert [list(part.columns) for part in parts] == [list(frame.columns)] * 3
+    assert read_csv(csv_files).partitions()[1].identity() != alone.identity()  # reordered is other data
     pd.testing.assert_frame_equal(concat(parts), concat(pd.read_csv(path) for path in csv_files))
 
 
