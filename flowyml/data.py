@@ -513,7 +513,7 @@ def _resolve(patterns: Sequence[str], suffixes: tuple[str, ...], label: str) -> 
             if not matches:
                 raise DataError(
                     f"source {label!r}: the glob {pattern!r} matched no file "
-                    f"(searched {_display_path(_glob_base(root))}); check the path and the working directory"
+                    f"(searched {_glob_base(root)}); check the path and the working directory"
                 )
         elif fs.isdir(root):
             matches = sorted(
