@@ -19,6 +19,7 @@ distributed scheduler with one setting::
 from __future__ import annotations
 
 from .context import TaskContext, current_task
+from .data import read_csv, read_parquet, write_csv, write_parquet
 from .exceptions import (
     BackendError,
     CycleError,
@@ -62,5 +63,9 @@ __all__ = [
     "WorkerDiedError",
     "__version__",
     "current_task",
+    "read_csv",
+    "read_parquet",
     "step",
+    "write_csv",
+    "write_parquet",
 ]

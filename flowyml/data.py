@@ -66,6 +66,8 @@ __all__ = [
     "commit_output",
     "read_csv",
     "read_parquet",
+    "write_csv",
+    "write_parquet",
     "write_partition",
 ]
 
@@ -952,3 +954,86 @@ def _commit_lock(target: str) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+# ---------------------------------------------------------------------------
+# Sink steps
+# ---------------------------------------------------------------------------
+
+
+class _PartitionWriter:
+    """The per-partition function of a sink step: stage one file, return its final path."""
+
+    def __init__(self, directory: str, fmt: str) -> None:
+        self.directory = directory
+        self.fmt = fmt
+
+    def __call__(self, data: Any) -> str:
+        task = current_task()
+        if task is None:  # called by hand, outside a run
+            return write_partition(data, self.directory, "direct", 0, self.fmt)
+        return write_partition(data, self.directory, task.run_id, task.partition or 0, self.fmt)
+
+    def __repr__(self) -> str:
+        return f"write_{self.fmt}({self.directory!r})"
+
+
+class _Committer:
+    """The sink's finalize: once every partition is staged, make them the output."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+
+    def __call__(self, written: list[str]) -> list[str]:
+        task = current_task()
+        return commit_output(self.directory, task.run_id if task else "direct", written)
+
+
+class _Aborter:
+    """Called on the driver when a run fails: drop this run's staged files."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+
+    def __call__(self, run_id: str) -> None:
+        abort_output(self.directory, run_id)
+
+
+def _sink(fmt: str, path: str | os.PathLike[str], input: str, name: str | None) -> Any:
+    from flowyml.step import Step
+
+    if not isinstance(input, str) or not input:
+        raise TypeError(f"write_{fmt}(...) needs input='<asset name>' to say what to write, got {input!r}")
+    directory = _output_path(path)  # resolved here, on the driver: workers may run elsewhere
+    return Step(
+        func=_PartitionWriter(directory, fmt),
+        name=name or f"write_{fmt}",
+        inputs=(input,),
+        per_partition=True,
+        finalize=_Committer(directory),
+        abort=_Aborter(directory),
+    )
+
+
+def write_parquet(path: str | os.PathLike[str], *, input: str, name: str | None = None) -> Any:
+    """A step that writes ``input`` as Parquet files ``path/part-00000.parquet``, ...
+
+    Each partition is written by the worker that computed it, to a staging
+    folder beside ``path``, under a temporary name then renamed, so every file
+    appears whole or not at all. Once all are written, the staging folder
+    replaces the previous output in one rename; a failed run leaves the
+    previous output untouched. The step's asset (named after the step,
+    ``write_parquet`` unless ``name=`` says otherwise) is the list of written paths.
+
+    Examples
+    --------
+    >>> sink = write_parquet("out/clean", input="clean")
+    >>> sink.name, sink.inputs, sink.per_partition
+    ('write_parquet', ('clean',), True)
+    """
+    return _sink("parquet", path, input, name)
+
+
+def write_csv(path: str | os.PathLike[str], *, input: str, name: str | None = None) -> Any:
+    """Like :func:`write_parquet`, as CSV files with a header and no index."""
+    return _sink("csv", path, input, name)
