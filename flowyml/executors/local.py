@@ -116,11 +116,13 @@ class ThreadBackend(_PoolBackend):
         return dask.threaded.get(dsk, keys, pool=pool, callbacks=dask_callbacks(hooks), chunksize=1)
 
 
-def initialize_worker() -> None:
+def initialize_worker(ready: Any = None) -> None:
     """Runs once in each worker process of the process backend."""
     from .. import tasks
 
     tasks.KILLABLE_TIMEOUTS = True
+    if ready is not None:
+        ready.put(None)  # tell the parent this process is up
 
 
 def _ready() -> None:
@@ -141,10 +143,17 @@ class ProcessBackend(_PoolBackend):
 
     def _make_pool(self) -> Executor:
         context = multiprocessing.get_context("spawn")
-        pool = ProcessPoolExecutor(self.max_workers, mp_context=context, initializer=initialize_worker)
-        # Processes start on demand; start them all now, so that inside
-        # ``with executor:`` no run pays the start-up (about 0.5 s a process).
-        wait([pool.submit(_ready) for _ in range(self.max_workers)])
+        ready = context.SimpleQueue()
+        pool = ProcessPoolExecutor(
+            self.max_workers, mp_context=context, initializer=initialize_worker, initargs=(ready,)
+        )
+        # Processes start on demand; start them all now and wait until each has
+        # run its initializer, so that inside ``with executor:`` no run pays the
+        # start-up (about 0.5 s a process) and the first tasks spread over all.
+        futures = [pool.submit(_ready) for _ in range(self.max_workers)]
+        for _ in range(self.max_workers):
+            ready.get()
+        wait(futures)
         return pool
 
     def _get(self, pool, dsk, keys, hooks):
