@@ -18,6 +18,8 @@ distributed scheduler with one setting::
 
 from __future__ import annotations
 
+import logging
+
 from .context import TaskContext, current_task
 from .data import read_csv, read_parquet, write_csv, write_parquet
 from .exceptions import (
@@ -40,6 +42,9 @@ from .result import PipelineResult, StepResult, TaskRecord
 from .step import Step, step
 
 __version__ = "0.1.0"
+
+# A library stays silent until the application configures logging.
+logging.getLogger("flowyml").addHandler(logging.NullHandler())
 
 __all__ = [
     "BackendError",
