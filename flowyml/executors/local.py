@@ -9,7 +9,9 @@ batching several into one submission would serialize them on one worker.
 from __future__ import annotations
 
 import multiprocessing
-from collections.abc import Hashable, Mapping, Sequence
+import sys
+from collections.abc import Hashable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from typing import Any
 
@@ -125,6 +127,31 @@ def initialize_worker(ready: Any = None) -> None:
         ready.put(None)  # tell the parent this process is up
 
 
+@contextmanager
+def _main_module_hidden() -> Iterator[None]:
+    """Start worker processes without re-running the user's script in each.
+
+    A spawned process normally re-imports ``__main__`` from its file, so a
+    script without an ``if __name__ == "__main__":`` guard would run its
+    pipeline again in every worker (and fail). flowyml's tasks never need the
+    main module there: cloudpickle sends functions and classes defined in
+    ``__main__`` by value. So while the processes start, the main module shows
+    no file for ``multiprocessing`` to re-import; a notebook already shows none.
+    """
+    main = sys.modules.get("__main__")
+    saved = {name: main.__dict__[name] for name in ("__file__", "__spec__") if main and name in main.__dict__}
+    try:
+        for name in saved:
+            if name == "__spec__":
+                main.__spec__ = None
+            else:
+                del main.__dict__[name]
+        yield
+    finally:
+        if main is not None:
+            main.__dict__.update(saved)
+
+
 def _ready() -> None:
     """A no-op task: submitting one per worker starts every process."""
 
@@ -150,7 +177,8 @@ class ProcessBackend(_PoolBackend):
         # Processes start on demand; start them all now and wait until each has
         # run its initializer, so that inside ``with executor:`` no run pays the
         # start-up (about 0.5 s a process) and the first tasks spread over all.
-        futures = [pool.submit(_ready) for _ in range(self.max_workers)]
+        with _main_module_hidden():
+            futures = [pool.submit(_ready) for _ in range(self.max_workers)]
         for _ in range(self.max_workers):
             ready.get()
         wait(futures)
