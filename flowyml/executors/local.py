@@ -9,12 +9,14 @@ batching several into one submission would serialize them on one worker.
 from __future__ import annotations
 
 import multiprocessing
+import pickle
 import sys
 from collections.abc import Hashable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from typing import Any
 
+import cloudpickle
 import dask.local
 import dask.multiprocessing
 import dask.threaded
@@ -27,11 +29,13 @@ __all__ = ["ProcessBackend", "SyncBackend", "ThreadBackend"]
 def dask_callbacks(hooks: RunHooks) -> list[tuple]:
     """Dask local-scheduler callbacks (start, start_state, pretask, posttask, finish)."""
 
+    started, finished = hooks.task_started, hooks.task_finished  # looked up once, not per task
+
     def pretask(key, dsk, state):
-        hooks.task_started(key)
+        started(key)
 
     def posttask(key, result, dsk, state, worker_id):
-        hooks.task_finished(key, result)
+        finished(key, result)
 
     return [(None, None, pretask, posttask, None)]
 
@@ -156,6 +160,32 @@ def _ready() -> None:
     """A no-op task: submitting one per worker starts every process."""
 
 
+def dumps(value: Any) -> bytes:
+    """Serialize a task or a result for the process pool: ``pickle``, else ``cloudpickle``.
+
+    Dask's multiprocessing scheduler uses cloudpickle for everything, whose
+    Python-level hook runs for every object and looks up every class and
+    function by name: about half the pickling cost of a small task. Plain
+    ``pickle`` is right whenever everything is importable by the workers; what
+    is not (functions or classes from ``__main__``, a notebook, a module
+    registered with ``cloudpickle.register_pickle_by_value``, lambdas, closures)
+    either fails to pickle or names its module in the bytes, and goes to
+    cloudpickle, by value. ``distributed`` serializes the same way.
+    """
+    try:
+        data = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception:
+        return cloudpickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+    if b"__main__" in data or _names_by_value_module(data):
+        return cloudpickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+    return data
+
+
+def _names_by_value_module(data: bytes) -> bool:
+    registry = cloudpickle.list_registry_pickle_by_value()
+    return bool(registry) and any(name.encode() in data for name in registry)
+
+
 @register
 class ProcessBackend(_PoolBackend):
     """Dask's multiprocessing scheduler on a reused pool of spawned processes.
@@ -192,4 +222,6 @@ class ProcessBackend(_PoolBackend):
             chunksize=1,
             optimize_graph=False,  # keep one task per step/partition: keys stay step names
             callbacks=dask_callbacks(hooks),
+            func_dumps=dumps,
+            func_loads=cloudpickle.loads,
         )
