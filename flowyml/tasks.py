@@ -140,7 +140,7 @@ class StepSpec:
     """
 
     __slots__ = ("name", "func", "params", "positional", "keyword", "varargs", "args", "outputs",
-                 "retries", "retry_delay", "timeout", "order", "whole")
+                 "retries", "retry_delay", "timeout", "order", "in_order", "whole")
 
     def __init__(
         self,
@@ -170,6 +170,7 @@ class StepSpec:
         # Derived once here rather than per call: the inputs passed positionally
         # (leading parameters, then *args), and whether the value is the asset as is.
         self.order = positional + varargs
+        self.in_order = self.order == tuple(range(len(args)))  # then the inputs are the args as is
         self.whole = outputs is None or len(outputs) == 1
 
     def __reduce__(self):
@@ -279,13 +280,15 @@ class StepTask(_TaskBase):
 
     def _attempt(self, inputs: Sequence[Any], attempt: int) -> Any:
         spec = self.spec
-        args = [inputs[i] for i in spec.order]
-        kwargs = {name: inputs[i] for name, i in spec.keyword}
-        if spec.params:
+        args = inputs if spec.in_order else [inputs[i] for i in spec.order]
+        if spec.keyword:
+            kwargs = {name: inputs[i] for name, i in spec.keyword}
             kwargs.update(spec.params)
+        else:
+            kwargs = spec.params  # ``**kwargs`` copies it: the function cannot change the spec
         context = TaskContext(spec.name, self.partition, attempt, self.run_id)
         if spec.timeout is not None:
-            value = call_with_timeout(spec.func, args, kwargs, spec.timeout, context)
+            value = call_with_timeout(spec.func, list(args), dict(kwargs), spec.timeout, context)
         else:
             # ``running(context)`` inlined: its generator cost a microsecond a task.
             token = _current.set(context)
