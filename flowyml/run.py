@@ -73,9 +73,14 @@ def run_pipeline(
             f", dashboard {backend.dashboard_link}" if backend.dashboard_link else "",
         )
         recorder = RunRecorder(graph, plan, progress, pipeline.name)
+        dsk = graph.dsk
+        if backend.fuses_partitions:
+            from .fuse import fuse_partition_chains
+
+            dsk = fuse_partition_chains(dsk, graph.output_keys)
         try:
             with recorder:
-                values = backend.execute(graph.dsk, graph.output_keys, recorder)
+                values = backend.execute(dsk, graph.output_keys, recorder)
         except BaseException:
             _abort_sinks(plan, run_id)
             raise
@@ -167,7 +172,10 @@ class RunRecorder:
     def task_finished(self, key: Hashable, outcome: Any) -> None:
         if type(outcome) is not Outcome:
             return
-        if outcome.value is not None:  # keep the report, not the data: values can be big
+        if outcome.inner:  # a fused task: record the tasks it ran first, by their own keys
+            for inner_key, inner in outcome.inner:
+                self.task_finished(inner_key, inner)
+        if outcome.value is not None or outcome.inner:  # keep the report, not the data: values can be big
             outcome = Outcome(None, outcome.step, outcome.partition, outcome.status, outcome.attempts,
                               outcome.start, outcome.stop, outcome.worker, outcome.error)
         self._records[key] = outcome
@@ -194,6 +202,7 @@ class RunRecorder:
 
     def add_missing(self, outcomes: Mapping[Hashable, Outcome]) -> None:
         for key, outcome in outcomes.items():
+            self.add_missing(dict(outcome.inner or ()))
             if key not in self._records:
                 self._records[key] = outcome
                 self._folded = None

@@ -33,9 +33,9 @@ PLAIN, RAISE, CONTINUE = 0, 1, 2
 class Outcome:
     """A task's value and its report line; ``status`` is one of succeeded/failed/skipped/cached."""
 
-    __slots__ = ("value", "step", "partition", "status", "attempts", "start", "stop", "worker", "error")
+    __slots__ = ("value", "step", "partition", "status", "attempts", "start", "stop", "worker", "error", "inner")
 
-    def __init__(self, value, step, partition, status, attempts, start, stop, worker, error=None):
+    def __init__(self, value, step, partition, status, attempts, start, stop, worker, error=None, inner=None):
         self.value = value
         self.step = step
         self.partition = partition
@@ -45,11 +45,13 @@ class Outcome:
         self.stop = stop
         self.worker = worker
         self.error = error  # a StepFailed (with __cause__) when status is failed
+        # ((key, Outcome), ...) of the tasks a fused task ran before this one (see fuse.py)
+        self.inner = inner
 
     def __reduce__(self):
         # Spelled out: a generator over __slots__ cost 3x more, once per task each way.
         return (Outcome, (self.value, self.step, self.partition, self.status, self.attempts,
-                          self.start, self.stop, self.worker, self.error))
+                          self.start, self.stop, self.worker, self.error, self.inner))
 
     def __repr__(self) -> str:
         return f"<Outcome {self.step}[{self.partition}] {self.status}>"
@@ -110,7 +112,7 @@ def _publish(outcome: Outcome, run_id: str) -> None:
         import pickle
 
         error = pickle.dumps(outcome.error) if outcome.error is not None else None
-        fields = [getattr(outcome, name) for name in Outcome.__slots__[1:-1]]
+        fields = [getattr(outcome, name) for name in Outcome.__slots__[1:8]]
         worker.log_event(f"flowyml-{run_id}", [*fields, error])  # msgpack-able
 
 

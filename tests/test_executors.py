@@ -55,11 +55,15 @@ def _worker_pids(executor) -> set[int]:
 
 
 def test_pool_lives_across_runs_inside_with():
+    def children() -> set[int]:
+        return {p.pid for p in psutil.Process().children(recursive=True)}
+
     with ParallelExecutor(max_workers=2, backend="process") as executor:
+        pool = children()
         first = _worker_pids(executor)
         second = _worker_pids(executor)
-        assert first and first <= {p.pid for p in psutil.Process().children(recursive=True)}
-        assert second <= first  # the same worker processes served both runs
+        assert first | second <= pool  # every task ran in a process started with the pool
+        assert children() == pool  # and no run started another
 
 
 @pytest.mark.parametrize("backend", ["process", "distributed"])

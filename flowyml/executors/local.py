@@ -197,6 +197,7 @@ class ProcessBackend(_PoolBackend):
 
     name = "process"
     pickles = True
+    fuses_partitions = True
 
     def _make_pool(self) -> Executor:
         context = multiprocessing.get_context("spawn")
