@@ -55,7 +55,11 @@ class Block:
 
     @property
     def where(self) -> str:
-        return f"{self.path.relative_to(REPO)}:{self.line}"
+        return f"{_shown(self.path)}:{self.line}"
+
+
+def _shown(path: Path) -> str:
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else path.name
 
 
 def extract_blocks(path: Path) -> list[Block]:
@@ -143,7 +147,7 @@ def _script(blocks: list[Block]) -> tuple[str, dict[int, str]]:
         lines.append(f"# ---- {block.where}")
         for offset, text in enumerate(block.code.splitlines(), start=1):
             lines.append(text)
-            origin[len(lines)] = f"{block.path.relative_to(REPO)}:{block.line + offset}"
+            origin[len(lines)] = f"{_shown(block.path)}:{block.line + offset}"
     return "\n".join(lines) + "\n", origin
 
 
@@ -229,3 +233,41 @@ def test_docstring_examples(module_name: str, tmp_path: Path, monkeypatch: pytes
     flags = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
     result = doctest.testmod(module, optionflags=flags, report=True, verbose=False)
     assert result.failed == 0, f"{result.failed} docstring example(s) of {module_name} failed (output above)"
+
+
+def test_api_reference_covers_every_public_name() -> None:
+    text = (REPO / "docs" / "api.md").read_text(encoding="utf-8")
+    headings = set(re.findall(r"^#{2,4} `([^`]+)`", text, re.M))
+    wanted = (set(flowyml.__all__) - {"__version__"}) | {"flowyml.utils.parallel.parallel_map"}
+    missing = sorted(wanted - headings)
+    assert not missing, f"docs/api.md has no section for {missing}"
+
+
+_LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
+
+
+@pytest.mark.parametrize("path", MARKDOWN, ids=lambda p: str(p.relative_to(REPO)))
+def test_relative_links_point_to_existing_files(path: Path) -> None:
+    targets = [t for t in _LINK.findall(path.read_text(encoding="utf-8")) if not re.match(r"[a-z]+:|#", t)]
+    broken = [t for t in targets if not (path.parent / t.split("#")[0]).exists()]
+    assert not broken, f"{path.relative_to(REPO)} links to missing files: {broken}"
+
+
+def test_mkdocs_nav_lists_every_page() -> None:
+    config = (REPO / "mkdocs.yml").read_text(encoding="utf-8")
+    listed = set(re.findall(r":\s*([\w-]+\.md)\s*$", config, re.M))
+    pages = {p.name for p in (REPO / "docs").glob("*.md")}
+    assert pages <= listed, f"add to mkdocs.yml nav: {sorted(pages - listed)}"
+    assert listed <= pages, f"mkdocs.yml lists missing pages: {sorted(listed - pages)}"
+
+
+def test_a_failing_block_fails_and_the_error_names_its_markdown_line(tmp_path: Path) -> None:
+    # The runner itself: a broken example must not pass silently.
+    page = tmp_path / "broken.md"
+    page.write_text("# t\n\n```python\nx = 1\n```\n\ntext\n\n```python\nassert x == 2, 'wrong x'\n```\n")
+    text, origin = _script(extract_blocks(page))
+    script = tmp_path / "broken_blocks.py"
+    script.write_text(text)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0 and "wrong x" in done.stderr
+    assert "[= broken.md:10]" in _explain(done.stderr, script, origin)
