@@ -84,3 +84,27 @@ def test_notebook_runs_top_to_bottom(path: Path, tmp_path: Path) -> None:
     if path.name.startswith("03"):
         assert re.search(r'href="http://127\.0\.0\.1:\d+/status"', html), "the dashboard link is shown"
         assert (tmp_path / "reports" / "cluster.html").is_file()
+
+
+def _small_pipeline():
+    from flowyml import Pipeline, read_csv, step
+
+    @step(inputs=["trips"], outputs=["clean"], per_partition=True)
+    def clean(trips):
+        return trips
+
+    return Pipeline("shown <here>").add_source("trips", read_csv("data/trips/*.csv")).add_step(clean)
+
+
+@pytest.mark.skipif(__import__("shutil").which("dot") is None, reason="Graphviz's dot is not installed")
+def test_pipeline_displays_as_inline_svg_in_jupyter() -> None:
+    html = _small_pipeline()._repr_html_()
+    assert "<?xml" not in html and "<!DOCTYPE" not in html  # not valid inside an HTML page
+    assert html.count("<svg") == 1 and "</svg>" in html
+    assert "Pipeline shown &lt;here&gt;</strong>: 1 step, 1 source" in html
+
+
+def test_pipeline_displays_as_mermaid_text_without_graphviz(monkeypatch) -> None:
+    monkeypatch.setenv("PATH", "")
+    html = _small_pipeline()._repr_html_()
+    assert "<svg" not in html and "<pre>flowchart LR" in html
