@@ -35,7 +35,8 @@ import flowyml
 
 REPO = Path(__file__).resolve().parent.parent
 MARKDOWN = sorted([REPO / "README.md", *(REPO / "docs").glob("*.md")])
-RUNNABLE = {"python", "bash"}
+#: Info strings that run, and how: anything else (text, yaml, json...) is shown, not run.
+RUNNABLE = {"python": "python", "py": "python", "bash": "bash", "sh": "bash", "shell": "bash"}
 #: At most this many blocks may opt out of being run.
 MAX_SKIPPED = 5
 #: Seconds one file's script (or one bash block) may take.
@@ -74,6 +75,7 @@ def extract_blocks(path: Path) -> list[Block]:
             continue
         fence, start = match["fence"], index
         language = (match["info"].strip().split() or [""])[0].lower()
+        language = RUNNABLE.get(language, language)
         body = []
         index += 1
         while index < len(lines) and not lines[index].strip().startswith(fence):
