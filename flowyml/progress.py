@@ -77,6 +77,27 @@ def _env_int(name: str, default: int) -> int:
     return int(value) if value.isdigit() and int(value) > 0 else default
 
 
+def _bar_class() -> Any:
+    """tqdm's notebook widget in Jupyter when ipywidgets is installed, else its text bar.
+
+    ``tqdm.auto`` would pick the widget class in every kernel and, without
+    ipywidgets, print a ``TqdmWarning`` on every run; Jupyter renders the
+    text bar (carriage returns and all) just as well. Imported here: a
+    disabled display needs no tqdm.
+    """
+    if _in_jupyter_kernel():
+        try:
+            import ipywidgets  # noqa: F401  only probing that widgets can be drawn
+            from tqdm.notebook import tqdm as notebook_tqdm
+        except ImportError:
+            pass
+        else:
+            return notebook_tqdm
+    from tqdm.std import tqdm
+
+    return tqdm
+
+
 def auto_enabled(stream: Any = None) -> bool:
     """Whether a bar should show: ``stream`` (default stderr) is a terminal, or this is Jupyter."""
     return _is_terminal(sys.stderr if stream is None else stream) or _in_jupyter_kernel()
@@ -175,8 +196,7 @@ class Progress:
             self._ticker.start()
 
     def _make_bar(self, file: TextIO | None) -> Any:
-        from tqdm.auto import tqdm  # imported here: a disabled display needs no tqdm
-
+        tqdm = _bar_class()
         options: dict[str, Any] = {
             "total": self.total,
             "desc": self.description or None,
