@@ -14,7 +14,7 @@ running steps in its postfix) in a terminal, or a widget in Jupyter. Where
 nobody is (cron, CI, Airflow logs), it logs one INFO line per finished step
 under the ``flowyml`` logger instead and prints nothing::
 
-    step 'clean' succeeded: 8 partitions in 1.23s
+    step 'clean' succeeded: 8 tasks in 1.23s
 
 Calls are cheap (a lock, a few dict updates, and at most ten redraws a
 second however many tasks finish), so the core may call it for every task.
@@ -129,7 +129,7 @@ class _StepTally:
 def _plural(count: int, expected: int | None) -> str:
     if expected is not None and expected != count:
         return f"{count} of {expected} tasks finished"
-    return "1 task" if count == 1 else f"{count} partitions"
+    return "1 task" if count == 1 else f"{count} tasks"
 
 
 def _step_message(step: str, tally: _StepTally, expected: int | None) -> str:

@@ -51,18 +51,21 @@ def run_pipeline(
     mode = CONTINUE if on_failure == "continue" else RAISE
     started_at = datetime.now(timezone.utc)
     start = time.perf_counter()
+    # Checked before a pool or cluster starts: a typo'd glob or an unpicklable
+    # param should cost nothing to find.
+    source_partitions = _resolve_sources(plan)
+    if executor._impl.pickles:
+        from .pickling import check_picklable
+
+        check_picklable(plan)
     with executor.session() as backend:
         graph = compile_plan(
             plan,
             run_id=run_id,
             mode=mode,
             key_suffix=backend.key_suffix(run_id),
-            source_partitions=_resolve_sources(plan),
+            source_partitions=source_partitions,
         )
-        if backend.pickles:
-            from .pickling import check_picklable
-
-            check_picklable(plan)
         log.info(
             "pipeline %r run %s: %d tasks on backend %r with %d workers%s",
             pipeline.name,
@@ -114,7 +117,13 @@ def run_pipeline(
 
 def _resolve_sources(plan: Plan) -> dict[str, list[Any]]:
     """List every source's partitions before any task starts (a glob matching nothing fails here)."""
-    return {name: value.partitions() for name, value in plan.inputs.items() if is_source(value)}
+    resolved = {}
+    for name, value in plan.inputs.items():
+        if is_source(value):
+            if getattr(value, "name", None) is None:
+                value.name = name  # a source passed to run(inputs=...): errors name the asset
+            resolved[name] = value.partitions()
+    return resolved
 
 
 def _abort_sinks(plan: Plan, run_id: str) -> None:

@@ -57,7 +57,7 @@ def test_run_logs_its_start_each_step_end_and_a_final_line(executor, caplog) -> 
     for name, partitions in (("trips", 3), ("clean", 3)):
         lines = [m for m in messages if m.startswith(f"step {name!r} ")]
         assert len(lines) == 1, (name, messages)
-        assert re.match(rf"step '{name}' succeeded: {partitions} partitions in \d+\.\d\ds$", lines[0])
+        assert re.match(rf"step '{name}' succeeded: {partitions} tasks in \d+\.\d\ds$", lines[0])
     rows_lines = [m for m in messages if m.startswith("step 'rows' ")]
     assert len(rows_lines) == 1 and re.match(r"step 'rows' succeeded: 1 task in \d+\.\d\ds$", rows_lines[0])
 
