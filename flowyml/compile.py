@@ -147,6 +147,7 @@ def _add_step(graph: CompiledGraph, s: Step, plan: Plan, run_id: str, mode: int,
         retries=s.retries,
         retry_delay=s.retry_delay,
         timeout=s.timeout,
+        resources=dict(s.resources) if s.resources else None,
     )
     name = s.name + suffix
 

@@ -740,7 +740,7 @@ def render_html(run: Run, *, extra_html: str | None = None) -> str:
     )
 
 
-def save_report(run: Run, path: str | os.PathLike[str]) -> Path:
+def save_report(run: Run, path: str | os.PathLike[str], *, extra_html: str | None = None) -> Path:
     """Write the run's report to ``path``: ``.html`` (the page) or ``.json`` (the record).
 
     The file is written to a temporary file beside it and moved into place,
@@ -759,7 +759,7 @@ def save_report(run: Run, path: str | os.PathLike[str]) -> Path:
     target = Path(path)
     suffix = target.suffix.lower()
     if suffix == ".html":
-        text = render_html(run)
+        text = render_html(run, extra_html=extra_html)
     elif suffix == ".json":
         # default=str: a stray numpy number or Path in a record must not lose the whole report.
         text = json.dumps(run, indent=2, default=str) + "\n"

@@ -95,6 +95,7 @@ def run_pipeline(
         steps=recorder.step_results(),
         tasks=recorder.task_records(),
         dashboard_link=backend.dashboard_link,
+        extra_report_html=recorder.report_html(),
     )
     if not result.success:
         _abort_sinks(plan, run_id)
@@ -140,6 +141,12 @@ class RunRecorder:
         self._step_of = graph.task_step()
         self._records: dict[Hashable, Outcome] = {}
         self._lock = threading.Lock()
+        self._report_html: list[str] = []
+        # (step, partition) -> key, for outcomes reported without their key
+        self._keys = {
+            (name, key[1] if isinstance(key, tuple) else None): key
+            for key, name in self._step_of.items()
+        }
         counts: dict[str, int] = {}
         for step_name in self._step_of.values():
             counts[step_name] = counts.get(step_name, 0) + 1
@@ -168,18 +175,24 @@ class RunRecorder:
         self._progress.finish(outcome.step, outcome.status)
 
     def task_reported(self, outcome: Outcome) -> None:
-        key = self._key_of(outcome.step, outcome.partition)
-        if key is not None and key not in self._records:
+        # From any thread (distributed: the client's event loop). A repeated
+        # report replaces the record (the backend corrects it after the run)
+        # but counts once in the progress display.
+        key = self._keys.get((outcome.step, outcome.partition))
+        if key is None:
+            return
+        with self._lock:
+            first = key not in self._records
             self._records[key] = outcome
+        if first:
             self._progress.finish(outcome.step, outcome.status)
 
-    def _key_of(self, step: str, partition: int | None) -> Hashable | None:
-        keys = self._graph.step_keys.get(step, [])
-        for key in keys:
-            index = key[1] if isinstance(key, tuple) else None
-            if index == partition:
-                return key
-        return None
+    def add_report_html(self, html: str) -> None:
+        self._report_html.append(html)
+
+    def report_html(self) -> str | None:
+        """Sections the backend added to the HTML report, or None."""
+        return "".join(self._report_html) or None
 
     # -- after the run ------------------------------------------------------------
 

@@ -136,6 +136,7 @@ class StepSpec:
     retries: int = 0
     retry_delay: float = 0.0
     timeout: float | None = None
+    resources: dict[str, float] | None = None  # Dask worker resources (distributed only)
 
 
 def combine(parts: Sequence[Any]) -> Any:

@@ -116,11 +116,13 @@ class ThreadBackend(_PoolBackend):
         return dask.threaded.get(dsk, keys, pool=pool, callbacks=dask_callbacks(hooks), chunksize=1)
 
 
-def initialize_worker() -> None:
+def initialize_worker(log_queue: Any = None, log_level: int = 0) -> None:
     """Runs once in each worker process of the process backend."""
-    from .. import tasks
+    from .. import logs, tasks
 
     tasks.KILLABLE_TIMEOUTS = True
+    if log_queue is not None:  # what steps log or print reaches the driver's log
+        logs.worker_setup(log_queue, log_level)
 
 
 def _ready() -> None:
@@ -140,12 +142,30 @@ class ProcessBackend(_PoolBackend):
     pickles = True
 
     def _make_pool(self) -> Executor:
+        from ..logs import ProcessLogBridge
+
         context = multiprocessing.get_context("spawn")
-        pool = ProcessPoolExecutor(self.max_workers, mp_context=context, initializer=initialize_worker)
+        self._logs = ProcessLogBridge(context)
+        pool = ProcessPoolExecutor(
+            self.max_workers, mp_context=context, initializer=initialize_worker, initargs=self._logs.initargs
+        )
         # Processes start on demand; start them all now, so that inside
         # ``with executor:`` no run pays the start-up (about 0.5 s a process).
         wait([pool.submit(_ready) for _ in range(self.max_workers)])
         return pool
+
+    def close(self) -> None:
+        super().close()
+        bridge, self._logs = getattr(self, "_logs", None), None
+        if bridge is not None:  # after the pool: its workers' last records are in
+            bridge.stop()
+
+    def execute(self, dsk: Mapping, keys: Sequence[Hashable], hooks: RunHooks) -> list[Any]:
+        try:
+            return super().execute(dsk, keys, hooks)
+        finally:
+            if getattr(self, "_logs", None) is not None:
+                self._logs.flush()  # the run's worker log lines are out before it returns
 
     def _get(self, pool, dsk, keys, hooks):
         return dask.multiprocessing.get(
