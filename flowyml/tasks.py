@@ -90,19 +90,24 @@ def _dask_worker() -> Any:
         return None
 
 
-def _publish(outcome: Outcome, run_id: str) -> None:
-    """On a distributed worker, tell the driver how the task went (no value).
+#: Set on distributed workers by the backend's worker plugin: sends events in
+#: batches (``flowyml.executors.distributed.FlowymlPlugin.publish``).
+PUBLISH: Callable[[str, list], None] | None = None
 
-    The event travels on the worker's ordered stream ahead of the task's own
-    completion, so the scheduler has it before the run's results are ready.
-    """
+
+def _publish(outcome: Outcome, run_id: str) -> None:
+    """On a distributed worker, tell the driver how the task went (no value)."""
     worker = getattr(_local, "dask_worker", None)
     if worker is not None:
         import pickle
 
         error = pickle.dumps(outcome.error) if outcome.error is not None else None
         fields = [getattr(outcome, name) for name in Outcome.__slots__[1:-1]]
-        worker.log_event(f"flowyml-{run_id}", [*fields, error])  # msgpack-able
+        event = [*fields, error]  # msgpack-able
+        if PUBLISH is not None:
+            PUBLISH(f"flowyml-{run_id}", event)
+        else:
+            worker.log_event(f"flowyml-{run_id}", event)
 
 
 def outcome_from_event(message: list[Any]) -> Outcome:

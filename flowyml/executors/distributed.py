@@ -56,7 +56,7 @@ from ..exceptions import BackendError, StepFailed, WorkerDiedError
 from ..logs import LOG_TOPIC, forwarding_level, install_forwarding, replay
 from .base import Backend, RunHooks, register
 
-__all__ = ["DistributedBackend", "EVENT_TOPIC", "TaskLogPlugin"]
+__all__ = ["DistributedBackend", "EVENT_TOPIC", "FlowymlPlugin"]
 
 log = logging.getLogger("flowyml")
 
@@ -64,11 +64,20 @@ log = logging.getLogger("flowyml")
 EVENT_TOPIC = "flowyml-{run_id}"
 
 #: The worker plugin's name: registering it again replaces it, never doubles it.
-LOG_PLUGIN = "flowyml-logs"
+PLUGIN_NAME = "flowyml"
+
+#: Seconds a worker holds task events before sending them as one message. Each
+#: event is a message the scheduler handles and forwards; batching keeps that
+#: cost per worker per interval instead of per task, and progress still moves
+#: within this delay.
+FLUSH_DELAY = 0.02
+
+#: Seconds to wait, after the results are in, for the last batches of events.
+CATCH_UP_TIMEOUT = 5.0
 
 
-class TaskLogPlugin(WorkerPlugin):
-    """On every worker: publish what flowyml tasks log or print, per run.
+class FlowymlPlugin(WorkerPlugin):
+    """On every worker: batch task events, and publish what flowyml tasks log or print.
 
     Only records made inside a flowyml task are forwarded (see
     :func:`flowyml.logs.install_forwarding`); the rest of the worker's logging
@@ -78,17 +87,49 @@ class TaskLogPlugin(WorkerPlugin):
     def __init__(self, level: int) -> None:
         self.level = level
         self._uninstall = None
+        self._worker = None
+        self._lock = threading.Lock()
+        self._pending: dict[str, list] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"level": self.level}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["level"])
 
     def setup(self, worker: Any) -> None:
+        from .. import tasks
+
         def send(context, item) -> None:
             worker.log_event(LOG_TOPIC.format(run_id=context.run_id), item)
 
+        self._worker = worker
         self._uninstall = install_forwarding(send, self.level, worker.address)
+        tasks.PUBLISH = self.publish
 
     def teardown(self, worker: Any) -> None:
+        from .. import tasks
+
+        if tasks.PUBLISH == self.publish:
+            tasks.PUBLISH = None
+        self._flush()
         if self._uninstall is not None:
             self._uninstall()
             self._uninstall = None
+
+    def publish(self, topic: str, event: list) -> None:
+        """From a task thread: queue ``event``; the worker's loop sends the batch shortly."""
+        with self._lock:
+            first = not self._pending
+            self._pending.setdefault(topic, []).append(event)
+        if first:
+            self._worker.loop.add_callback(self._worker.loop.call_later, FLUSH_DELAY, self._flush)
+
+    def _flush(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, {}
+        for topic, events in pending.items():
+            self._worker.log_event(topic, events)
 
 
 @register
@@ -138,10 +179,9 @@ class DistributedBackend(Backend):
             self._client = self._given_client
         elif self.address:
             try:
-                self._client = Client(
-                    self.address, security=self.security, set_as_default=False, timeout="30s"
-                )
-            except OSError as exc:
+                # The connect timeout is Dask's (distributed.comm.timeouts.connect, 30 s).
+                self._client = Client(self.address, security=self.security, set_as_default=False)
+            except (OSError, TypeError, ValueError) as exc:  # unreachable, or TLS settings that do not fit
                 raise BackendError(
                     f"cannot reach the Dask scheduler at {self.address!r}: {exc}. Check the "
                     f"address (FLOWYML_SCHEDULER_ADDRESS), that `dask scheduler` is running, "
@@ -160,7 +200,7 @@ class DistributedBackend(Backend):
         try:
             # Idempotent: the same name replaces the plugin on every worker,
             # and workers that join later get it too.
-            self._client.register_plugin(TaskLogPlugin(forwarding_level()), name=LOG_PLUGIN)
+            self._client.register_plugin(FlowymlPlugin(forwarding_level()), name=PLUGIN_NAME)
         except Exception as exc:  # logs are a convenience; the run must not depend on them
             log.warning("worker logs will not reach this process: %s", exc)
         self.dashboard_link = self._client.dashboard_link
@@ -195,10 +235,13 @@ class DistributedBackend(Backend):
         window = _PerformanceWindow(client) if self.performance_report else None
         run.subscribe()
         try:
-            return list(client.get(_graph(dsk, hooks.run_id), list(keys), sync=True))
+            values = list(client.get(_graph(dsk, hooks.run_id), list(keys), sync=True))
+            run.wait_for(len(dsk))  # every task reports once; the last batches may be in flight
+            return values
         except Exception as exc:
             if type(exc).__name__ == "KilledWorker":
-                raise _worker_died(exc, run.suffix) from exc
+                error = _worker_died(exc, run.suffix)
+                raise error from error.__cause__
             raise
         finally:
             run.finish()
@@ -257,6 +300,7 @@ def _worker_died(exc: Exception, suffix: str) -> StepFailed:
         f"crash; see that worker's log). Dask gives up after "
         f"distributed.scheduler.allowed-failures + 1 = {tries} deaths"
     )
+    cause.__cause__ = exc
     error = StepFailed(step, partition, tries, f"WorkerDiedError: {cause}")
     error.__cause__ = cause
     return error
@@ -282,8 +326,10 @@ class _RunEvents:
         self.log_topic = LOG_TOPIC.format(run_id=hooks.run_id)
         self.started = time.time()
         self.received: dict[tuple[str, int | None], Any] = {}
-        self.count = 0
+        self.count = 0  # events received, repeats included (the scheduler counts them too)
         self.closed = False
+        self._expected: int | None = None
+        self._all_in = threading.Event()
 
     def subscribe(self) -> None:
         # Sent on the client's ordered stream ahead of the graph, so no event of
@@ -298,10 +344,24 @@ class _RunEvents:
 
         if self.closed:  # in flight when the run ended: the record is complete without it
             return
-        outcome = outcome_from_event(event[1])
+        message = event[1]
+        batch = message if message and isinstance(message[0], (list, tuple)) else [message]
         self.count += 1
-        self.received[(outcome.step, outcome.partition)] = outcome
-        self.hooks.task_reported(outcome)
+        for item in batch:
+            outcome = outcome_from_event(item)
+            self.received[(outcome.step, outcome.partition)] = outcome
+            self.hooks.task_reported(outcome)
+        if self._expected is not None and len(self.received) >= self._expected:
+            self._all_in.set()
+
+    def wait_for(self, expected: int) -> None:
+        """Wait (briefly) until ``expected`` tasks have reported; the rest is caught up later."""
+        self._expected = expected
+        if len(self.received) >= expected:
+            return
+        if not self._all_in.wait(CATCH_UP_TIMEOUT):
+            log.debug("run %s: %d of %d task events arrived in time", self.hooks.run_id,
+                      len(self.received), expected)
 
     def _on_log(self, event: tuple[float, Any]) -> None:
         replay(event[1])
@@ -330,8 +390,9 @@ class _RunEvents:
     def _catch_up(self, messages: list[Any]) -> None:
         from ..tasks import outcome_from_event
 
-        for message in messages:
-            outcome = outcome_from_event(message)
+        items = [item for m in messages for item in (m if m and isinstance(m[0], (list, tuple)) else [m])]
+        for item in items:
+            outcome = outcome_from_event(item)
             if (outcome.step, outcome.partition) not in self.received:
                 self.received[(outcome.step, outcome.partition)] = outcome
                 self.hooks.task_reported(outcome)
@@ -345,11 +406,13 @@ class _RunEvents:
                 where = _step_of(key, self.suffix)
                 extra[where] = extra.get(where, 0) + 1
             log.warning(
-                "worker %s died during run %s while running %s; Dask recomputed %s on other workers",
+                "worker %s died during run %s while running %s; results lost with it: %s "
+                "(Dask reruns lost tasks on other workers, up to "
+                "distributed.scheduler.allowed-failures times)",
                 event["worker"],
                 self.hooks.run_id,
                 _names(event["processing"], self.suffix) or "nothing of this run",
-                _names(event["processing"] + event["recomputed"], self.suffix),
+                _names(event["recomputed"], self.suffix) or "none",
             )
         for where, count in extra.items():
             outcome = self.received.get(where)
