@@ -18,7 +18,10 @@ distributed scheduler with one setting::
 
 from __future__ import annotations
 
+import logging
+
 from .context import TaskContext, current_task
+from .data import read_csv, read_parquet, write_csv, write_parquet
 from .exceptions import (
     BackendError,
     CycleError,
@@ -39,6 +42,9 @@ from .result import PipelineResult, StepResult, TaskRecord
 from .step import Step, step
 
 __version__ = "0.1.0"
+
+# A library stays silent until the application configures logging.
+logging.getLogger("flowyml").addHandler(logging.NullHandler())
 
 __all__ = [
     "BackendError",
@@ -62,5 +68,9 @@ __all__ = [
     "WorkerDiedError",
     "__version__",
     "current_task",
+    "read_csv",
+    "read_parquet",
     "step",
+    "write_csv",
+    "write_parquet",
 ]

@@ -71,6 +71,9 @@ class Pipeline:
         self.steps: dict[str, Step] = {}
         self.sources: dict[str, Any] = {}
         self._bindings: dict[str, Binding] = {}
+        # asset -> producing step, kept up to date by add_step: rebuilding it for
+        # every added step made building N steps O(N^2) (17 s for 10,000).
+        self._producers: dict[str, str] = {}
 
     def __repr__(self) -> str:
         return f"<Pipeline {self.name!r}: {len(self.steps)} steps, {len(self.sources)} sources>"
@@ -102,6 +105,8 @@ class Pipeline:
         binding = added.bind()
         self.steps[added.name] = added
         self._bindings[added.name] = binding
+        for asset in added.asset_names:
+            self._producers[asset] = added.name
         return self
 
     def add_source(self, name: str, source: Any) -> Pipeline:
@@ -118,8 +123,23 @@ class Pipeline:
         self.sources[name] = source
         return self
 
+    def set_params(self, step_name: str, **params: Any) -> Pipeline:
+        """Change some params of an added step (the CLI's ``--param STEP.KEY=VALUE``)."""
+        if step_name not in self.steps:
+            raise PipelineError(
+                f"pipeline {self.name!r} has no step {step_name!r}; its steps are "
+                f"{', '.join(self.steps) or '(none)'}"
+            )
+        changed = self.steps[step_name].with_options(params={**self.steps[step_name].params, **params})
+        self._bindings[step_name] = changed.bind()
+        self.steps[step_name] = changed
+        return self
+
     def _assets(self) -> dict[str, str]:
-        return {asset: s.name for s in self.steps.values() for asset in s.asset_names}
+        """Asset -> the step that produces it (read-only)."""
+        if len(self._producers) < len(self.steps):  # ``steps`` was filled without add_step
+            self._producers = {asset: s.name for s in self.steps.values() for asset in s.asset_names}
+        return self._producers
 
     def _check_names(self, new: Step) -> None:
         if new.name in self.steps:
@@ -273,6 +293,51 @@ class Pipeline:
         return to_delayed(compile_plan(plan, run_id="delayed", mode=PLAIN), plan)
 
     # -- pictures -------------------------------------------------------------------
+
+    def to_mermaid(self) -> str:
+        """The step graph as a Mermaid ``flowchart`` (renders on GitHub and in many docs tools)."""
+        from .visualize import to_mermaid
+
+        return to_mermaid(*self.graph_description())
+
+    def to_dot(self) -> str:
+        """The step graph in Graphviz DOT."""
+        from .visualize import to_dot
+
+        return to_dot(*self.graph_description(), name=self.name)
+
+    def visualize(self, path: str | os.PathLike[str] | None = None) -> str:
+        """The step graph as SVG, drawn by Graphviz's ``dot``; written to ``path`` if given.
+
+        Without Graphviz installed this raises a :class:`FlowymlError` that says how
+        to install it; :meth:`to_mermaid` needs nothing.
+        """
+        from .visualize import render_svg
+
+        svg = render_svg(self.to_dot())
+        if path is not None:
+            with open(path, "w", encoding="utf-8") as stream:
+                stream.write(svg)
+        return svg
+
+    def _repr_html_(self) -> str:
+        """Jupyter shows the graph (SVG where Graphviz is installed, else the Mermaid text)."""
+        import html
+
+        from .exceptions import FlowymlError
+
+        try:
+            svg = self.visualize()
+            # Inline SVG in HTML takes no XML prolog or DOCTYPE: keep from <svg on.
+            picture = svg[svg.find("<svg"):]
+        except FlowymlError:
+            picture = f"<pre>{html.escape(self.to_mermaid())}</pre>"
+        counts = [f"{n} {word}{'s' if n != 1 else ''}"
+                  for n, word in ((len(self.steps), "step"), (len(self.sources), "source")) if n]
+        return (
+            f"<div><div><strong>Pipeline {html.escape(self.name)}</strong>: "
+            f"{', '.join(counts) or 'no steps'}</div>{picture}</div>"
+        )
 
     def graph_description(self) -> tuple[list[dict[str, Any]], list[tuple[str, str, str]]]:
         """Nodes and edges of the step graph (for :mod:`flowyml.visualize`)."""

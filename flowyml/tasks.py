@@ -14,10 +14,9 @@ import os
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
-from .context import TaskContext, running
+from .context import TaskContext, _current, running
 from .exceptions import FlowymlError, StepFailed, StepTimeoutError
 
 __all__ = ["Outcome", "StepSpec", "StepTask", "SourceTask", "ValueTask", "FinalizeTask"]
@@ -34,9 +33,9 @@ PLAIN, RAISE, CONTINUE = 0, 1, 2
 class Outcome:
     """A task's value and its report line; ``status`` is one of succeeded/failed/skipped/cached."""
 
-    __slots__ = ("value", "step", "partition", "status", "attempts", "start", "stop", "worker", "error")
+    __slots__ = ("value", "step", "partition", "status", "attempts", "start", "stop", "worker", "error", "inner")
 
-    def __init__(self, value, step, partition, status, attempts, start, stop, worker, error=None):
+    def __init__(self, value, step, partition, status, attempts, start, stop, worker, error=None, inner=None):
         self.value = value
         self.step = step
         self.partition = partition
@@ -46,9 +45,13 @@ class Outcome:
         self.stop = stop
         self.worker = worker
         self.error = error  # a StepFailed (with __cause__) when status is failed
+        # ((key, Outcome), ...) of the tasks a fused task ran before this one (see fuse.py)
+        self.inner = inner
 
     def __reduce__(self):
-        return (Outcome, tuple(getattr(self, name) for name in Outcome.__slots__))
+        # Spelled out: a generator over __slots__ cost 3x more, once per task each way.
+        return (Outcome, (self.value, self.step, self.partition, self.status, self.attempts,
+                          self.start, self.stop, self.worker, self.error, self.inner))
 
     def __repr__(self) -> str:
         return f"<Outcome {self.step}[{self.partition}] {self.status}>"
@@ -56,7 +59,15 @@ class Outcome:
 
 # -- where am I running -----------------------------------------------------------
 
-_local = threading.local()
+class _Lane(threading.local):
+    """Per thread: the lane's label and the Dask worker it belongs to (if any), found once."""
+
+    label: str | None = None
+    dask_worker: Any = None
+
+
+_local = _Lane()
+_now = time.time
 #: Set by the process backend's pool initializer: an attempt with a timeout may
 #: then run in a child process that is killed when it overruns.
 KILLABLE_TIMEOUTS = False
@@ -64,7 +75,7 @@ KILLABLE_TIMEOUTS = False
 
 def worker_label() -> str:
     """A stable name for the lane this task runs in (thread, process or Dask worker)."""
-    label = getattr(_local, "label", None)
+    label = _local.label
     if label is None:
         _local.dask_worker = _dask_worker()
         if _local.dask_worker is not None:
@@ -90,8 +101,8 @@ def _dask_worker() -> Any:
         return None
 
 
-#: Set on distributed workers by the backend's worker plugin: sends events in
-#: batches (``flowyml.executors.distributed.FlowymlPlugin.publish``).
+#: Set on distributed workers by the backend's worker plugin, which sends events
+#: in batches (``flowyml.executors.distributed.FlowymlPlugin.publish``).
 PUBLISH: Callable[[str, list], None] | None = None
 
 
@@ -102,7 +113,7 @@ def _publish(outcome: Outcome, run_id: str) -> None:
         import pickle
 
         error = pickle.dumps(outcome.error) if outcome.error is not None else None
-        fields = [getattr(outcome, name) for name in Outcome.__slots__[1:-1]]
+        fields = [getattr(outcome, name) for name in Outcome.__slots__[1:8]]
         event = [*fields, error]  # msgpack-able
         if PUBLISH is not None:
             PUBLISH(f"flowyml-{run_id}", event)
@@ -126,22 +137,58 @@ def outcome_from_event(message: list[Any]) -> Outcome:
 ArgSpec = tuple[int | None, bool]
 
 
-@dataclass(frozen=True, eq=False)
 class StepSpec:
-    """Everything a task needs to call one step, shared by all its partitions."""
+    """Everything a task needs to call one step, shared by all its partitions.
 
-    name: str
-    func: Callable[..., Any]
-    params: dict[str, Any]
-    positional: tuple[int, ...]  # indexes into the inputs
-    keyword: tuple[tuple[str, int], ...]
-    varargs: tuple[int, ...]
-    args: tuple[ArgSpec, ...]  # one per input, in the step's inputs order
-    outputs: tuple[str, ...] | None  # None or one name: the whole value
-    retries: int = 0
-    retry_delay: float = 0.0
-    timeout: float | None = None
-    resources: dict[str, float] | None = None  # Dask worker resources (distributed only)
+    Read-only by convention. A slotted class with a positional ``__reduce__``
+    rather than a frozen dataclass: one is built per step per run and pickled
+    with every task on the process backend, where a dataclass cost about ten
+    times more to build and to pickle.
+    """
+
+    __slots__ = ("name", "func", "params", "positional", "keyword", "varargs", "args", "outputs",
+                 "retries", "retry_delay", "timeout", "resources", "order", "in_order", "whole")
+
+    def __init__(
+        self,
+        name: str,
+        func: Callable[..., Any],
+        params: dict[str, Any],
+        positional: tuple[int, ...],  # indexes into the inputs
+        keyword: tuple[tuple[str, int], ...],
+        varargs: tuple[int, ...],
+        args: tuple[ArgSpec, ...],  # one per input, in the step's inputs order
+        outputs: tuple[str, ...] | None,  # None or one name: the whole value
+        retries: int = 0,
+        retry_delay: float = 0.0,
+        timeout: float | None = None,
+        resources: dict[str, float] | None = None,  # Dask worker resources (distributed only)
+    ) -> None:
+        self.name = name
+        self.func = func
+        self.params = params
+        self.positional = positional
+        self.keyword = keyword
+        self.varargs = varargs
+        self.args = args
+        self.outputs = outputs
+        self.retries = retries
+        self.retry_delay = retry_delay
+        self.timeout = timeout
+        self.resources = resources
+        # Derived once here rather than per call: the inputs passed positionally
+        # (leading parameters, then *args), and whether the value is the asset as is.
+        self.order = positional + varargs
+        self.in_order = self.order == tuple(range(len(args)))  # then the inputs are the args as is
+        self.whole = outputs is None or len(outputs) == 1
+
+    def __reduce__(self):
+        return (StepSpec, (self.name, self.func, self.params, self.positional, self.keyword,
+                           self.varargs, self.args, self.outputs, self.retries, self.retry_delay,
+                           self.timeout, self.resources))
+
+    def __repr__(self) -> str:
+        return f"StepSpec({self.name!r}, {getattr(self.func, '__qualname__', self.func)!r})"
 
 
 def combine(parts: Sequence[Any]) -> Any:
@@ -164,7 +211,7 @@ class _Upstream(Exception):
 
 def _unwrap(value: Any) -> Any:
     if type(value) is Outcome:
-        if value.status in (FAILED, SKIPPED):
+        if value.status == FAILED or value.status == SKIPPED:
             raise _Upstream(value.step)
         return value.value
     return value
@@ -193,8 +240,10 @@ class _TaskBase:
             raise error
         if self.mode == PLAIN:
             return value
-        outcome = Outcome(value, step, partition, status, attempts, start, time.time(), worker_label(), error)
-        _publish(outcome, self.run_id)
+        label = getattr(_local, "label", None) or worker_label()
+        outcome = Outcome(value, step, partition, status, attempts, start, _now(), label, error)
+        if _local.dask_worker is not None:
+            _publish(outcome, self.run_id)
         return outcome
 
 
@@ -217,38 +266,46 @@ class StepTask(_TaskBase):
 
     def __call__(self, *raw: Any) -> Any:
         spec = self.spec
-        start = time.time()
-        try:
-            inputs = [_argument(value, arg) for value, arg in zip(raw, spec.args)]
-        except _Upstream:
-            return self._report(None, spec.name, self.partition, SKIPPED, 0, start)
-        attempt = 0
+        start = _now()
+        inputs: Sequence[Any] = raw
+        if raw:
+            try:
+                inputs = [_argument(value, arg) for value, arg in zip(raw, spec.args)]
+            except _Upstream:
+                return self._report(None, spec.name, self.partition, SKIPPED, 0, start)
+        attempt = 1
         while True:
-            attempt += 1
             try:
                 value = self._attempt(inputs, attempt)
-                return self._report(value, spec.name, self.partition, SUCCEEDED, attempt, start)
             except Exception as exc:  # the user's code failed: retry or report
                 if attempt <= spec.retries:
+                    attempt += 1
                     if spec.retry_delay:
                         time.sleep(spec.retry_delay)
                     continue
                 error = _step_failed(spec.name, self.partition, attempt, exc)
                 return self._report(None, spec.name, self.partition, FAILED, attempt, start, error)
+            return self._report(value, spec.name, self.partition, SUCCEEDED, attempt, start)
 
-    def _attempt(self, inputs: list[Any], attempt: int) -> Any:
+    def _attempt(self, inputs: Sequence[Any], attempt: int) -> Any:
         spec = self.spec
-        args = [inputs[i] for i in spec.positional] + [inputs[i] for i in spec.varargs]
-        kwargs = {name: inputs[i] for name, i in spec.keyword}
-        if spec.params:
+        args = inputs if spec.in_order else [inputs[i] for i in spec.order]
+        if spec.keyword:
+            kwargs = {name: inputs[i] for name, i in spec.keyword}
             kwargs.update(spec.params)
+        else:
+            kwargs = spec.params  # ``**kwargs`` copies it: the function cannot change the spec
         context = TaskContext(spec.name, self.partition, attempt, self.run_id)
-        with running(context):
-            if spec.timeout is None:
+        if spec.timeout is not None:
+            value = call_with_timeout(spec.func, list(args), dict(kwargs), spec.timeout, context)
+        else:
+            # ``running(context)`` inlined: its generator cost a microsecond a task.
+            token = _current.set(context)
+            try:
                 value = spec.func(*args, **kwargs)
-            else:
-                value = call_with_timeout(spec.func, args, kwargs, spec.timeout, context)
-        return _split_outputs(spec, value)
+            finally:
+                _current.reset(token)
+        return value if spec.whole else _split_outputs(spec, value)
 
 
 def _split_outputs(spec: StepSpec, value: Any) -> Any:

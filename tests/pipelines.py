@@ -94,3 +94,61 @@ def burn(n: int) -> int:
 
 def add(a, b):
     return a + b
+
+
+@step
+def touch(path):
+    """A step with a visible side effect: proves whether anything ran."""
+    with open(path, "w") as stream:
+        stream.write("ran")
+    return path
+
+
+# -- partitioned data ------------------------------------------------------------
+
+import pandas as pd  # noqa: E402
+
+
+@step(inputs=["trips"], outputs=["clean"], per_partition=True)
+def clean(trips):
+    return trips.dropna(subset=["fare"])
+
+
+@step(inputs=["clean"], outputs=["fare_by_zone"])
+def fare_by_zone(clean):
+    return clean.groupby("pickup_zone")["fare"].mean()
+
+
+@step(inputs=["clean"], outputs=["rows_per_partition"], per_partition=True)
+def count_rows(clean):
+    return len(clean)
+
+
+@step(inputs=["clean"], outputs=["tagged"], per_partition=True)
+def tag_partition(clean):
+    from flowyml import current_task
+
+    return clean.assign(partition=current_task().partition)
+
+
+@step(inputs=["clean"], outputs=["checked"], per_partition=True)
+def fail_on_partition(clean, bad=1):
+    from flowyml import current_task
+
+    if current_task().partition == bad:
+        raise RuntimeError(f"partition {bad} is bad")
+    return clean
+
+
+def trips_pipeline(source, output=None) -> Pipeline:
+    from flowyml import write_parquet
+
+    pipeline = Pipeline("trips").add_source("trips", source).add_step(clean).add_step(fare_by_zone)
+    if output is not None:
+        pipeline.add_step(write_parquet(output, input="clean"))
+    return pipeline
+
+
+def pandas_fare_by_zone(frames: list[pd.DataFrame]) -> pd.Series:
+    whole = pd.concat(frames)
+    return whole.dropna(subset=["fare"]).groupby("pickup_zone")["fare"].mean()

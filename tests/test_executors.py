@@ -55,11 +55,15 @@ def _worker_pids(executor) -> set[int]:
 
 
 def test_pool_lives_across_runs_inside_with():
+    def children() -> set[int]:
+        return {p.pid for p in psutil.Process().children(recursive=True)}
+
     with ParallelExecutor(max_workers=2, backend="process") as executor:
+        pool = children()
         first = _worker_pids(executor)
         second = _worker_pids(executor)
-        assert first and first <= {p.pid for p in psutil.Process().children(recursive=True)}
-        assert second <= first  # the same worker processes served both runs
+        assert first | second <= pool  # every task ran in a process started with the pool
+        assert children() == pool  # and no run started another
 
 
 @pytest.mark.parametrize("backend", ["process", "distributed"])
@@ -82,3 +86,30 @@ def test_distributed_local_cluster_is_local_and_has_a_dashboard():
         result = pipelines.parallel_processing(2).run(executor=executor, progress=False)
         assert all(t.worker.startswith("tcp://127.0.0.1:") for t in result.tasks)
         assert len({t.worker for t in result.tasks}) >= 1
+
+
+SCRIPT = """
+from flowyml import Pipeline, ParallelExecutor, step
+
+@step
+def square(x):
+    return x * x
+
+pipeline = Pipeline("script")
+for i in range(4):
+    pipeline.add_step(square, name=f"square_{i}", params={"x": i})
+result = pipeline.run(executor=ParallelExecutor(max_workers=2, backend="process"), progress=False)
+print(sorted(result.outputs.values()))
+"""
+
+
+def test_script_without_main_guard_runs_on_process(tmp_path):
+    """Workers do not re-run the user's script (which would start the pipeline again)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "job.py"
+    script.write_text(SCRIPT)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[0, 1, 4, 9]"

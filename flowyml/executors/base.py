@@ -43,6 +43,9 @@ class Backend:
 
     name: ClassVar[str]
     pickles: ClassVar[bool] = False
+    #: Fuse straight per-partition chains into one task each (see ``fuse.py``):
+    #: for schedulers that send every task result back through one process.
+    fuses_partitions: ClassVar[bool] = False
 
     def __init__(self, max_workers: int | None = None, **options: Any) -> None:
         self.max_workers = max_workers or os.cpu_count() or 1

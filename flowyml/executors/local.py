@@ -9,10 +9,14 @@ batching several into one submission would serialize them on one worker.
 from __future__ import annotations
 
 import multiprocessing
-from collections.abc import Hashable, Mapping, Sequence
+import pickle
+import sys
+from collections.abc import Hashable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from typing import Any
 
+import cloudpickle
 import dask.local
 import dask.multiprocessing
 import dask.threaded
@@ -25,11 +29,13 @@ __all__ = ["ProcessBackend", "SyncBackend", "ThreadBackend"]
 def dask_callbacks(hooks: RunHooks) -> list[tuple]:
     """Dask local-scheduler callbacks (start, start_state, pretask, posttask, finish)."""
 
+    started, finished = hooks.task_started, hooks.task_finished  # looked up once, not per task
+
     def pretask(key, dsk, state):
-        hooks.task_started(key)
+        started(key)
 
     def posttask(key, result, dsk, state, worker_id):
-        hooks.task_finished(key, result)
+        finished(key, result)
 
     return [(None, None, pretask, posttask, None)]
 
@@ -116,17 +122,70 @@ class ThreadBackend(_PoolBackend):
         return dask.threaded.get(dsk, keys, pool=pool, callbacks=dask_callbacks(hooks), chunksize=1)
 
 
-def initialize_worker(log_queue: Any = None, log_level: int = 0) -> None:
+def initialize_worker(ready: Any = None, log_queue: Any = None, log_level: int = 0) -> None:
     """Runs once in each worker process of the process backend."""
     from .. import logs, tasks
 
     tasks.KILLABLE_TIMEOUTS = True
     if log_queue is not None:  # what steps log or print reaches the driver's log
         logs.worker_setup(log_queue, log_level)
+    if ready is not None:
+        ready.put(None)  # tell the parent this process is up
+
+
+@contextmanager
+def _main_module_hidden() -> Iterator[None]:
+    """Start worker processes without re-running the user's script in each.
+
+    A spawned process normally re-imports ``__main__`` from its file, so a
+    script without an ``if __name__ == "__main__":`` guard would run its
+    pipeline again in every worker (and fail). flowyml's tasks never need the
+    main module there: cloudpickle sends functions and classes defined in
+    ``__main__`` by value. So while the processes start, the main module shows
+    no file for ``multiprocessing`` to re-import; a notebook already shows none.
+    """
+    main = sys.modules.get("__main__")
+    saved = {name: main.__dict__[name] for name in ("__file__", "__spec__") if main and name in main.__dict__}
+    try:
+        for name in saved:
+            if name == "__spec__":
+                main.__spec__ = None
+            else:
+                del main.__dict__[name]
+        yield
+    finally:
+        if main is not None:
+            main.__dict__.update(saved)
 
 
 def _ready() -> None:
     """A no-op task: submitting one per worker starts every process."""
+
+
+def dumps(value: Any) -> bytes:
+    """Serialize a task or a result for the process pool: ``pickle``, else ``cloudpickle``.
+
+    Dask's multiprocessing scheduler uses cloudpickle for everything, whose
+    Python-level hook runs for every object and looks up every class and
+    function by name: about half the pickling cost of a small task. Plain
+    ``pickle`` is right whenever everything is importable by the workers; what
+    is not (functions or classes from ``__main__``, a notebook, a module
+    registered with ``cloudpickle.register_pickle_by_value``, lambdas, closures)
+    either fails to pickle or names its module in the bytes, and goes to
+    cloudpickle, by value. ``distributed`` serializes the same way.
+    """
+    try:
+        data = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception:
+        return cloudpickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+    if b"__main__" in data or _names_by_value_module(data):
+        return cloudpickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+    return data
+
+
+def _names_by_value_module(data: bytes) -> bool:
+    registry = cloudpickle.list_registry_pickle_by_value()
+    return bool(registry) and any(name.encode() in data for name in registry)
 
 
 @register
@@ -140,18 +199,26 @@ class ProcessBackend(_PoolBackend):
 
     name = "process"
     pickles = True
+    fuses_partitions = True
 
     def _make_pool(self) -> Executor:
         from ..logs import ProcessLogBridge
 
         context = multiprocessing.get_context("spawn")
+        ready = context.SimpleQueue()
         self._logs = ProcessLogBridge(context)
         pool = ProcessPoolExecutor(
-            self.max_workers, mp_context=context, initializer=initialize_worker, initargs=self._logs.initargs
+            self.max_workers, mp_context=context, initializer=initialize_worker,
+            initargs=(ready, *self._logs.initargs),
         )
-        # Processes start on demand; start them all now, so that inside
-        # ``with executor:`` no run pays the start-up (about 0.5 s a process).
-        wait([pool.submit(_ready) for _ in range(self.max_workers)])
+        # Processes start on demand; start them all now and wait until each has
+        # run its initializer, so that inside ``with executor:`` no run pays the
+        # start-up (about 0.5 s a process) and the first tasks spread over all.
+        with _main_module_hidden():
+            futures = [pool.submit(_ready) for _ in range(self.max_workers)]
+        for _ in range(self.max_workers):
+            ready.get()
+        wait(futures)
         return pool
 
     def close(self) -> None:
@@ -175,4 +242,6 @@ class ProcessBackend(_PoolBackend):
             chunksize=1,
             optimize_graph=False,  # keep one task per step/partition: keys stay step names
             callbacks=dask_callbacks(hooks),
+            func_dumps=dumps,
+            func_loads=cloudpickle.loads,
         )

@@ -1,0 +1,271 @@
+"""Partitioned data: throughput against dask.dataframe, and streaming memory.
+
+::
+
+    python bench/partitions.py            # both parts (generates data in bench/_data once)
+    python bench/partitions.py --quick    # smaller data sets, fewer repeats
+    python bench/partitions.py --part throughput
+    python bench/partitions.py --part memory
+
+Throughput: the README job (clean per partition, aggregate per partition,
+combine) on 8 generated monthly files, for CSV and Parquet, on every
+backend, against the same job written by hand with ``dask.dataframe`` on the
+same scheduler in the same run (same reused process pool, same
+LocalCluster). Prints seconds and the ratio flowyml / dask.dataframe.
+
+Memory: a per-partition chain ending in ``write_parquet`` over generated CSV
+data sets of 0.5 GB and 2 GB with ``blocksize="64MB"`` on 2 process workers;
+prints the peak resident memory of the driver plus its workers, sampled every
+20 ms. Streaming means the two peaks are about equal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import shutil
+import statistics
+import sys
+import threading
+import time
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from pathlib import Path
+
+import pandas as pd
+import psutil
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+
+from datagen import make_csv_dataset, make_parquet_dataset  # noqa: E402
+
+from flowyml import ParallelExecutor, Pipeline, read_csv, read_parquet, step, write_parquet  # noqa: E402
+
+DATA = HERE / "_data"
+BACKENDS = ["sync", "thread", "process", "distributed"]
+
+
+# -- the job, as flowyml steps -----------------------------------------------------
+
+
+@step(inputs=["trips"], outputs=["clean"], per_partition=True)
+def clean(trips):
+    trips = trips.dropna(subset=["fare"])
+    return trips[trips["fare"] > 0]
+
+
+@step(inputs=["clean"], outputs=["partial"], per_partition=True)
+def partial(clean):
+    return clean.groupby("pickup_zone")["fare"].agg(["sum", "count"])
+
+
+@step(inputs=["partial"], outputs=["fare_by_zone"])
+def combine(partial):
+    totals = partial.groupby(level=0).sum()
+    return totals["sum"] / totals["count"]
+
+
+def flowyml_job(source) -> Pipeline:
+    return Pipeline("throughput").add_source("trips", source).add_step(clean).add_step(partial).add_step(combine)
+
+
+#: Both sides read only the columns the job uses, as a user would ask for:
+#: dask.dataframe's optimizer would prune the others anyway.
+COLUMNS = ["pickup_zone", "fare"]
+
+
+def flowyml_source(files: list[str], fmt: str):
+    return read_csv(files, usecols=COLUMNS) if fmt == "csv" else read_parquet(files, columns=COLUMNS)
+
+
+def dask_job(files: list[str], fmt: str):
+    import dask.dataframe as dd
+
+    if fmt == "csv":
+        frame = dd.read_csv(files, blocksize=None, usecols=COLUMNS)
+    else:
+        frame = dd.read_parquet(files, columns=COLUMNS)
+    frame = frame.dropna(subset=["fare"])
+    frame = frame[frame["fare"] > 0]
+    totals = frame.groupby("pickup_zone")["fare"].agg(["sum", "count"])
+    return totals["sum"] / totals["count"]
+
+
+# -- throughput --------------------------------------------------------------------
+
+
+def dataset(kind: str, size: str, files: int) -> list[str]:
+    folder = DATA / f"{kind}_{size}_{files}"
+    marker = folder / ".complete"
+    if not marker.exists():
+        shutil.rmtree(folder, ignore_errors=True)
+        print(f"generating {kind} data set of {size} in {files} files ...", flush=True)
+        make = make_csv_dataset if kind == "csv" else make_parquet_dataset
+        make(folder, size, files=files)
+        marker.write_text("ok")
+    suffix = ".csv" if kind == "csv" else ".parquet"
+    return sorted(str(p) for p in folder.iterdir() if p.suffix == suffix)
+
+
+class DaskScheduler:
+    """The raw-Dask side's scheduler, sharing pools and cluster with flowyml's."""
+
+    def __init__(self, backend: str, executor: ParallelExecutor, workers: int) -> None:
+        self.backend = backend
+        self.pool = None
+        if backend == "thread":
+            self.pool = ThreadPoolExecutor(workers)
+        elif backend == "process":
+            self.pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+        self.client = executor._impl.client if backend == "distributed" else None
+
+    def compute(self, collection):
+        import dask
+
+        if self.backend == "sync":
+            return dask.compute(collection, scheduler="sync")[0]
+        if self.backend == "thread":
+            return dask.compute(collection, scheduler="threads", pool=self.pool)[0]
+        if self.backend == "process":
+            return dask.compute(collection, scheduler="processes", pool=self.pool, chunksize=1)[0]
+        return self.client.compute(collection, sync=True)
+
+    def close(self):
+        if self.pool is not None:
+            self.pool.shutdown()
+
+
+def timed(func, repeats: int) -> tuple[float, object]:
+    times, value = [], None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        value = func()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), value
+
+
+def throughput(quick: bool, workers: int) -> list[tuple]:
+    rows = []
+    size, repeats = ("120MB", 2) if quick else ("240MB", 3)
+    inputs = {"csv": dataset("csv", size, 8), "parquet": dataset("parquet", size, 8)}
+    print(f"\n== throughput: 8 files, {size} of CSV ({sum(os.path.getsize(f) for f in inputs['csv']) / 1e6:.0f} MB), "
+          f"median of {repeats}, {workers} workers")
+    for backend in BACKENDS:
+        with ParallelExecutor(max_workers=workers, backend=backend) as executor:
+            raw = DaskScheduler(backend, executor, workers)
+            try:
+                for fmt, files in inputs.items():
+                    pipeline = flowyml_job(flowyml_source(files, fmt))
+                    collection = dask_job(files, fmt)
+                    raw.compute(collection)  # warm both sides once (imports in workers)
+                    pipeline.run(executor=executor, progress=False)
+                    ours, result = timed(lambda: pipeline.run(executor=executor, progress=False), repeats)
+                    theirs, expected = timed(lambda: raw.compute(collection), repeats)
+                    pd.testing.assert_series_equal(
+                        result["fare_by_zone"].sort_index(), expected.sort_index(),
+                        check_names=False, check_exact=False,
+                    )
+                    rows.append((backend, fmt, ours, theirs, ours / theirs))
+                    print(f"{backend:12s} {fmt:8s} flowyml {ours:7.2f}s  dask.dataframe {theirs:7.2f}s  "
+                          f"ratio {ours / theirs:5.2f}", flush=True)
+            finally:
+                raw.close()
+    return rows
+
+
+# -- memory ------------------------------------------------------------------------
+
+
+@step(inputs=["clean"], outputs=["enriched"], per_partition=True)
+def enrich(clean):
+    return clean.assign(
+        fare_per_km=clean["fare"] / clean["distance_km"].where(clean["distance_km"] > 0),
+        tip_share=clean["tip"] / clean["fare"],
+    )
+
+
+class PeakMemory:
+    """Samples the resident memory of this process and all its children."""
+
+    def __init__(self, interval: float = 0.02) -> None:
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> int:
+        me = psutil.Process()
+        total = me.memory_info().rss
+        for child in me.children(recursive=True):
+            try:
+                total += child.memory_info().rss
+            except psutil.Error:
+                pass
+        return total
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._sample())
+            self._stop.wait(self.interval)
+
+    def __enter__(self):
+        self.peak = self._sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def memory(quick: bool, workers: int) -> list[tuple]:
+    sizes = ["250MB", "1GB"] if quick else ["500MB", "2GB"]
+    print(f"\n== memory: per-partition chain to write_parquet, blocksize=64MB, {workers} process workers")
+    rows = []
+    for size in sizes:
+        files = dataset("csv", size, 8)
+        out = DATA / "out_memory"
+        pipeline = (
+            Pipeline("streaming")
+            .add_source("trips", read_csv(files, blocksize="64MB"))
+            .add_step(clean)
+            .add_step(enrich)
+            .add_step(write_parquet(out, input="enriched"))
+        )
+        with ParallelExecutor(max_workers=workers, backend="process") as executor:
+            with PeakMemory() as baseline:
+                time.sleep(0.2)  # the idle pool: what the run adds is measured on top of it
+            with PeakMemory() as peak:
+                start = time.perf_counter()
+                result = pipeline.run(executor=executor, progress=False)
+                elapsed = time.perf_counter() - start
+        data_bytes = sum(os.path.getsize(f) for f in files)
+        partitions = result.steps["clean"].partitions
+        rows.append((size, data_bytes, partitions, baseline.peak, peak.peak, elapsed))
+        print(f"{size:>6s}: {data_bytes / 1e9:5.2f} GB in {partitions:3d} partitions, "
+              f"idle {baseline.peak / 1e6:6.0f} MB, peak {peak.peak / 1e6:6.0f} MB, {elapsed:6.1f}s", flush=True)
+        shutil.rmtree(out, ignore_errors=True)
+    small, large = rows[0][4], rows[-1][4]
+    print(f"peak ratio {sizes[-1]} / {sizes[0]}: {large / small:.2f} (target <= 1.25); "
+          f"largest peak {large / 1e9:.2f} GB (target < 1.5 GB)")
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smaller data sets, fewer repeats")
+    parser.add_argument("--part", choices=["throughput", "memory", "all"], default="all")
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args(argv)
+    print(f"python {sys.version.split()[0]}, {os.cpu_count()} cores")
+    if args.part in ("throughput", "all"):
+        throughput(args.quick, args.workers)
+    if args.part in ("memory", "all"):
+        memory(args.quick, args.workers)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,5 @@
+"""``python -m flowyml`` is the ``flowyml`` command."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,133 @@
+"""Fuse straight per-partition chains into one task per partition (process backend).
+
+Dask's multiprocessing scheduler returns every task's result to the parent
+process and sends it back out to the next task. For a chain such as
+``read -> clean -> enrich -> write`` that would move every partition through
+the parent twice per step. Fused, partition *i* of the whole chain is one
+task that runs in one worker and sends back only what leaves the chain (the
+written path, a small aggregate).
+
+A task is fused into its consumer when both are partition tasks (``(name,
+i)`` keys), it is not a requested output, and the consumer is its only user,
+by direct argument. The fused task keeps the consumer's key, and its result
+carries the report lines of the tasks it absorbed (``Outcome.inner``), so
+the run report and step statuses stay per step and per partition.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Iterable
+from typing import Any
+
+from .tasks import Outcome
+
+__all__ = ["FusedTask", "fuse_partition_chains"]
+
+Key = Hashable
+
+
+class FusedTask:
+    """Run several tasks of one partition in a row, inside one worker.
+
+    ``calls`` holds ``(callable, refs)`` in order; a ref ``r >= 0`` is the
+    fused task's ``r``-th argument, ``r < 0`` the result of call ``-r - 1``.
+    """
+
+    __slots__ = ("keys", "calls")
+
+    def __init__(self, keys: tuple[Key, ...], calls: tuple[tuple[Any, tuple[int, ...]], ...]) -> None:
+        self.keys = keys
+        self.calls = calls
+
+    def __reduce__(self):
+        return (FusedTask, (self.keys, self.calls))
+
+    def __repr__(self) -> str:
+        return f"FusedTask({' -> '.join(map(str, self.keys))})"
+
+    def __call__(self, *arguments: Any) -> Any:
+        results: list[Any] = []
+        for func, refs in self.calls:
+            results.append(func(*[arguments[r] if r >= 0 else results[-r - 1] for r in refs]))
+        last = results[-1]
+        if type(last) is Outcome:
+            inner = []
+            for key, outcome in zip(self.keys, results[:-1]):
+                if type(outcome) is Outcome:
+                    inner.extend(outcome.inner or ())
+                    outcome.value = None  # only the report line goes back to the parent
+                    outcome.inner = None
+                    inner.append((key, outcome))
+            last.inner = (*(last.inner or ()), *inner)
+        return last
+
+
+def fuse_partition_chains(dsk: dict[Key, Any], keep: Iterable[Key]) -> dict[Key, Any]:
+    """A copy of ``dsk`` with straight per-partition chains fused; ``keep`` are never absorbed."""
+    keep = set(keep)
+    users: dict[Key, int] = {}
+    direct_user: dict[Key, Key] = {}
+    for key, task in dsk.items():
+        for argument in task[1:]:
+            if isinstance(argument, list):
+                for item in argument:
+                    if item in dsk:
+                        users[item] = users.get(item, 0) + 2  # used whole: never fused
+            elif _is_key(argument, dsk):
+                users[argument] = users.get(argument, 0) + 1
+                direct_user[argument] = key
+
+    def absorbable(key: Key) -> bool:
+        return (
+            isinstance(key, tuple)
+            and key not in keep
+            and users.get(key) == 1
+            and isinstance(direct_user.get(key), tuple)
+        )
+
+    fused: dict[Key, Any] = {}
+    absorbed: set[Key] = set()
+
+    def build(key: Key) -> tuple[list[Key], list[tuple[Any, tuple[int, ...]]], list[Any]]:
+        """The chain ending at ``key``: its keys, calls and external arguments."""
+        task = dsk[key]
+        keys: list[Key] = []
+        calls: list[tuple[Any, tuple[int, ...]]] = []
+        external: list[Any] = []
+        refs: list[int] = []
+        for argument in task[1:]:
+            if not isinstance(argument, list) and _is_key(argument, dsk) and absorbable(argument):
+                absorbed.add(argument)
+                sub_keys, sub_calls, sub_external = build(argument)
+                offset, base = len(calls), len(external)
+                for func, sub_refs in sub_calls:
+                    calls.append((func, tuple(r + base if r >= 0 else r - offset for r in sub_refs)))
+                keys.extend(sub_keys)
+                external.extend(sub_external)
+                refs.append(-len(calls))  # the result of the sub-chain's last call
+            else:
+                refs.append(len(external))
+                external.append(argument)
+        calls.append((task[0], tuple(refs)))
+        keys.append(key)
+        return keys, calls, external
+
+    for key in dsk:
+        if key in absorbed:
+            continue
+        task = dsk[key]
+        if not any(not isinstance(a, list) and _is_key(a, dsk) and absorbable(a) for a in task[1:]):
+            fused[key] = task
+            continue
+        keys, calls, external = build(key)
+        fused[key] = (FusedTask(tuple(keys), tuple(calls)), *external)
+    for key in absorbed:
+        fused.pop(key, None)
+    return fused
+
+
+def _is_key(value: Any, dsk: dict[Key, Any]) -> bool:
+    try:
+        return value in dsk
+    except TypeError:  # unhashable: not a key
+        return False

@@ -1,0 +1,164 @@
+"""The graphs the overhead benchmark times, and the fast paths it relies on, behave.
+
+``bench/overhead.py`` compares flowyml with hand-built Dask graphs of the same
+shape; these tests pin that shape (one task per step, keyed by the step name,
+depending on exactly its inputs' keys, in order) and check that the shortcuts
+taken for speed (positional binding, pickle-first serialization, the
+per-report key lookup) give the same results as the plain path.
+"""
+
+from __future__ import annotations
+
+import pickle
+import sys
+
+import cloudpickle
+
+from flowyml import Pipeline, step
+from flowyml.compile import compile_plan
+from flowyml.executors.local import dumps
+from flowyml.run import RunRecorder
+from flowyml.tasks import RAISE, Outcome, StepTask
+
+from . import pipelines
+
+
+def _noop():
+    return None
+
+
+def _count(*parts):
+    return len(parts)
+
+
+def _plus_one(*parts):
+    return 1 + sum(parts)
+
+
+def fan_in(n: int) -> Pipeline:
+    pipeline = Pipeline("fan_in")
+    names = [f"s{i}" for i in range(n)]
+    for name in names:
+        pipeline.add_step(_noop, name=name)
+    return pipeline.add_step(_count, name="combine", inputs=names)
+
+
+def layer_inputs(j: int, width: int) -> list[int]:
+    chosen = [j, (j + 1) % width]
+    if j % 2 == 0:
+        chosen.append((j + 3) % width)
+    return chosen
+
+
+def layered(layers: int, width: int) -> Pipeline:
+    pipeline = Pipeline("layered")
+    for j in range(width):
+        pipeline.add_step(_plus_one, name=f"l0_{j}")
+    for layer in range(1, layers):
+        for j in range(width):
+            inputs = [f"l{layer - 1}_{k}" for k in layer_inputs(j, width)]
+            pipeline.add_step(_plus_one, name=f"l{layer}_{j}", inputs=inputs)
+    return pipeline
+
+
+def test_fan_in_is_one_task_per_step_keyed_by_name():
+    n = 40
+    graph = compile_plan(fan_in(n).plan(), run_id="r1", mode=RAISE)
+    names = [f"s{i}" for i in range(n)]
+    assert list(graph.dsk) == [*names, "combine"]
+    assert all(len(graph.dsk[name]) == 1 for name in names), "independent steps depend on nothing"
+    combine = graph.dsk["combine"]
+    assert isinstance(combine[0], StepTask)
+    assert combine[1:] == tuple(names), "the fan-in depends on every step, in inputs order"
+    assert graph.output_keys == ["combine"]
+
+
+def test_key_suffix_goes_on_every_key():
+    graph = compile_plan(fan_in(3).plan(), run_id="r1", mode=RAISE, key_suffix="-r1")
+    assert list(graph.dsk) == ["s0-r1", "s1-r1", "s2-r1", "combine-r1"]
+    assert graph.dsk["combine-r1"][1:] == ("s0-r1", "s1-r1", "s2-r1")
+    assert graph.step_keys["combine"] == ["combine-r1"]
+
+
+def test_layered_dag_wires_each_step_to_its_inputs():
+    layers, width = 4, 6
+    graph = compile_plan(layered(layers, width).plan(), run_id="r1", mode=RAISE)
+    assert len(graph.dsk) == layers * width
+    for layer in range(1, layers):
+        for j in range(width):
+            expected = tuple(f"l{layer - 1}_{k}" for k in layer_inputs(j, width))
+            assert graph.dsk[f"l{layer}_{j}"][1:] == expected
+    assert graph.output_keys == [f"l{layers - 1}_{j}" for j in range(width)]
+
+
+def test_fan_in_and_layered_results_match_plain_python(executor):
+    result = fan_in(30).run(executor=executor, progress=False)
+    assert result.outputs == {"combine": 30}
+    assert len(result.tasks) == 31 and {t.status for t in result.tasks} == {"succeeded"}
+    assert sorted(t.step for t in result.tasks) == sorted([f"s{i}" for i in range(30)] + ["combine"])
+    assert all(t.key.startswith(t.step) for t in result.tasks), "keys start with the step name"
+    assert list(result.steps) == [*(f"s{i}" for i in range(30)), "combine"]
+
+    layers, width = 4, 5
+    values = [1] * width  # layer 0: _plus_one() == 1
+    for _ in range(1, layers):
+        values = [1 + sum(values[k] for k in layer_inputs(j, width)) for j in range(width)]
+    result = layered(layers, width).run(executor=executor, progress=False)
+    assert result.outputs == {f"l{layers - 1}_{j}": values[j] for j in range(width)}
+
+
+def test_inputs_bound_by_name_out_of_order(executor):
+    @step(inputs=["b", "a"], outputs=["out"])
+    def ordered(a, b):
+        return f"{a}-{b}"
+
+    pipeline = (
+        Pipeline("binding")
+        .add_step(lambda: "A", name="make_a", outputs=["a"])
+        .add_step(lambda: "B", name="make_b", outputs=["b"])
+        .add_step(ordered)
+    )
+    assert pipeline.run(executor=executor, progress=False).outputs == {"out": "A-B"}
+
+
+def test_process_dumps_uses_pickle_for_importable_code_and_cloudpickle_otherwise():
+    importable = (pipelines.add, 1, "x")
+    assert dumps(importable) == pickle.dumps(importable, protocol=pickle.HIGHEST_PROTOCOL)
+
+    def local(value):  # not importable by a worker: must travel by value
+        return value * 3
+
+    assert pickle.loads(dumps(local))(2) == 6
+    assert pickle.loads(dumps(lambda: "lam"))() == "lam"
+
+
+def test_process_dumps_honours_modules_registered_by_value():
+    cloudpickle.register_pickle_by_value(pipelines)
+    try:
+        data = dumps(pipelines.add)
+        assert data != pickle.dumps(pipelines.add, protocol=pickle.HIGHEST_PROTOCOL)
+        module = sys.modules.pop(pipelines.__name__)
+        try:  # loads without importing the module: it came by value
+            assert pickle.loads(data)(2, 3) == 5
+        finally:
+            sys.modules[pipelines.__name__] = module
+    finally:
+        cloudpickle.unregister_pickle_by_value(pipelines)
+
+
+def test_reported_outcomes_find_their_keys():
+    pipeline = fan_in(3)
+    plan = pipeline.plan()
+    graph = compile_plan(plan, run_id="r1", mode=RAISE, key_suffix="-r1")
+    recorder = RunRecorder(graph, plan, False, "fan_in")
+    recorder.task_reported(Outcome(None, "s1", None, "succeeded", 1, 1.0, 2.0, "w1"))
+    recorder.task_reported(Outcome(None, "combine", None, "failed", 2, 3.0, 4.0, "w2"))
+    recorder.task_reported(Outcome(None, "unknown", None, "succeeded", 1, 5.0, 6.0, "w1"))
+    assert [(t.key, t.status, t.attempts) for t in recorder.task_records()] == [
+        ("s1-r1", "succeeded", 1),
+        ("combine-r1", "failed", 2),
+    ]
+    assert recorder.unsuccessful_keys() == {"combine-r1"}
+    steps = recorder.step_results()
+    assert steps["combine"].status == "failed" and steps["combine"].attempts == 2
+    assert steps["s1"].duration_s == 1.0
