@@ -126,10 +126,11 @@ class _ForwardingHandler(logging.Handler):
         super().__init__(level)
         self._send = send
         self._worker = worker
+        self.active = True
 
     def emit(self, record: logging.LogRecord) -> None:
         context = current_task()
-        if context is None or getattr(_sending, "active", False):
+        if context is None or not self.active or getattr(_sending, "active", False):
             return
         _sending.active = True
         try:
@@ -156,7 +157,8 @@ class _TaskStream:
 
     def write(self, text: str) -> int:
         written = self._stream.write(text)
-        if current_task() is not None and self._levelno >= self._handler.level:
+        handler = self._handler
+        if handler.active and current_task() is not None and self._levelno >= handler.level:
             pending = getattr(self._lines, "text", "") + text
             *lines, self._lines.text = pending.split("\n")
             for line in lines:
@@ -198,15 +200,17 @@ def install_forwarding(send: Send, level: int, worker: str) -> Callable[[], None
     if root.level > level:
         root.setLevel(level)
     old_out, old_err = sys.stdout, sys.stderr
-    sys.stdout = _TaskStream(old_out, handler, logging.INFO)
-    sys.stderr = _TaskStream(old_err, handler, logging.WARNING)
+    sys.stdout = new_out = _TaskStream(old_out, handler, logging.INFO)
+    sys.stderr = new_err = _TaskStream(old_err, handler, logging.WARNING)
 
     def uninstall() -> None:
+        handler.active = False  # a stream wrapped again since stays in place, but inert
         root.removeHandler(handler)
-        root.setLevel(old_level)
-        if isinstance(sys.stdout, _TaskStream):
+        if root.level == level:
+            root.setLevel(old_level)
+        if sys.stdout is new_out:
             sys.stdout = old_out
-        if isinstance(sys.stderr, _TaskStream):
+        if sys.stderr is new_err:
             sys.stderr = old_err
 
     return uninstall

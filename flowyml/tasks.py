@@ -101,11 +101,6 @@ def _dask_worker() -> Any:
         return None
 
 
-#: Set on distributed workers by the backend's worker plugin, which sends events
-#: in batches (``flowyml.executors.distributed.FlowymlPlugin.publish``).
-PUBLISH: Callable[[str, list], None] | None = None
-
-
 def _publish(outcome: Outcome, run_id: str) -> None:
     """On a distributed worker, tell the driver how the task went (no value)."""
     worker = getattr(_local, "dask_worker", None)
@@ -115,8 +110,11 @@ def _publish(outcome: Outcome, run_id: str) -> None:
         error = pickle.dumps(outcome.error) if outcome.error is not None else None
         fields = [getattr(outcome, name) for name in Outcome.__slots__[1:8]]
         event = [*fields, error]  # msgpack-able
-        if PUBLISH is not None:
-            PUBLISH(f"flowyml-{run_id}", event)
+        # The distributed backend's worker plugin sends events in batches
+        # (``flowyml.executors.distributed.FlowymlPlugin``); without it, one by one.
+        plugin = worker.plugins.get("flowyml")
+        if plugin is not None:
+            plugin.publish(f"flowyml-{run_id}", event)
         else:
             worker.log_event(f"flowyml-{run_id}", event)
 

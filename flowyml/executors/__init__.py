@@ -107,6 +107,11 @@ class ParallelExecutor:
         return self._impl.max_workers
 
     @property
+    def client(self) -> Any:
+        """The ``distributed.Client`` in use (``distributed`` only, while open), else None."""
+        return getattr(self._impl, "client", None)
+
+    @property
     def dashboard_link(self) -> str | None:
         """The Dask dashboard's address (``distributed`` only, once started)."""
         return self._impl.dashboard_link

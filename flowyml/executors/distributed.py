@@ -98,20 +98,22 @@ class FlowymlPlugin(WorkerPlugin):
         self.__init__(state["level"])
 
     def setup(self, worker: Any) -> None:
-        from .. import tasks
+        from distributed import get_worker
 
         def send(context, item) -> None:
-            worker.log_event(LOG_TOPIC.format(run_id=context.run_id), item)
+            # Several workers may share a process (LocalCluster(processes=False)):
+            # each forwards only its own tasks' records, to its own scheduler.
+            try:
+                owner = get_worker()
+            except ValueError:  # a thread the step started itself (a timeout's): assume ours
+                owner = worker
+            if owner is worker:
+                worker.log_event(LOG_TOPIC.format(run_id=context.run_id), item)
 
         self._worker = worker
         self._uninstall = install_forwarding(send, self.level, worker.address)
-        tasks.PUBLISH = self.publish
 
     def teardown(self, worker: Any) -> None:
-        from .. import tasks
-
-        if tasks.PUBLISH == self.publish:
-            tasks.PUBLISH = None
         self._flush()
         if self._uninstall is not None:
             self._uninstall()
@@ -153,6 +155,7 @@ class DistributedBackend(Backend):
         performance_report: str | os.PathLike[str] | None = None,
     ) -> None:
         super().__init__(max_workers)
+        self._requested_workers = max_workers
         self.address = address or os.environ.get("FLOWYML_SCHEDULER_ADDRESS") or None
         self.security = security
         self.performance_report = performance_report
@@ -188,15 +191,23 @@ class DistributedBackend(Backend):
                     f"and the TLS settings (security=...)"
                 ) from exc
         else:
-            self._cluster = LocalCluster(
-                n_workers=self.max_workers,
-                threads_per_worker=1,
-                processes=True,
-                host="127.0.0.1",
-                dashboard_address="127.0.0.1:0",
-                silence_logs=logging.WARNING,
-            )
+            from .local import _main_module_hidden
+
+            # Like the process pool's: a script without an ``if __name__ ==
+            # "__main__":`` guard must not run again in every worker it spawns.
+            with _main_module_hidden():
+                self._cluster = LocalCluster(
+                    n_workers=self.max_workers,
+                    threads_per_worker=1,
+                    processes=True,
+                    host="127.0.0.1",
+                    dashboard_address="127.0.0.1:0",
+                    silence_logs=logging.WARNING,
+                )
             self._client = Client(self._cluster, set_as_default=False)
+        if self._cluster is None and not self._requested_workers:
+            # A cluster we did not size: report what it has.
+            self.max_workers = _worker_threads(self._client) or self.max_workers
         try:
             # Idempotent: the same name replaces the plugin on every worker,
             # and workers that join later get it too.
