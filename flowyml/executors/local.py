@@ -122,11 +122,13 @@ class ThreadBackend(_PoolBackend):
         return dask.threaded.get(dsk, keys, pool=pool, callbacks=dask_callbacks(hooks), chunksize=1)
 
 
-def initialize_worker(ready: Any = None) -> None:
+def initialize_worker(ready: Any = None, log_queue: Any = None, log_level: int = 0) -> None:
     """Runs once in each worker process of the process backend."""
-    from .. import tasks
+    from .. import logs, tasks
 
     tasks.KILLABLE_TIMEOUTS = True
+    if log_queue is not None:  # what steps log or print reaches the driver's log
+        logs.worker_setup(log_queue, log_level)
     if ready is not None:
         ready.put(None)  # tell the parent this process is up
 
@@ -200,10 +202,14 @@ class ProcessBackend(_PoolBackend):
     fuses_partitions = True
 
     def _make_pool(self) -> Executor:
+        from ..logs import ProcessLogBridge
+
         context = multiprocessing.get_context("spawn")
         ready = context.SimpleQueue()
+        self._logs = ProcessLogBridge(context)
         pool = ProcessPoolExecutor(
-            self.max_workers, mp_context=context, initializer=initialize_worker, initargs=(ready,)
+            self.max_workers, mp_context=context, initializer=initialize_worker,
+            initargs=(ready, *self._logs.initargs),
         )
         # Processes start on demand; start them all now and wait until each has
         # run its initializer, so that inside ``with executor:`` no run pays the
@@ -214,6 +220,19 @@ class ProcessBackend(_PoolBackend):
             ready.get()
         wait(futures)
         return pool
+
+    def close(self) -> None:
+        super().close()
+        bridge, self._logs = getattr(self, "_logs", None), None
+        if bridge is not None:  # after the pool: its workers' last records are in
+            bridge.stop()
+
+    def execute(self, dsk: Mapping, keys: Sequence[Hashable], hooks: RunHooks) -> list[Any]:
+        try:
+            return super().execute(dsk, keys, hooks)
+        finally:
+            if getattr(self, "_logs", None) is not None:
+                self._logs.flush()  # the run's worker log lines are out before it returns
 
     def _get(self, pool, dsk, keys, hooks):
         return dask.multiprocessing.get(
