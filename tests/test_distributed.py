@@ -348,7 +348,7 @@ def test_local_cluster_binds_127_0_0_1_and_logs_its_dashboard(local, caplog):
     assert link.startswith("http://127.0.0.1:")
     assert result.dashboard_link == link
     assert any(link in r.getMessage() for r in caplog.records if r.name == "flowyml")
-    assert all(w.startswith("tcp://127.0.0.1:") for w in local._impl.client.scheduler_info()["workers"])
+    assert all(w.startswith("tcp://127.0.0.1:") for w in local.client.scheduler_info()["workers"])
     no_default_client()
 
 
@@ -471,7 +471,7 @@ def test_a_killed_worker_is_replaced_and_the_report_shows_it(cluster, on_cluster
 
 
 def test_a_task_that_keeps_killing_workers_fails_as_its_step(local):
-    client = local._impl.client
+    client = local.client
     allowed = client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.allowed_failures)
     client.run_on_scheduler(lambda dask_scheduler: setattr(dask_scheduler, "allowed_failures", 0))
     pipeline = Pipeline("doomed").add_source("numbers", Numbers(1)).add_step(always_dies)
@@ -497,9 +497,10 @@ def make_certificates(folder: Path) -> dict[str, Path]:
     def openssl(*args: str) -> None:
         subprocess.run(["openssl", *args], check=True, capture_output=True)
 
-    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=flowyml test CA",
+    key = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1")  # much faster to make than RSA
+    openssl("req", "-x509", *key, "-nodes", "-days", "2", "-subj", "/CN=flowyml test CA",
             "-keyout", str(paths["ca-key"]), "-out", str(paths["ca"]))
-    openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1",
+    openssl("req", *key, "-nodes", "-subj", "/CN=127.0.0.1",
             "-keyout", str(paths["key"]), "-out", str(folder / "cert.csr"))
     openssl("x509", "-req", "-in", str(folder / "cert.csr"), "-CA", str(paths["ca"]), "-CAkey",
             str(paths["ca-key"]), "-CAcreateserial", "-days", "2", "-extfile", str(config),
@@ -517,14 +518,14 @@ def test_tls_cluster_with_generated_certificates(tmp_path):
     tls = ["--tls-ca-file", str(certs["ca"]), "--tls-cert", str(certs["cert"]), "--tls-key", str(certs["key"])]
     processes = Processes()
     try:
-        address = start_cluster(tmp_path, processes, workers=[[]], tls=tls)
+        address = start_cluster(tmp_path, processes, workers=[["--no-nanny"]], tls=tls)
         assert address.startswith("tls://127.0.0.1:")
         security = Security(
             tls_ca_file=str(certs["ca"]), tls_client_cert=str(certs["cert"]),
             tls_client_key=str(certs["key"]), require_encryption=True,
         )
         with ParallelExecutor(address=address, security=security) as executor:
-            executor._impl.client.wait_for_workers(1, timeout=START_TIMEOUT)
+            executor.client.wait_for_workers(1, timeout=START_TIMEOUT)
             result = diamond().run(executor=executor, progress=False)
         assert result.outputs == sync_outputs(diamond())
         with dask.config.set({"distributed.comm.timeouts.connect": "2s"}):
