@@ -100,6 +100,14 @@ def fragile(n, marker_dir=""):
     return n * 10
 
 
+@step(retries=1)
+def always_fails(attempts_file=""):
+    """Counts its attempts in a file (they may run in any worker process), then fails."""
+    with open(attempts_file, "a") as out:
+        out.write(f"{current_task().attempt}\n")
+    raise RuntimeError("always")
+
+
 @step(inputs=["numbers"], per_partition=True)
 def always_dies(n):
     os.kill(os.getpid(), signal.SIGKILL)
@@ -468,6 +476,14 @@ def test_a_killed_worker_is_replaced_and_the_report_shows_it(cluster, on_cluster
     assert "Workers lost" in result.extra_report_html and "fragile[1]" in result.extra_report_html
     page = Path(result.save_report(tmp_path / "run.html")).read_text()
     assert "Workers lost" in page
+
+
+def test_retries_are_flowyml_s_own_and_not_doubled_by_dask(on_cluster, tmp_path):
+    attempts = tmp_path / "attempts"
+    pipeline = Pipeline("failing").add_step(always_fails, params={"attempts_file": str(attempts)})
+    with pytest.raises(StepFailed, match=r"step 'always_fails' failed \(attempt 2\)"):
+        pipeline.run(executor=on_cluster, progress=False)
+    assert attempts.read_text().split() == ["1", "2"]
 
 
 def test_a_task_that_keeps_killing_workers_fails_as_its_step(local):

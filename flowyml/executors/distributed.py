@@ -73,7 +73,7 @@ PLUGIN_NAME = "flowyml"
 FLUSH_DELAY = 0.02
 
 #: Seconds to wait, after the results are in, for the last batches of events.
-CATCH_UP_TIMEOUT = 5.0
+CATCH_UP_TIMEOUT = 2.0
 
 
 class FlowymlPlugin(WorkerPlugin):
@@ -248,7 +248,7 @@ class DistributedBackend(Backend):
         run.subscribe()
         try:
             values = list(client.get(_graph(dsk, hooks.run_id), list(keys), sync=True))
-            run.wait_for(len(dsk))  # every task reports once; the last batches may be in flight
+            run.wait_for(_reporting_tasks(dsk))  # the last batches of events may be in flight
             return values
         except Exception as exc:
             if type(exc).__name__ == "KilledWorker":
@@ -295,6 +295,11 @@ def _graph(dsk: Mapping, run_id: str) -> Any:
         )
     hlg = HighLevelGraph(layers, {name: set() for name in layers})
     return hlg if HLGExpr is None else HLGExpr(dsk=hlg, _determ_token=f"flowyml-{run_id}")
+
+
+def _reporting_tasks(dsk: Mapping) -> int:
+    """How many tasks publish an outcome: flowyml's own (they carry the run id)."""
+    return sum(1 for task in dsk.values() if isinstance(task, tuple) and task and hasattr(task[0], "run_id"))
 
 
 def _resources_by_key(dsk: Mapping) -> dict[Hashable, Mapping[str, float]]:
