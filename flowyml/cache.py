@@ -594,7 +594,9 @@ def _source_description(code: types.CodeType) -> Any:
 def _describe_class(cls: type, walk: _Walk) -> Any:
     members = []
     for name, member in sorted(vars(cls).items()):
-        if name in ("__dict__", "__weakref__", "__module__", "__qualname__", "__doc__"):
+        # ``__slotnames__`` is a cache copyreg adds to the class the first time an
+        # instance is pickled (or described): not code, and it would change the key.
+        if name in ("__dict__", "__weakref__", "__module__", "__qualname__", "__doc__", "__slotnames__"):
             continue
         if isinstance(member, (staticmethod, classmethod)):
             member = member.__func__
@@ -798,6 +800,20 @@ class Cache:
             raise CacheError(f"cache entry {path} is truncated or padded: {size} bytes, its header "
                              f"says {prefix + header_length + header['size']}")
         return header
+
+    def verify(self, key: str) -> dict[str, Any]:
+        """Check the whole entry (size, checksum, key) without decoding it; its header.
+
+        Raises :class:`CacheError` as :meth:`load` does.
+        """
+        path = self.entry_path(key)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise CacheError(f"no cache entry for key {key} in {self.directory}") from None
+        except OSError as exc:
+            raise CacheError(f"cache entry {path} cannot be read: {exc}") from exc
+        return _parse_entry(data, path, key)[0]
 
     # -- updates
 

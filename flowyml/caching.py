@@ -109,11 +109,18 @@ class CachedGraph:
     loaded: int = 0
 
 
-def plan_cached_run(graph: CompiledGraph, plan: Plan, cache: Cache, run_id: str, mode: int) -> CachedGraph:
-    """Rewrite ``graph.dsk`` for ``cache`` (see the module docstring)."""
+def plan_cached_run(
+    graph: CompiledGraph, plan: Plan, cache: Cache, run_id: str, mode: int, *, verify: bool = False
+) -> CachedGraph:
+    """Rewrite ``graph.dsk`` for ``cache`` (see the module docstring).
+
+    ``verify`` checks every entry to be loaded in full (checksum) on the
+    driver instead of its header only: used after a load found a corrupt entry,
+    so one more round finds them all.
+    """
     sinks = {s.name for s in plan.steps if s.finalize is not None}
     keys = _task_keys(graph.dsk, sinks)
-    planner = _Planner(graph, cache, keys, sinks, run_id, mode)
+    planner = _Planner(graph, cache, keys, sinks, run_id, mode, verify)
     for key in graph.output_keys:
         planner.visit(key)
     return planner.result()
@@ -201,7 +208,9 @@ def _input_key(argument: Any, keys: Mapping[Key, Any]) -> Any:
 class _Planner:
     """Walks the graph from the outputs down, choosing load, restage or compute per task."""
 
-    def __init__(self, graph, cache: Cache, keys, sinks: set[str], run_id: str, mode: int) -> None:
+    def __init__(self, graph, cache: Cache, keys, sinks: set[str], run_id: str, mode: int,
+                 verify: bool) -> None:
+        self.verify = verify
         self.graph = graph
         self.dsk = graph.dsk
         self.cache = cache
@@ -254,7 +263,10 @@ class _Planner:
         if not self.cache.contains(cache_key):
             return None
         try:
-            self.cache.check_header(cache_key)
+            if self.verify:
+                self.cache.verify(cache_key)
+            else:
+                self.cache.check_header(cache_key)
         except CacheError as exc:
             self.cache.discard(cache_key)
             _warn(f"{exc}; discarded, step {step!r}" + _partition_text(partition) + " is recomputed")

@@ -70,7 +70,9 @@ def run_pipeline(
     recorder: RunRecorder | None = None
     dashboard_link = None
     for round_number in range(MAX_CACHE_ROUNDS + 1):
-        cached = plan_cached_run(graph, plan, cache, run_id, mode) if cache is not None else None
+        cached = None
+        if cache is not None:  # after a corrupt entry, check the others in full (verify=)
+            cached = plan_cached_run(graph, plan, cache, run_id, mode, verify=round_number > 0)
         earlier, recorder = recorder, RunRecorder(graph, plan, progress, pipeline.name)
         dsk = graph.dsk
         if cached is not None:

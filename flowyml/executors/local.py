@@ -116,7 +116,10 @@ class _PoolBackend(Backend):
             raise
 
     def _interrupt(self) -> None:
-        """Stop at once after an interrupt; threads cannot be stopped and run on."""
+        """Return at once after an interrupt; threads cannot be stopped and run on."""
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
 
 
 @register
