@@ -66,6 +66,8 @@ def load_pipeline(target: str) -> Any:
         spec.loader.exec_module(module)
     except FlowymlError as exc:
         raise _Usage(f"{path_text}: {exc}") from exc
+    except Exception as exc:  # the user's file itself is broken: say where, not a bare traceback
+        raise _Usage(f"cannot load {path_text}: {_where(exc, path)}") from exc
     import cloudpickle
 
     cloudpickle.register_pickle_by_value(module)
@@ -74,15 +76,24 @@ def load_pipeline(target: str) -> Any:
             raise _Usage(f"{path_text} has no variable {variable!r}")
         value = getattr(module, variable)
         if callable(value) and not isinstance(value, Pipeline):
-            value = value()  # a factory function
+            try:
+                value = value()  # a factory function
+            except FlowymlError as exc:
+                raise _Usage(f"{path_text}:{variable}(): {exc}") from exc
+            except Exception as exc:
+                raise _Usage(f"{path_text}:{variable}() failed: {_where(exc, path)}") from exc
         if not isinstance(value, Pipeline):
             raise _Usage(f"{path_text}:{variable} is a {type(value).__name__}, not a Pipeline")
         return value
     found = {name: v for name, v in vars(module).items() if isinstance(v, Pipeline)}
-    if len(found) != 1:
-        names = ", ".join(sorted(found)) or "none"
+    if not found:
         raise _Usage(
-            f"{path_text} defines {len(found)} Pipeline objects ({names}); "
+            f"{path_text} defines no Pipeline at module level; assign one "
+            f"(pipeline = Pipeline(...)) or name a variable or factory function as {path_text}:VARIABLE"
+        )
+    if len(found) > 1:
+        raise _Usage(
+            f"{path_text} defines {len(found)} Pipeline objects ({', '.join(sorted(found))}); "
             f"name one as {path_text}:VARIABLE"
         )
     return next(iter(found.values()))
@@ -95,6 +106,31 @@ def signal_name(number: int) -> str:
         return signal.Signals(number).name
     except ValueError:
         return f"signal {number}"
+
+
+def _where(exc: BaseException, path: Path) -> str:
+    """``Type: message (file.py, line N)``: the last line of the user's file in the traceback."""
+    import traceback
+
+    if isinstance(exc, SyntaxError):
+        return f"{type(exc).__name__}: {exc}"  # its text already says (file, line N)
+    line = None
+    for frame in traceback.extract_tb(exc.__traceback__):
+        if Path(frame.filename).resolve() == path.resolve():
+            line = frame.lineno
+    location = f" ({path}, line {line})" if line else ""
+    return f"{type(exc).__name__}: {exc}{location}"
+
+
+def _check_inputs(pipeline: Any, names: list[str]) -> None:
+    """``--input`` must name a source or an asset a step reads: a typo must not run on old data."""
+    known = set(pipeline.sources) | {asset for s in pipeline.steps.values() for asset in s.inputs}
+    unknown = sorted(set(names) - known)
+    if unknown:
+        raise _Usage(
+            f"--input {', '.join(unknown)}: pipeline {pipeline.name!r} has no such source or step "
+            f"input; its sources are {', '.join(sorted(pipeline.sources)) or '(none)'}"
+        )
 
 
 def _parse_value(text: str) -> Any:
@@ -116,8 +152,13 @@ def _source_for(path: str) -> Any:
 
 def _configure_logging(quiet: bool, verbose: bool) -> None:
     level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
+    # One CLI handler at a time: a command invoked twice in one process (tests,
+    # a wrapper script) must not print every line twice.
+    for old in [h for h in log.handlers if getattr(h, "_flowyml_cli", False)]:
+        log.removeHandler(old)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler._flowyml_cli = True  # type: ignore[attr-defined]
     log.addHandler(handler)
     log.setLevel(level)
 
@@ -180,6 +221,7 @@ def run(target, backend, workers, address, inputs, params, cache_dir, on_failure
         if not sep or not name or not path:
             raise click.BadParameter(f"{item!r} is not NAME=PATH_OR_GLOB", param_hint="--input")
         run_inputs[name] = _source_for(path)
+    _check_inputs(pipeline, list(run_inputs))
     try:
         for item in params:
             key, sep, text = item.partition("=")

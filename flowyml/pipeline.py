@@ -327,10 +327,17 @@ class Pipeline:
         from .exceptions import FlowymlError
 
         try:
-            picture = self.visualize()
+            svg = self.visualize()
+            # Inline SVG in HTML takes no XML prolog or DOCTYPE: keep from <svg on.
+            picture = svg[svg.find("<svg"):]
         except FlowymlError:
             picture = f"<pre>{html.escape(self.to_mermaid())}</pre>"
-        return f"<div><strong>Pipeline {html.escape(self.name)}</strong>: {len(self.steps)} steps{picture}</div>"
+        counts = [f"{n} {word}{'s' if n != 1 else ''}"
+                  for n, word in ((len(self.steps), "step"), (len(self.sources), "source")) if n]
+        return (
+            f"<div><div><strong>Pipeline {html.escape(self.name)}</strong>: "
+            f"{', '.join(counts) or 'no steps'}</div>{picture}</div>"
+        )
 
     def graph_description(self) -> tuple[list[dict[str, Any]], list[tuple[str, str, str]]]:
         """Nodes and edges of the step graph (for :mod:`flowyml.visualize`)."""

@@ -14,7 +14,7 @@ running steps in its postfix) in a terminal, or a widget in Jupyter. Where
 nobody is (cron, CI, Airflow logs), it logs one INFO line per finished step
 under the ``flowyml`` logger instead and prints nothing::
 
-    step 'clean' succeeded: 8 partitions in 1.23s
+    step 'clean' succeeded: 8 tasks in 1.23s
 
 Calls are cheap (a lock, a few dict updates, and at most ten redraws a
 second however many tasks finish), so the core may call it for every task.
@@ -77,6 +77,27 @@ def _env_int(name: str, default: int) -> int:
     return int(value) if value.isdigit() and int(value) > 0 else default
 
 
+def _bar_class() -> Any:
+    """tqdm's notebook widget in Jupyter when ipywidgets is installed, else its text bar.
+
+    ``tqdm.auto`` would pick the widget class in every kernel and, without
+    ipywidgets, print a ``TqdmWarning`` on every run; Jupyter renders the
+    text bar (carriage returns and all) just as well. Imported here: a
+    disabled display needs no tqdm.
+    """
+    if _in_jupyter_kernel():
+        try:
+            import ipywidgets  # noqa: F401  only probing that widgets can be drawn
+            from tqdm.notebook import tqdm as notebook_tqdm
+        except ImportError:
+            pass
+        else:
+            return notebook_tqdm
+    from tqdm.std import tqdm
+
+    return tqdm
+
+
 def auto_enabled(stream: Any = None) -> bool:
     """Whether a bar should show: ``stream`` (default stderr) is a terminal, or this is Jupyter."""
     return _is_terminal(sys.stderr if stream is None else stream) or _in_jupyter_kernel()
@@ -108,7 +129,7 @@ class _StepTally:
 def _plural(count: int, expected: int | None) -> str:
     if expected is not None and expected != count:
         return f"{count} of {expected} tasks finished"
-    return "1 task" if count == 1 else f"{count} partitions"
+    return "1 task" if count == 1 else f"{count} tasks"
 
 
 def _step_message(step: str, tally: _StepTally, expected: int | None) -> str:
@@ -175,8 +196,7 @@ class Progress:
             self._ticker.start()
 
     def _make_bar(self, file: TextIO | None) -> Any:
-        from tqdm.auto import tqdm  # imported here: a disabled display needs no tqdm
-
+        tqdm = _bar_class()
         options: dict[str, Any] = {
             "total": self.total,
             "desc": self.description or None,

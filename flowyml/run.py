@@ -54,18 +54,22 @@ def run_pipeline(
     mode = CONTINUE if on_failure == "continue" else RAISE
     started_at = datetime.now(timezone.utc)
     start = time.perf_counter()
-    impl = executor._impl  # compiled before the pool or cluster starts: a cached run may need neither
+    # Checked before a pool or cluster starts: a typo'd glob or an unpicklable
+    # param should cost nothing to find. Compiled before it too: a run whose
+    # results are all cached needs neither.
+    impl = executor._impl
+    source_partitions = _resolve_sources(plan)
+    if impl.pickles:
+        from .pickling import check_picklable
+
+        check_picklable(plan)
     graph = compile_plan(
         plan,
         run_id=run_id,
         mode=mode,
         key_suffix=impl.key_suffix(run_id),
-        source_partitions=_resolve_sources(plan),
+        source_partitions=source_partitions,
     )
-    if impl.pickles:
-        from .pickling import check_picklable
-
-        check_picklable(plan)
     cache = open_cache(pipeline.cache_dir)
     recorder: RunRecorder | None = None
     dashboard_link = None
@@ -158,7 +162,13 @@ def _load_here(dsk, keys, recorder) -> list[Any]:
 
 def _resolve_sources(plan: Plan) -> dict[str, list[Any]]:
     """List every source's partitions before any task starts (a glob matching nothing fails here)."""
-    return {name: value.partitions() for name, value in plan.inputs.items() if is_source(value)}
+    resolved = {}
+    for name, value in plan.inputs.items():
+        if is_source(value):
+            if getattr(value, "name", None) is None:
+                value.name = name  # a source passed to run(inputs=...): errors name the asset
+            resolved[name] = value.partitions()
+    return resolved
 
 
 def _abort_sinks(plan: Plan, run_id: str) -> None:

@@ -93,7 +93,7 @@ def test_without_a_terminal_it_logs_one_line_per_step_and_prints_nothing():
     lines = [line for line in stdout.splitlines() if line.startswith("LOG ")]
     assert len(lines) == 2, lines
     assert lines[0].startswith("LOG step 'load' succeeded: 1 task in ")
-    assert lines[1].startswith("LOG step 'clean' failed: 4 partitions (1 failed) in ")
+    assert lines[1].startswith("LOG step 'clean' failed: 4 tasks (1 failed) in ")
 
 
 def test_auto_mode_is_off_for_a_non_terminal_stream(monkeypatch):
@@ -123,7 +123,7 @@ def test_disabled_logs_each_step_once_when_its_last_task_finishes(caplog):
     progress.start("a"); progress.finish("a", "cached")
     assert caplog.messages == []
     progress.finish("a", "cached")
-    assert len(caplog.messages) == 1 and caplog.messages[0].startswith("step 'a' cached: 2 partitions in ")
+    assert len(caplog.messages) == 1 and caplog.messages[0].startswith("step 'a' cached: 2 tasks in ")
     progress.finish("b")
     progress.close()  # 'b' never got its second task: logged at close as stopped
     assert caplog.messages[1].startswith("step 'b' stopped: 1 of 2 tasks finished in ")
