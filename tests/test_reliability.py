@@ -186,10 +186,13 @@ def test_dead_worker_is_retried_and_finished_work_is_kept(executor, parts, tmp_p
     result = dying_pipeline(parts, tmp_path, "exit", deaths=1, retries=1).run(executor=executor, progress=False)
     assert result["after_total"] == int(expected_rows(parts)["value"].sum()) + 1
     assert pipelines.calls(tmp_path, "die") == 2
-    # The partitions that had finished before the death were not computed again.
-    assert [pipelines.calls(tmp_path, f"counted-{p}") for p in range(3)] == [1, 1, 1]
+    counts = [pipelines.calls(tmp_path, f"counted-{p}") for p in range(3)]
     if executor.backend == "process":
+        # The partitions that had finished before the death were not computed again.
+        assert counts == [1, 1, 1]
         assert result.steps["die_then_sum"].attempts == 2
+    else:  # distributed recomputes what the dead worker held in memory, once
+        assert all(1 <= count <= 2 for count in counts)
 
 
 def test_dead_worker_without_retries_names_step_and_cause(parts, tmp_path, executor):

@@ -262,6 +262,10 @@ class ProcessBackend(_PoolBackend):
             # step names).
             settling = _SettlingPool(self._pool, self.max_workers)
             self._settling = settling
+            if cache:  # results given in ``cache`` must be read as keys, not as literal tuples
+                from dask._task_spec import convert_legacy_graph
+
+                graph = convert_legacy_graph(graph, all_keys=set(graph) | set(cache))
             return dask.local.get_async(
                 settling.submit,
                 self.max_workers,
