@@ -434,6 +434,11 @@ class StoreTask:
     def with_task(self, task: Any) -> StoreTask:
         return StoreTask(task, self.cache, self.key)
 
+    @property
+    def spec(self) -> Any:
+        """The wrapped step's spec (backends read options such as resources from it)."""
+        return getattr(self.task, "spec", None)
+
     def __call__(self, *arguments: Any) -> Any:
         outcome = self.task(*arguments)
         if type(outcome) is Outcome and outcome.status == SUCCEEDED:

@@ -151,6 +151,8 @@ def test_continue_reports_partial_failures_and_keeps_finished_outputs(executor, 
 def test_raise_waits_for_running_tasks(executor, tmp_path):
     if executor.backend == "sync":
         pytest.skip("one task at a time: nothing else runs when a step fails")
+    if executor.backend == "distributed":
+        pytest.skip("client.get returns at the first error; running tasks finish on the cluster")
     pipeline = (
         Pipeline("settle")
         .add_step(pipelines.slow_sibling, params={"log_dir": str(tmp_path)})
