@@ -314,19 +314,19 @@ def overhead_table(backends: list[str], sizes: list[int], quick: bool) -> list[R
 
 def print_header() -> None:
     print(f"{'backend':<13}{'graph':<19}{'tasks':>7}{'raw us/task':>13}{'flowyml us/task':>17}"
-          f"{'ratio':>8}{'k':>4}  target")
+          f"{'extra us':>10}{'ratio':>8}{'k':>4}  target")
 
 
 def print_row(row: Row) -> None:
     if row.flowyml_us is None:
-        print(f"{row.backend:<13}{row.shape:<19}{row.tasks:>7,}{row.raw_us:>13.1f}{'-':>17}{'-':>8}"
-              f"{row.repeats:>4}  (reference)")
+        print(f"{row.backend:<13}{row.shape:<19}{row.tasks:>7,}{row.raw_us:>13.1f}{'-':>17}{'-':>10}"
+              f"{'-':>8}{row.repeats:>4}  (reference)")
         return
     verdict = ""
     if row.tasks >= 1_000:
         verdict = "ok" if row.ratio <= TARGET_RATIO else f"MISSED (> {TARGET_RATIO}x)"
     print(f"{row.backend:<13}{row.shape:<19}{row.tasks:>7,}{row.raw_us:>13.1f}{row.flowyml_us:>17.1f}"
-          f"{row.ratio:>7.2f}x{row.repeats:>4}  {verdict}", flush=True)
+          f"{row.flowyml_us - row.raw_us:>10.1f}{row.ratio:>7.2f}x{row.repeats:>4}  {verdict}", flush=True)
 
 
 # -- where flowyml's extra time goes (sync: no pool, no pickling) -----------------------------

@@ -140,7 +140,7 @@ def _add_step(graph: CompiledGraph, s: Step, plan: Plan, run_id: str, mode: int,
     if not s.inputs:  # a first step: nothing to wire (comprehensions cost ~0.2 us each, even empty)
         refs: list[AssetRef] = []
         spec = StepSpec(s.name, s.func, dict(s.params), (), (), (), (), s.outputs, s.retries,
-                        s.retry_delay, s.timeout)
+                        s.retry_delay, s.timeout, s.resources and dict(s.resources))
         driver = None
     else:
         refs = [assets[asset] for asset in s.inputs]
@@ -149,7 +149,7 @@ def _add_step(graph: CompiledGraph, s: Step, plan: Plan, run_id: str, mode: int,
             driver = next((i for i, ref in enumerate(refs) if ref.partitioned), None)
         spec = StepSpec(s.name, s.func, dict(s.params), *_positions(s, plan.bindings[s.name]),
                         tuple([(ref.selector, ref.partitioned and i != driver) for i, ref in enumerate(refs)]),
-                        s.outputs, s.retries, s.retry_delay, s.timeout)
+                        s.outputs, s.retries, s.retry_delay, s.timeout, s.resources and dict(s.resources))
 
     if driver is None and s.finalize is None:  # one task for the whole step (the usual case)
         if refs:

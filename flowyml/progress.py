@@ -251,7 +251,10 @@ class Progress:
                     self._draw(now)
             elif not tally.logged and tally.done == self._expected.get(step):
                 tally.logged = True
-                message = _step_message(step, tally, self._expected.get(step))
+                # Formatting costs more than the rest of this method: skip it when
+                # the record would be dropped (the default, as flowyml's logger is silent).
+                if logger.isEnabledFor(logging.INFO):
+                    message = _step_message(step, tally, self._expected.get(step))
         if message is not None:  # logged outside the lock: handlers may be slow
             logger.info(message)
 
@@ -324,7 +327,8 @@ class Progress:
                 for step, tally in self._steps.items():
                     if not tally.logged and tally.done:
                         tally.logged = True
-                        messages.append(_step_message(step, tally, self._expected.get(step)))
+                        if logger.isEnabledFor(logging.INFO):
+                            messages.append(_step_message(step, tally, self._expected.get(step)))
         self._stop_ticker.set()
         if self._ticker is not None and self._ticker is not threading.current_thread():
             self._ticker.join()

@@ -118,6 +118,7 @@ def run_pipeline(
         steps=recorder.step_results(),
         tasks=recorder.task_records(),
         dashboard_link=dashboard_link,
+        extra_report_html=recorder.report_html(),
     )
     if not result.success:
         _abort_sinks(plan, run_id)
@@ -207,6 +208,7 @@ class RunRecorder:
         self._records: dict[Hashable, Outcome] = {}
         self._folded: tuple[list[TaskRecord], dict[str, list[TaskRecord]], dict[str, StepFailed]] | None
         self._folded = None
+        self._report_html: list[str] = []
         counts = {step_name: len(keys) for step_name, keys in graph.step_keys.items()}
         self._progress = Progress(
             len(self._step_of), enabled=progress, description=name, tasks_per_step=counts
@@ -237,11 +239,26 @@ class RunRecorder:
         self._progress.finish(outcome.step, outcome.status)
 
     def task_reported(self, outcome: Outcome) -> None:
+        # Distributed: from the client's event thread while the run goes, and from
+        # the driver after it. A repeated report replaces the record (the backend
+        # corrects a task's attempts after its worker died) but counts once in the
+        # progress display; setdefault keeps "first" exact across the two threads.
         key = self._key_of(outcome.step, outcome.partition)
-        if key is not None and key not in self._records:
+        if key is None:
+            return
+        first = self._records.setdefault(key, outcome) is outcome
+        if not first:
             self._records[key] = outcome
-            self._folded = None
+        self._folded = None
+        if first:
             self._progress.finish(outcome.step, outcome.status)
+
+    def add_report_html(self, html: str) -> None:
+        self._report_html.append(html)
+
+    def report_html(self) -> str | None:
+        """Sections the backend added to the HTML report (distributed), or None."""
+        return "".join(self._report_html) or None
 
     def _key_of(self, step: str, partition: int | None) -> Hashable | None:
         if self._key_for is None:
@@ -259,6 +276,7 @@ class RunRecorder:
         for key, outcome in earlier._records.items():
             if outcome.status != "cached":
                 self._records[key] = outcome
+        self._report_html[:0] = earlier._report_html
         self._folded = None
 
     def add_missing(self, outcomes: Mapping[Hashable, Outcome]) -> None:

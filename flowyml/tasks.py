@@ -106,18 +106,21 @@ def _dask_worker() -> Any:
 
 
 def _publish(outcome: Outcome, run_id: str) -> None:
-    """On a distributed worker, tell the driver how the task went (no value).
-
-    The event travels on the worker's ordered stream ahead of the task's own
-    completion, so the scheduler has it before the run's results are ready.
-    """
+    """On a distributed worker, tell the driver how the task went (no value)."""
     worker = getattr(_local, "dask_worker", None)
     if worker is not None:
         import pickle
 
         error = pickle.dumps(outcome.error) if outcome.error is not None else None
         fields = [getattr(outcome, name) for name in Outcome.__slots__[1:8]]
-        worker.log_event(f"flowyml-{run_id}", [*fields, error])  # msgpack-able
+        event = [*fields, error]  # msgpack-able
+        # The distributed backend's worker plugin sends events in batches
+        # (``flowyml.executors.distributed.FlowymlPlugin``); without it, one by one.
+        plugin = worker.plugins.get("flowyml")
+        if plugin is not None:
+            plugin.publish(f"flowyml-{run_id}", event)
+        else:
+            worker.log_event(f"flowyml-{run_id}", event)
 
 
 def outcome_from_event(message: list[Any]) -> Outcome:
@@ -146,7 +149,7 @@ class StepSpec:
     """
 
     __slots__ = ("name", "func", "params", "positional", "keyword", "varargs", "args", "outputs",
-                 "retries", "retry_delay", "timeout", "order", "in_order", "whole")
+                 "retries", "retry_delay", "timeout", "resources", "order", "in_order", "whole")
 
     def __init__(
         self,
@@ -161,6 +164,7 @@ class StepSpec:
         retries: int = 0,
         retry_delay: float = 0.0,
         timeout: float | None = None,
+        resources: dict[str, float] | None = None,  # Dask worker resources (distributed only)
     ) -> None:
         self.name = name
         self.func = func
@@ -173,6 +177,7 @@ class StepSpec:
         self.retries = retries
         self.retry_delay = retry_delay
         self.timeout = timeout
+        self.resources = resources
         # Derived once here rather than per call: the inputs passed positionally
         # (leading parameters, then *args), and whether the value is the asset as is.
         self.order = positional + varargs
@@ -182,7 +187,7 @@ class StepSpec:
     def __reduce__(self):
         return (StepSpec, (self.name, self.func, self.params, self.positional, self.keyword,
                            self.varargs, self.args, self.outputs, self.retries, self.retry_delay,
-                           self.timeout))
+                           self.timeout, self.resources))
 
     def __repr__(self) -> str:
         return f"StepSpec({self.name!r}, {getattr(self.func, '__qualname__', self.func)!r})"

@@ -46,6 +46,10 @@ class ParallelExecutor:
         ``distributed`` only: use this client (flowyml never closes it).
     security : distributed.security.Security, optional
         ``distributed`` only: TLS settings for ``address``.
+    performance_report : path, optional
+        ``distributed`` only: write Dask's performance report of each run
+        there (``{run_id}`` in the path is replaced) and link it from
+        ``result.save_report("run.html")``.
 
     Inside ``with executor:`` its pool or cluster lives across runs; outside,
     each run starts and cleans up its own.
@@ -65,6 +69,7 @@ class ParallelExecutor:
         address: str | None = None,
         client: Any = None,
         security: Any = None,
+        performance_report: str | os.PathLike[str] | None = None,
     ) -> None:
         name = backend if backend is not None else os.environ.get("FLOWYML_BACKEND") or DEFAULT_BACKEND
         if client is not None or address is not None:
@@ -81,7 +86,12 @@ class ParallelExecutor:
             )
         if max_workers is not None and (not isinstance(max_workers, int) or max_workers < 1):
             raise BackendError(f"max_workers must be a positive int, got {max_workers!r}")
-        options = {"address": address, "client": client, "security": security}
+        options = {
+            "address": address,
+            "client": client,
+            "security": security,
+            "performance_report": performance_report,
+        }
         if name != "distributed" and any(v is not None for v in options.values()):
             given = [k for k, v in options.items() if v is not None]
             raise BackendError(
@@ -95,6 +105,11 @@ class ParallelExecutor:
     def max_workers(self) -> int:
         """How many tasks may run at once."""
         return self._impl.max_workers
+
+    @property
+    def client(self) -> Any:
+        """The ``distributed.Client`` in use (``distributed`` only, while open), else None."""
+        return getattr(self._impl, "client", None)
 
     @property
     def dashboard_link(self) -> str | None:

@@ -16,7 +16,9 @@ class RunHooks(Protocol):
 
     Local backends call ``task_started``/``task_finished`` with keys as Dask runs
     them; a backend that cannot see results (distributed) hands the outcomes its
-    workers published to ``task_reported`` instead.
+    workers published to ``task_reported`` instead (a later report of the same
+    task replaces the record). ``add_report_html`` adds a section to the run's
+    HTML report (distributed: Dask's performance report, workers lost).
     """
 
     run_id: str
@@ -26,6 +28,8 @@ class RunHooks(Protocol):
     def task_started(self, key: Hashable) -> None: ...
 
     def task_finished(self, key: Hashable, outcome: Any) -> None: ...
+
+    def add_report_html(self, html: str) -> None: ...
 
 
 class Backend:

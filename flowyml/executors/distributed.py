@@ -1,37 +1,146 @@
-"""The distributed backend: a ``distributed.Client`` on a cluster.
+"""The distributed backend: a ``distributed.Client`` on a Dask cluster.
 
 Three ways to get a client, in order: ``client=`` (used as is, never closed),
-``address=`` or ``FLOWYML_SCHEDULER_ADDRESS`` (connect; the cluster is left
-running), else a ``LocalCluster`` of ``max_workers`` single-threaded worker
-processes on 127.0.0.1, closed with the executor. The client is never made
-the process-wide default: a default client captures every other Dask
-computation in the process (and switches ``dask.dataframe`` to p2p shuffles).
+``address=`` or ``FLOWYML_SCHEDULER_ADDRESS`` (connect, with ``security=``
+for TLS; the cluster is left running), else a ``LocalCluster`` of
+``max_workers`` single-threaded worker processes bound to 127.0.0.1, closed
+with the executor. The client is never made the process-wide default: a
+default client captures every other Dask computation in the process (and
+switches ``dask.dataframe`` to p2p shuffles).
 
-Keys carry a run token (``("clean-1a2b3c4d", 3)``) so concurrent runs on one
-cluster never share keys; the dashboard strips it, showing step names.
+One run is one ``client.get`` of the compiled graph:
+
+- keys carry a run token (``("clean-1a2b3c4d", 3)``) so concurrent runs on
+  one cluster never share keys; Dask strips it, so task prefixes on the
+  dashboard are the step names;
+- a step's ``resources`` become Dask resource restrictions (per-key layer
+  annotations of a ``HighLevelGraph``);
+- each task publishes how it went (no value) on the event topic
+  ``flowyml-<run_id>``; the driver subscribes, so progress moves live, and
+  reads the topic back after the run only if the live stream missed some;
+- what steps log or print on a worker is published on ``flowyml-logs-<run_id>``
+  by a worker plugin (``flowyml-logs``) and replayed on the driver
+  (:mod:`flowyml.logs`);
+- after the run one call to the scheduler drops the run's event topics (a
+  long-lived scheduler would otherwise keep every run's events) and lists the
+  run's tasks that were lost with a dying worker: their records count the
+  lost attempt and the HTML report gets a "Workers lost" section;
+- with ``performance_report=``, Dask's own performance report of the run is
+  written and linked from the HTML report.
+
+Why a step's ``retries`` are not also given to Dask: Dask's ``retries`` re-run
+a task that *raised*, which flowyml's own retry loop already does (with
+``retry_delay`` and attempt numbers); both would run a failing step
+``(retries + 1) ** 2`` times. A worker's death is a different path in the
+scheduler: the tasks it was running are rescheduled on other workers up to
+``distributed.scheduler.allowed-failures`` times (default 3), whatever their
+``retries``; past that the run fails with :class:`~flowyml.StepFailed` caused
+by :class:`~flowyml.WorkerDiedError`.
 """
 
 from __future__ import annotations
 
+import html
 import logging
 import os
+import threading
+import time
+import weakref
 from collections.abc import Hashable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
-from ..exceptions import BackendError
+from distributed.diagnostics.plugin import WorkerPlugin
+
+from ..exceptions import BackendError, StepFailed, WorkerDiedError
+from ..logs import LOG_TOPIC, forwarding_level, install_forwarding, replay
 from .base import Backend, RunHooks, register
 
-__all__ = ["DistributedBackend", "EVENT_TOPIC"]
+__all__ = ["DistributedBackend", "EVENT_TOPIC", "FlowymlPlugin"]
 
 log = logging.getLogger("flowyml")
 
 #: Workers report each finished task on this topic (see ``tasks.Outcome``).
 EVENT_TOPIC = "flowyml-{run_id}"
 
+#: The worker plugin's name: registering it again replaces it, never doubles it.
+PLUGIN_NAME = "flowyml"
+
+#: Seconds a worker holds task events before sending them as one message. Each
+#: event is a message the scheduler handles and forwards; batching keeps that
+#: cost per worker per interval instead of per task, and progress still moves
+#: within this delay.
+FLUSH_DELAY = 0.02
+
+#: Seconds to wait, after the results are in, for the last batches of events.
+CATCH_UP_TIMEOUT = 5.0
+
+
+class FlowymlPlugin(WorkerPlugin):
+    """On every worker: batch task events, and publish what flowyml tasks log or print.
+
+    Only records made inside a flowyml task are forwarded (see
+    :func:`flowyml.logs.install_forwarding`); the rest of the worker's logging
+    is left alone, so the plugin is harmless on a shared cluster.
+    """
+
+    def __init__(self, level: int) -> None:
+        self.level = level
+        self._uninstall = None
+        self._worker = None
+        self._lock = threading.Lock()
+        self._pending: dict[str, list] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"level": self.level}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["level"])
+
+    def setup(self, worker: Any) -> None:
+        from distributed import get_worker
+
+        def send(context, item) -> None:
+            # Several workers may share a process (LocalCluster(processes=False)):
+            # each forwards only its own tasks' records, to its own scheduler.
+            try:
+                owner = get_worker()
+            except ValueError:  # a thread the step started itself (a timeout's): assume ours
+                owner = worker
+            if owner is worker:
+                worker.log_event(LOG_TOPIC.format(run_id=context.run_id), item)
+
+        self._worker = worker
+        self._uninstall = install_forwarding(send, self.level, worker.address)
+
+    def teardown(self, worker: Any) -> None:
+        self._flush()
+        if self._uninstall is not None:
+            self._uninstall()
+            self._uninstall = None
+
+    def publish(self, topic: str, event: list) -> None:
+        """From a task thread: queue ``event``; the worker's loop sends the batch shortly."""
+        with self._lock:
+            first = not self._pending
+            self._pending.setdefault(topic, []).append(event)
+        if first:
+            self._worker.loop.add_callback(self._worker.loop.call_later, FLUSH_DELAY, self._flush)
+
+    def _flush(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, {}
+        for topic, events in pending.items():
+            self._worker.log_event(topic, events)
+
 
 @register
 class DistributedBackend(Backend):
-    """Runs the graph with ``client.get`` on a Dask cluster."""
+    """Runs the graph with ``client.get`` on a Dask cluster.
+
+    Opening is reference-counted, so threads running pipelines on one
+    executor at once share one client and the last to finish closes it.
+    """
 
     name = "distributed"
     pickles = True
@@ -43,50 +152,78 @@ class DistributedBackend(Backend):
         address: str | None = None,
         client: Any = None,
         security: Any = None,
+        performance_report: str | os.PathLike[str] | None = None,
     ) -> None:
         super().__init__(max_workers)
+        self._requested_workers = max_workers
         self.address = address or os.environ.get("FLOWYML_SCHEDULER_ADDRESS") or None
         self.security = security
+        self.performance_report = performance_report
         self._given_client = client
         self._client = None
         self._cluster = None
+        self._opened = 0
+        self._lock = threading.Lock()
         if client is not None:
             self.max_workers = max_workers or _worker_threads(client) or self.max_workers
 
+    # -- lifecycle ------------------------------------------------------------------
+
     def open(self) -> None:
-        if self._client is not None:
-            return
+        with self._lock:
+            self._opened += 1
+            if self._client is None:
+                self._connect()
+
+    def _connect(self) -> None:
         from distributed import Client, LocalCluster
 
         if self._given_client is not None:
             self._client = self._given_client
         elif self.address:
             try:
-                self._client = Client(
-                    self.address, security=self.security, set_as_default=False, timeout="30s"
-                )
-            except OSError as exc:
+                # The connect timeout is Dask's (distributed.comm.timeouts.connect, 30 s).
+                self._client = Client(self.address, security=self.security, set_as_default=False)
+            except (OSError, TypeError, ValueError) as exc:  # unreachable, or TLS settings that do not fit
                 raise BackendError(
                     f"cannot reach the Dask scheduler at {self.address!r}: {exc}. Check the "
                     f"address (FLOWYML_SCHEDULER_ADDRESS), that `dask scheduler` is running, "
                     f"and the TLS settings (security=...)"
                 ) from exc
         else:
-            self._cluster = LocalCluster(
-                n_workers=self.max_workers,
-                threads_per_worker=1,
-                processes=True,
-                host="127.0.0.1",
-                dashboard_address="127.0.0.1:0",
-                silence_logs=logging.WARNING,
-            )
+            from .local import _main_module_hidden
+
+            # Like the process pool's: a script without an ``if __name__ ==
+            # "__main__":`` guard must not run again in every worker it spawns.
+            with _main_module_hidden():
+                self._cluster = LocalCluster(
+                    n_workers=self.max_workers,
+                    threads_per_worker=1,
+                    processes=True,
+                    host="127.0.0.1",
+                    dashboard_address="127.0.0.1:0",
+                    silence_logs=logging.WARNING,
+                )
             self._client = Client(self._cluster, set_as_default=False)
+        if self._cluster is None and not self._requested_workers:
+            # A cluster we did not size: report what it has.
+            self.max_workers = _worker_threads(self._client) or self.max_workers
+        try:
+            # Idempotent: the same name replaces the plugin on every worker,
+            # and workers that join later get it too.
+            self._client.register_plugin(FlowymlPlugin(forwarding_level()), name=PLUGIN_NAME)
+        except Exception as exc:  # logs are a convenience; the run must not depend on them
+            log.warning("worker logs will not reach this process: %s", exc)
         self.dashboard_link = self._client.dashboard_link
         log.info("Dask dashboard: %s", self.dashboard_link)
 
     def close(self) -> None:
-        client, self._client = self._client, None
-        cluster, self._cluster = self._cluster, None
+        with self._lock:
+            self._opened = max(self._opened - 1, 0)
+            if self._opened:
+                return
+            client, self._client = self._client, None
+            cluster, self._cluster = self._cluster, None
         if client is not None and client is not self._given_client:
             client.close()
         if cluster is not None:
@@ -99,17 +236,313 @@ class DistributedBackend(Backend):
     def key_suffix(self, run_id: str) -> str:
         return f"-{run_id}"
 
+    # -- one run ----------------------------------------------------------------------
+
     def execute(self, dsk: Mapping, keys: Sequence[Hashable], hooks: RunHooks) -> list[Any]:
         if self._client is None:
             self.open()
+        client = self._client
+        run = _RunEvents(client, hooks, self.key_suffix(hooks.run_id))
+        window = _PerformanceWindow(client) if self.performance_report else None
+        run.subscribe()
+        try:
+            values = list(client.get(_graph(dsk, hooks.run_id), list(keys), sync=True))
+            run.wait_for(len(dsk))  # every task reports once; the last batches may be in flight
+            return values
+        except Exception as exc:
+            if type(exc).__name__ == "KilledWorker":
+                error = _worker_died(exc, run.suffix)
+                raise error from error.__cause__
+            raise
+        finally:
+            run.finish()
+            if window is not None:
+                window.save(self.performance_report, hooks)
+
+
+def _graph(dsk: Mapping, run_id: str) -> Any:
+    """The graph as a Dask expression, with resource restrictions where steps ask for them.
+
+    Built here with the run id as its token: ``client.get`` would otherwise
+    hash every task (pickling each flowyml task object) just to name it.
+    """
+    from dask._expr import HLGExpr, LLGExpr
+
+    restricted = _resources_by_key(dsk)
+    if not restricted:
+        return LLGExpr(dict(dsk), _determ_token=f"flowyml-{run_id}")
+    from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
+
+    layers: dict[str, MaterializedLayer] = {}
+    groups: dict[tuple, dict] = {}
+    plain = {}
+    for key, task in dsk.items():
+        resources = restricted.get(key)
+        if resources is None:
+            plain[key] = task
+        else:
+            groups.setdefault(tuple(sorted(resources.items())), {})[key] = task
+    layers[f"flowyml-{run_id}"] = MaterializedLayer(plain)
+    for i, (resources, tasks) in enumerate(groups.items()):
+        layers[f"flowyml-{run_id}-resources-{i}"] = MaterializedLayer(
+            tasks, annotations={"resources": dict(resources)}
+        )
+    hlg = HighLevelGraph(layers, {name: set() for name in layers})
+    return HLGExpr(dsk=hlg, _determ_token=f"flowyml-{run_id}")
+
+
+def _resources_by_key(dsk: Mapping) -> dict[Hashable, Mapping[str, float]]:
+    out = {}
+    for key, task in dsk.items():
+        spec = getattr(task[0], "spec", None) if isinstance(task, tuple) and task else None
+        resources = getattr(spec, "resources", None)
+        if resources:
+            out[key] = resources
+    return out
+
+
+def _worker_died(exc: Exception, suffix: str) -> StepFailed:
+    """A task whose workers kept dying, as the step failure it is."""
+    step, partition = _step_of(getattr(exc, "task", None), suffix)
+    tries = getattr(exc, "allowed_failures", 0) + 1
+    last = getattr(getattr(exc, "last_worker", None), "address", "?")
+    cause = WorkerDiedError(
+        f"{tries} workers died while running it, the last {last} (killed, out of memory or a "
+        f"crash; see that worker's log). Dask gives up after "
+        f"distributed.scheduler.allowed-failures + 1 = {tries} deaths"
+    )
+    cause.__cause__ = exc
+    error = StepFailed(step, partition, tries, f"WorkerDiedError: {cause}")
+    error.__cause__ = cause
+    return error
+
+
+def _step_of(key: Any, suffix: str) -> tuple[str, int | None]:
+    """``("clean-1a2b3c4d", 3)`` -> ``("clean", 3)``; ``"load-1a2b3c4d"`` -> ``("load", None)``."""
+    name, partition = (key[0], key[1]) if isinstance(key, tuple) else (key, None)
+    name = str(name)
+    if suffix and name.endswith(suffix):
+        name = name[: -len(suffix)]
+    return name, partition
+
+
+class _RunEvents:
+    """One run's event topics: outcomes (live progress) and forwarded logs."""
+
+    def __init__(self, client: Any, hooks: RunHooks, suffix: str) -> None:
+        self.client = client
+        self.hooks = hooks
+        self.suffix = suffix
+        self.outcome_topic = EVENT_TOPIC.format(run_id=hooks.run_id)
+        self.log_topic = LOG_TOPIC.format(run_id=hooks.run_id)
+        self.started = time.time()
+        self.received: dict[tuple[str, int | None], Any] = {}
+        self.count = 0  # events received, repeats included (the scheduler counts them too)
+        self.closed = False
+        self._expected: int | None = None
+        self._all_in = threading.Event()
+
+    def subscribe(self) -> None:
+        # Sent on the client's ordered stream ahead of the graph, so no event of
+        # this run can reach the scheduler before the subscription. The client
+        # keeps handlers after unsubscribing: they hold this object weakly, so a
+        # finished run's recorder and graph are not kept alive by them.
+        self.client.subscribe_topic(self.outcome_topic, _weak_handler(self, "_on_outcome"))
+        self.client.subscribe_topic(self.log_topic, _weak_handler(self, "_on_log"))
+
+    def _on_outcome(self, event: tuple[float, Any]) -> None:
         from ..tasks import outcome_from_event
 
-        topic = EVENT_TOPIC.format(run_id=hooks.run_id)
+        if self.closed:  # in flight when the run ended: the record is complete without it
+            return
+        message = event[1]
+        batch = message if message and isinstance(message[0], (list, tuple)) else [message]
+        self.count += 1
+        for item in batch:
+            outcome = outcome_from_event(item)
+            self.received[(outcome.step, outcome.partition)] = outcome
+            self.hooks.task_reported(outcome)
+        if self._expected is not None and len(self.received) >= self._expected:
+            self._all_in.set()
+
+    def wait_for(self, expected: int) -> None:
+        """Wait (briefly) until ``expected`` tasks have reported; the rest is caught up later."""
+        self._expected = expected
+        if len(self.received) >= expected:
+            return
+        if not self._all_in.wait(CATCH_UP_TIMEOUT):
+            log.debug("run %s: %d of %d task events arrived in time", self.hooks.run_id,
+                      len(self.received), expected)
+
+    def _on_log(self, event: tuple[float, Any]) -> None:
+        replay(event[1])
+
+    def finish(self) -> None:
+        """Stop listening, catch up on missed outcomes, note lost workers, tidy the scheduler."""
+        for topic in (self.outcome_topic, self.log_topic):
+            self.client.unsubscribe_topic(topic)
         try:
-            return list(self._client.get(dict(dsk), list(keys), sync=True))
-        finally:
-            for _, message in self._client.get_events(topic):
-                hooks.task_reported(outcome_from_event(message))
+            after = self.client.run_on_scheduler(
+                _after_run,
+                topics=[self.outcome_topic, self.log_topic],
+                received=self.count,
+                suffix=self.suffix,
+                since=self.started - 300,  # scheduler clocks may differ a little
+            )
+        except Exception as exc:  # an older or locked-down scheduler: public API only
+            log.debug("could not query the scheduler after the run: %s", exc)
+            after = {"missed": [m for _, m in self.client.get_events(self.outcome_topic)], "lost": []}
+        if after["missed"]:
+            self._catch_up(after["missed"])
+        if after["lost"]:
+            self._note_lost(after["lost"])
+        self.closed = True
+
+    def _catch_up(self, messages: list[Any]) -> None:
+        from ..tasks import outcome_from_event
+
+        items = [item for m in messages for item in (m if m and isinstance(m[0], (list, tuple)) else [m])]
+        for item in items:
+            outcome = outcome_from_event(item)
+            if (outcome.step, outcome.partition) not in self.received:
+                self.received[(outcome.step, outcome.partition)] = outcome
+                self.hooks.task_reported(outcome)
+
+    def _note_lost(self, lost: list[dict[str, Any]]) -> None:
+        from ..tasks import Outcome
+
+        extra: dict[tuple[str, int | None], int] = {}
+        for event in lost:
+            for key in event["processing"]:
+                where = _step_of(key, self.suffix)
+                extra[where] = extra.get(where, 0) + 1
+            log.warning(
+                "worker %s died during run %s while running %s; results lost with it: %s "
+                "(Dask reruns lost tasks on other workers, up to "
+                "distributed.scheduler.allowed-failures times)",
+                event["worker"],
+                self.hooks.run_id,
+                _names(event["processing"], self.suffix) or "nothing of this run",
+                _names(event["recomputed"], self.suffix) or "none",
+            )
+        for where, count in extra.items():
+            outcome = self.received.get(where)
+            if outcome is not None:  # the record counts the attempt that died with its worker
+                fields = [getattr(outcome, name) for name in Outcome.__slots__]
+                fields[Outcome.__slots__.index("attempts")] += count
+                self.hooks.task_reported(Outcome(*fields))
+        add_html = getattr(self.hooks, "add_report_html", None)
+        if add_html is not None:
+            add_html(_lost_workers_html(lost, self.suffix, self.started))
+
+
+def _weak_handler(target: _RunEvents, method: str) -> Any:
+    ref = weakref.ref(target)
+
+    def handle(event: tuple[float, Any]) -> None:
+        obj = ref()
+        if obj is not None:
+            getattr(obj, method)(event)
+
+    return handle
+
+
+def _names(keys: list[Any], suffix: str) -> str:
+    parts = []
+    for key in keys:
+        step, partition = _step_of(key, suffix)
+        parts.append(step if partition is None else f"{step}[{partition}]")
+    return ", ".join(sorted(parts))
+
+
+def _lost_workers_html(lost: list[dict[str, Any]], suffix: str, started: float) -> str:
+    rows = "".join(
+        f"<tr><td><code>{html.escape(str(e['worker']))}</code></td>"
+        f"<td>{max(e['time'] - started, 0):.2f}s</td>"
+        f"<td>{html.escape(_names(e['processing'], suffix)) or '-'}</td>"
+        f"<td>{html.escape(_names(e['recomputed'], suffix)) or '-'}</td></tr>"
+        for e in lost
+    )
+    return (
+        "<h2>Workers lost</h2><p>These Dask workers died during the run. Dask recomputed their "
+        "tasks on other workers; each task that was running counts the lost attempt.</p>"
+        "<table><thead><tr><th>worker</th><th>died after</th><th>running (recomputed)</th>"
+        f"<th>finished results lost (recomputed)</th></tr></thead><tbody>{rows}</tbody></table>"
+    )
+
+
+def _after_run(
+    dask_scheduler: Any, topics: list[str], received: int, suffix: str, since: float
+) -> dict[str, list]:
+    """On the scheduler: the run's missed outcome events, its lost tasks; drops its topics."""
+    broker = dask_scheduler._broker
+    outcomes = broker._topics.get(topics[0])
+    missed = [msg for _, msg in outcomes.events] if outcomes is not None and outcomes.count > received else []
+    for topic in topics:
+        broker._topics.pop(topic, None)
+
+    def ours(key: Any) -> bool:
+        name = key[0] if isinstance(key, tuple) else key
+        return isinstance(name, str) and name.endswith(suffix)
+
+    lost = []
+    everything = broker._topics.get("all")
+    for stamp, msg in reversed(everything.events if everything is not None else ()):
+        if stamp < since:
+            break
+        if isinstance(msg, dict) and msg.get("action") == "remove-worker":
+            processing = [k for k in msg.get("processing-tasks", ()) if ours(k)]
+            recomputed = [k for k in msg.get("lost-computed-tasks", ()) if ours(k)]
+            if processing or recomputed:
+                lost.append({"worker": msg.get("worker"), "time": stamp,
+                             "processing": processing, "recomputed": recomputed})
+    lost.reverse()
+    return {"missed": missed, "lost": lost}
+
+
+class _PerformanceWindow:
+    """Dask's ``performance_report`` for one run, without a default client.
+
+    ``distributed.performance_report`` finds its client with ``get_client()``,
+    which needs a default client; this asks our client's scheduler directly.
+    """
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self.start = time.time()
+        self.last_count = client.run_on_scheduler(_monitor_count)
+        client.get_task_stream(start=0, stop=0)  # installs the task-stream plugin
+
+    def save(self, template: str | os.PathLike[str], hooks: RunHooks) -> None:
+        path = Path(str(template).format(run_id=hooks.run_id))
+        try:
+            page = self.client.sync(
+                self.client.scheduler.performance_report,
+                start=self.start,
+                last_count=self.last_count,
+                code=f"flowyml run {hooks.run_id}",
+                mode=None,
+            )
+            path.parent.mkdir(parents=True, exist_ok=True)
+            temporary = path.with_name(f".{path.name}.{hooks.run_id}.tmp")
+            temporary.write_text(page, encoding="utf-8")
+            os.replace(temporary, path)
+        except Exception as exc:  # the run's own result matters more than its report
+            log.warning("could not write Dask's performance report to %s: %s", path, exc)
+            return
+        log.info("Dask performance report: %s", path)
+        add_html = getattr(hooks, "add_report_html", None)
+        if add_html is not None:
+            uri = path.resolve().as_uri()
+            add_html(
+                "<h2>Dask performance report</h2><p>Dask's own report of this run (task stream, "
+                f"worker profile, bandwidth): <a href=\"{html.escape(uri)}\">{html.escape(str(path))}"
+                "</a></p>"
+            )
+
+
+def _monitor_count(dask_scheduler: Any) -> int:
+    return dask_scheduler.monitor.count
 
 
 def _worker_threads(client: Any) -> int | None:

@@ -135,11 +135,16 @@ class ThreadBackend(_PoolBackend):
         return dask.threaded.get(dsk, keys, pool=pool, callbacks=dask_callbacks(hooks), chunksize=1)
 
 
-def initialize_worker(ready: Any = None, slots: Any = None, die_with_parent: bool = False) -> None:
+def initialize_worker(
+    ready: Any = None, log_queue: Any = None, log_level: int = 0, slots: Any = None,
+    die_with_parent: bool = False,
+) -> None:
     """Runs once in each worker process of the process backend."""
-    from .. import tasks
+    from .. import logs, tasks
 
     tasks.KILLABLE_TIMEOUTS = True
+    if log_queue is not None:  # what steps log or print reaches the driver's log
+        logs.worker_setup(log_queue, log_level)
     # The driver decides what Ctrl-C means (it stops the pool): a worker hit by
     # the terminal's SIGINT mid-task would only report a confusing failure.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -227,10 +232,13 @@ class ProcessBackend(_PoolBackend):
         self._processes: dict[int, Any] = {}
 
     def _make_pool(self) -> Executor:
+        from ..logs import ProcessLogBridge
         from ..recovery import WorkerSlots
 
         context = multiprocessing.get_context("spawn")
         ready = context.SimpleQueue()
+        if getattr(self, "_logs", None) is None:  # kept when a broken pool is replaced
+            self._logs = ProcessLogBridge(context)
         self._slots = WorkerSlots(context, self.max_workers)
         # Linux's parent-death signal follows the thread that started a process:
         # only ask for it when that thread is the main one, which lives as long as
@@ -238,7 +246,7 @@ class ProcessBackend(_PoolBackend):
         main = threading.current_thread() is threading.main_thread()
         pool = ProcessPoolExecutor(
             self.max_workers, mp_context=context, initializer=initialize_worker,
-            initargs=(ready, self._slots, main),
+            initargs=(ready, *self._logs.initargs, self._slots, main),
         )
         # Processes start on demand; start them all now and wait until each has
         # run its initializer, so that inside ``with executor:`` no run pays the
@@ -250,6 +258,12 @@ class ProcessBackend(_PoolBackend):
         wait(futures)
         self._processes = dict(pool._processes)  # kept: a broken pool forgets them
         return pool
+
+    def close(self) -> None:
+        super().close()
+        bridge, self._logs = getattr(self, "_logs", None), None
+        if bridge is not None:  # after the pool: its workers' last records are in
+            bridge.stop()
 
     def _get(self, pool, dsk, keys, hooks):
         from concurrent.futures.process import BrokenProcessPool
@@ -296,6 +310,9 @@ class ProcessBackend(_PoolBackend):
             if self._settling is not None:
                 self._settling.settle()
             raise
+        finally:
+            if getattr(self, "_logs", None) is not None:
+                self._logs.flush()  # the run's worker log lines are out before it returns
 
     def _restart(self) -> list[Any]:
         """Replace a broken pool; return the processes that died (not those it terminated)."""

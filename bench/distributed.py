@@ -1,0 +1,158 @@
+"""Per-task overhead of flowyml on the distributed backend, against Dask by hand.
+
+The same graph both ways, on one ``LocalCluster`` of 2 single-threaded
+workers, in one process, alternating repeats so that drift on a shared
+machine hits both sides alike:
+
+- by hand: ``client.get`` on a plain dict graph of ``N`` independent no-op
+  tasks ``("noop", i)`` and one fan-in task that takes them all;
+- flowyml, two shapes of that graph, each timed around ``pipeline.run``
+  (planning, compiling, submitting, task events, building the result;
+  building the pipeline is not timed):
+
+  ``partitions``
+      a source of ``N`` partitions (each a no-op load) and one fan-in step
+      over the partitioned asset: the shape of a per-file job;
+  ``steps``
+      ``N`` steps ``noop_0`` ... (the docs' "parallel processing" shape) and
+      one fan-in step ``def fan_in(*parts)`` over all of them.
+
+Only the fan-in's value comes back to the client on either side.
+
+Usage::
+
+    python bench/distributed.py                        # N = 1,000 and 10,000, 5 repeats
+    python bench/distributed.py --sizes 1000 --repeats 3 --shapes partitions
+
+Prints one row per shape and N: the median wall time of each side, the ratio
+flowyml / by hand (the target is at most 1.15), and the overhead per task.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import sys
+import time
+from pathlib import Path
+
+# Run as a script, this file's folder comes first on sys.path, where its own
+# name would shadow the ``distributed`` package: put the repository there instead.
+sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
+from distributed import Client, LocalCluster  # noqa: E402
+
+from flowyml import ParallelExecutor, Pipeline, step  # noqa: E402
+
+
+def noop(i):
+    return i
+
+
+def fan_in(*parts):
+    return len(parts)
+
+
+def fan_in_list(parts):
+    return len(parts)
+
+
+@step
+def noop_step(i):
+    return i
+
+
+class NoopPart:
+    def __init__(self, index: int) -> None:
+        self.index = index
+
+    def load(self) -> int:
+        return self.index
+
+
+class NoopSource:
+    """``N`` partitions whose load is a no-op (no files: the cost measured is flowyml's)."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+
+    def partitions(self) -> list[NoopPart]:
+        return [NoopPart(i) for i in range(self.count)]
+
+
+def hand_graph(n: int) -> dict:
+    """N independent no-op tasks and one fan-in, as a plain Dask graph."""
+    dsk = {("noop", i): (noop, i) for i in range(n)}
+    dsk["fan_in"] = (fan_in_list, [("noop", i) for i in range(n)])
+    return dsk
+
+
+def flowyml_pipeline(n: int, shape: str) -> Pipeline:
+    pipeline = Pipeline(f"bench_{shape}_{n}")
+    if shape == "partitions":
+        pipeline.add_source("numbers", NoopSource(n))
+        return pipeline.add_step(step(fan_in_list, name="fan_in", inputs=["numbers"]))
+    for i in range(n):
+        pipeline.add_step(noop_step, name=f"noop_{i}", params={"i": i})
+    return pipeline.add_step(step(fan_in, name="fan_in", inputs=[f"noop_{i}" for i in range(n)]))
+
+
+def time_by_hand(client: Client, n: int) -> float:
+    start = time.perf_counter()
+    value = client.get(hand_graph(n), "fan_in")
+    elapsed = time.perf_counter() - start
+    assert value == n, value
+    return elapsed
+
+
+def time_flowyml(executor: ParallelExecutor, pipeline: Pipeline, n: int) -> float:
+    start = time.perf_counter()
+    result = pipeline.run(executor=executor, progress=False)
+    elapsed = time.perf_counter() - start
+    assert result["fan_in"] == n, result.outputs
+    assert len(result.tasks) == n + 1, len(result.tasks)
+    return elapsed
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--shapes", nargs="+", default=["partitions", "steps"], choices=["partitions", "steps"])
+    args = parser.parse_args(argv)
+    logging.getLogger("distributed").setLevel(logging.ERROR)
+
+    rows = []
+    with LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+        dashboard_address="127.0.0.1:0", silence_logs=logging.ERROR,
+    ) as cluster, Client(cluster, set_as_default=False) as client:
+        with ParallelExecutor(client=client) as executor:
+            for n in args.sizes:
+                for shape in args.shapes:
+                    pipeline = flowyml_pipeline(n, shape)
+                    time_by_hand(client, n)  # warm both paths (imports, worker caches)
+                    time_flowyml(executor, pipeline, n)
+                    hand, ours = [], []
+                    for _ in range(args.repeats):
+                        hand.append(time_by_hand(client, n))
+                        ours.append(time_flowyml(executor, pipeline, n))
+                    rows.append((shape, n, statistics.median(hand), statistics.median(ours)))
+                    print(f"  {shape} N={n}: by hand {_fmt(hand)}; flowyml {_fmt(ours)}", flush=True)
+
+    print()
+    print(f"{'shape':<11} {'tasks':>7} {'by hand (s)':>12} {'flowyml (s)':>12} {'ratio':>6} {'overhead/task':>14}")
+    for shape, n, hand, ours in rows:
+        per_task = (ours - hand) / (n + 1) * 1e6
+        print(f"{shape:<11} {n + 1:>7,} {hand:>12.3f} {ours:>12.3f} {ours / hand:>6.2f} {per_task:>11.0f} µs")
+    print(f"(median of {args.repeats} alternating repeats; ratio = flowyml / by hand, target <= 1.15)")
+    return 0
+
+
+def _fmt(times: list[float]) -> str:
+    return " ".join(f"{t:.3f}" for t in times)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

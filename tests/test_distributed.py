@@ -1,0 +1,535 @@
+"""The distributed backend on real clusters.
+
+A ``dask scheduler`` and two ``dask worker`` processes (one with the resource
+``GPU=1``) on 127.0.0.1 serve most tests; a TLS scheduler and worker with
+generated certificates serve the security test; a ``LocalCluster`` that
+flowyml starts itself serves the tests of that path. All are started once per
+module and stopped at its end.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import dask
+import distributed
+import pytest
+from distributed import Client
+
+from flowyml import ParallelExecutor, Pipeline, StepFailed, WorkerDiedError, current_task, step
+from flowyml.logs import TaskLogFilter
+
+from .pipelines import diamond
+
+ROOT = Path(__file__).resolve().parent.parent
+DASK = str(Path(sys.executable).with_name("dask"))
+START_TIMEOUT = 60
+
+
+# -- steps and a source the workers import from this module ---------------------------
+
+
+class Part:
+    """One partition of :class:`Numbers`: loading it gives its index."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+
+    def load(self) -> int:
+        return self.index
+
+
+class Numbers:
+    """A source of ``count`` partitions 0, 1, ..., ``count - 1`` (no files needed)."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+
+    def partitions(self) -> list[Part]:
+        return [Part(i) for i in range(self.count)]
+
+
+@step(inputs=["numbers"], per_partition=True)
+def square(n):
+    return n * n
+
+
+@step(inputs=["square"])
+def total(values):
+    return sum(values)
+
+
+def squares(count: int) -> Pipeline:
+    return Pipeline("squares").add_source("numbers", Numbers(count)).add_step(square).add_step(total)
+
+
+@step(inputs=["numbers"], per_partition=True)
+def talk(n):
+    logging.getLogger("tests.talk").info("working on %s", n)
+    print(f"printed {n}")
+    if n == 1:
+        logging.getLogger("tests.talk").warning("partition one is odd")
+    return n
+
+
+@step(inputs=["numbers"], per_partition=True)
+def gpu_square(n):
+    return n * n
+
+
+@step(inputs=["numbers"], per_partition=True)
+def fragile(n, marker_dir=""):
+    """Partition 1 kills its own worker process on its first attempt (across processes)."""
+    if n == 1:
+        try:
+            fd = os.open(Path(marker_dir) / "attempt-1", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            pass
+        else:
+            os.close(fd)
+            os.kill(os.getpid(), signal.SIGKILL)
+    return n * 10
+
+
+@step(inputs=["numbers"], per_partition=True)
+def always_dies(n):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+@step
+def rendezvous(me="", other="", marker_dir="", value=0):
+    """Finish only once the other run's twin task has started: both runs are in flight at once."""
+    Path(marker_dir, me).touch()
+    deadline = time.monotonic() + 30
+    while not Path(marker_dir, other).exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{other} never started: the two runs did not overlap")
+        time.sleep(0.01)
+    return (current_task().run_id, value)
+
+
+@step
+def first():
+    return 1
+
+
+@step(inputs=["first"])
+def second(first, marker=""):
+    """Wait until the driver's progress display has seen ``first`` finish."""
+    deadline = time.monotonic() + 30
+    while not Path(marker).exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError("the driver never saw step 'first' finish while the run was going")
+        time.sleep(0.01)
+    return first + 1
+
+
+class WorkerOnly:
+    """A value that refuses to be unpickled in the test process: proof it never came back."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __reduce__(self):
+        return (_rebuild_worker_only, (self.n, DRIVER_PID))
+
+
+DRIVER_PID = os.getpid()
+
+
+def _rebuild_worker_only(n: int, driver_pid: int) -> WorkerOnly:
+    if os.getpid() == driver_pid:
+        raise AssertionError(f"partition {n} was gathered to the client")
+    return WorkerOnly(n)
+
+
+class WorkerOnlyPart(Part):
+    def load(self) -> WorkerOnly:
+        return WorkerOnly(self.index)
+
+
+class WorkerOnlyNumbers(Numbers):
+    """Partitions whose values may live on workers only."""
+
+    def partitions(self) -> list[Part]:
+        return [WorkerOnlyPart(i) for i in range(self.count)]
+
+
+@step(inputs=["numbers"])
+def count(values):
+    return sum(1 for value in values if isinstance(value, WorkerOnly))
+
+
+# -- clusters -----------------------------------------------------------------------
+
+
+class Processes:
+    """Subprocesses started for a fixture, stopped (then killed) at its end."""
+
+    def __init__(self) -> None:
+        self.started: list[subprocess.Popen] = []
+
+    def start(self, *args: str, log: Path) -> subprocess.Popen:
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+        env["DASK_DISTRIBUTED__SCHEDULER__WORKER_SATURATION"] = "inf"
+        process = subprocess.Popen(
+            [DASK, *args], cwd=ROOT, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT
+        )
+        self.started.append(process)
+        return process
+
+    def stop(self) -> None:
+        for process in reversed(self.started):
+            process.terminate()
+        for process in reversed(self.started):
+            try:
+                process.wait(15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def wait_for_file(path: Path, processes: Processes, log: Path) -> dict:
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        if path.exists():
+            try:
+                return json.loads(path.read_text())
+            except json.JSONDecodeError:  # being written
+                pass
+        if any(p.poll() is not None for p in processes.started):
+            break
+        time.sleep(0.05)
+    raise RuntimeError(f"the Dask scheduler did not start:\n{log.read_text()}")
+
+
+def start_cluster(tmp: Path, processes: Processes, *, workers: list[list[str]], tls: list[str] = ()) -> str:
+    scheduler_file = tmp / "scheduler.json"
+    log = tmp / "scheduler.log"
+    processes.start(
+        "scheduler", "--host", "127.0.0.1", "--port", "0", "--dashboard-address", "127.0.0.1:0",
+        "--scheduler-file", str(scheduler_file), *(["--protocol", "tls", *tls] if tls else []),
+        log=log,
+    )
+    address = wait_for_file(scheduler_file, processes, log)["address"]
+    for i, extra in enumerate(workers):
+        processes.start(
+            "worker", address, "--host", "127.0.0.1", "--nthreads", "1", "--name", f"w{i}",
+            "--no-dashboard", *tls, *extra, log=tmp / f"worker-{i}.log",
+        )
+    return address
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A plain-tcp scheduler and two workers (``w1`` has ``GPU=1``); yields a client to it."""
+    tmp = tmp_path_factory.mktemp("cluster")
+    processes = Processes()
+    try:
+        address = start_cluster(tmp, processes, workers=[[], ["--resources", "GPU=1"]])
+        with Client(address, set_as_default=False, timeout="30s") as client:
+            client.wait_for_workers(2, timeout=START_TIMEOUT)
+            yield client
+    finally:
+        processes.stop()
+
+
+@pytest.fixture(scope="module")
+def on_cluster(cluster):
+    """An executor connected by address, open for the module (as in a notebook)."""
+    with ParallelExecutor(address=cluster.scheduler.address) as executor:
+        yield executor
+
+
+@pytest.fixture(scope="module")
+def local():
+    """An executor on a LocalCluster that flowyml starts and stops itself."""
+    with ParallelExecutor(max_workers=2, backend="distributed") as executor:
+        yield executor
+
+
+def no_default_client() -> None:
+    with pytest.raises(ValueError, match="No clients found"):
+        distributed.default_client()
+    assert dask.config.get("scheduler", None) is None
+
+
+def sync_outputs(pipeline: Pipeline, **kwargs) -> dict:
+    return pipeline.run(executor=ParallelExecutor(backend="sync"), progress=False, **kwargs).outputs
+
+
+# -- connecting ---------------------------------------------------------------------
+
+
+def test_address_runs_a_pipeline_and_leaves_no_default_client(cluster):
+    executor = ParallelExecutor(address=cluster.scheduler.address)
+    assert executor.backend == "distributed"
+    result = diamond().run(executor=executor, progress=False)
+    assert result.outputs == sync_outputs(diamond())
+    no_default_client()
+    assert cluster.status == "running"  # the cluster is left running for others
+
+
+def test_scheduler_address_from_the_environment(cluster, monkeypatch):
+    monkeypatch.setenv("FLOWYML_SCHEDULER_ADDRESS", cluster.scheduler.address)
+    with ParallelExecutor(backend="distributed") as executor:
+        result = squares(5).run(executor=executor, progress=False)
+        assert executor.max_workers == 2  # the cluster's threads
+    assert result["total"] == sum(i * i for i in range(5))
+    assert {t.worker for t in result.tasks} <= set(cluster.scheduler_info()["workers"])
+
+
+def test_a_given_client_is_used_and_never_closed(cluster):
+    with ParallelExecutor(client=cluster) as executor:
+        result = squares(4).run(executor=executor, progress=False)
+        no_default_client()
+    executor.close()
+    assert result["total"] == 14
+    assert cluster.status == "running"
+    assert cluster.submit(sum, [1, 2]).result() == 3
+
+
+def test_an_unreachable_scheduler_is_a_clear_error():
+    from flowyml import BackendError
+
+    executor = ParallelExecutor(address="tcp://127.0.0.1:9")  # the discard port: nothing listens
+    with dask.config.set({"distributed.comm.timeouts.connect": "1s"}):
+        with pytest.raises(BackendError, match="cannot reach the Dask scheduler at 'tcp://127.0.0.1:9'"):
+            with executor:
+                pass
+
+
+# -- keys, the dashboard, concurrent runs ---------------------------------------------
+
+
+def test_task_prefixes_on_the_scheduler_are_step_names(cluster, on_cluster):
+    result = squares(6).run(executor=on_cluster, progress=False)
+    prefixes = cluster.run_on_scheduler(lambda dask_scheduler: list(dask_scheduler.task_prefixes))
+    assert {"numbers", "square", "total"} <= set(prefixes)
+    assert not [p for p in prefixes if result.run_id in p], "the run token leaked into a prefix"
+    keys = {t.key for t in result.tasks}
+    assert f"('square-{result.run_id}', 5)" in keys  # the partition index, and the run token
+
+
+def test_two_concurrent_runs_of_one_pipeline_keep_their_own_results(on_cluster, tmp_path):
+    pipeline = Pipeline("twins").add_step(rendezvous, name="meet")
+    results = {}
+
+    def run(me, other, value):
+        params = {"me": me, "other": other, "marker_dir": str(tmp_path), "value": value}
+        twin = Pipeline("twins").add_step(rendezvous, name="meet", params=params)
+        results[me] = twin.run(executor=on_cluster, progress=False)
+
+    threads = [threading.Thread(target=run, args=args) for args in (("a", "b", 1), ("b", "a", 2))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert set(results) == {"a", "b"}, "a run failed (see the thread's exception above)"
+    (run_a, value_a), (run_b, value_b) = results["a"]["meet"], results["b"]["meet"]
+    assert (value_a, value_b) == (1, 2)
+    assert run_a == results["a"].run_id and run_b == results["b"].run_id != run_a
+    assert pipeline.steps["meet"].name == "meet"
+
+
+def test_local_cluster_binds_127_0_0_1_and_logs_its_dashboard(local, caplog):
+    caplog.set_level(logging.INFO, logger="flowyml")
+    result = squares(3).run(executor=local, progress=False)
+    link = local.dashboard_link
+    assert link.startswith("http://127.0.0.1:")
+    assert result.dashboard_link == link
+    assert any(link in r.getMessage() for r in caplog.records if r.name == "flowyml")
+    assert all(w.startswith("tcp://127.0.0.1:") for w in local._impl.client.scheduler_info()["workers"])
+    no_default_client()
+
+
+# -- live progress, logs ---------------------------------------------------------------
+
+
+def test_progress_moves_while_the_run_goes(local, tmp_path, monkeypatch):
+    import flowyml.progress
+
+    marker = tmp_path / "first-finished"
+
+    class SeenProgress(flowyml.progress.Progress):
+        def finish(self, step, status="succeeded"):
+            if step == "first":
+                marker.touch()
+            super().finish(step, status)
+
+    monkeypatch.setattr(flowyml.progress, "Progress", SeenProgress)
+    pipeline = Pipeline("live").add_step(first).add_step(second, params={"marker": str(marker)})
+    result = pipeline.run(executor=local, progress=False)
+    assert result["second"] == 2
+
+
+def _replayed(caplog, step_name: str) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == f"flowyml.steps.{step_name}"]
+
+
+@pytest.mark.parametrize("backend", ["distributed", "process"])
+def test_worker_logs_and_prints_reach_the_driver_tagged_with_the_step(backend, on_cluster, caplog):
+    caplog.set_level(logging.INFO, logger="flowyml")
+    pipeline = Pipeline("chatty").add_source("numbers", Numbers(3)).add_step(talk)
+    if backend == "distributed":
+        result = pipeline.run(executor=on_cluster, progress=False)
+    else:
+        with ParallelExecutor(max_workers=2, backend="process") as executor:
+            result = pipeline.run(executor=executor, progress=False)
+    records = _replayed(caplog, "talk")
+    messages = sorted(r.getMessage() for r in records)
+    assert messages == sorted(
+        [f"talk[{n}]: working on {n}" for n in range(3)]
+        + [f"talk[{n}]: printed {n}" for n in range(3)]
+        + ["talk[1]: partition one is odd"]
+    )
+    warning = next(r for r in records if r.levelno == logging.WARNING)
+    assert (warning.step, warning.partition, warning.origin) == ("talk", 1, "tests.talk")
+    assert {r.run_id for r in records} == {result.run_id}
+    assert {r.worker for r in records} <= {t.worker for t in result.tasks}
+    assert {r.origin for r in records if "printed" in r.getMessage()} == {"print"}
+
+
+def test_task_log_filter_tags_records_in_the_driver_process(caplog):
+    caplog.set_level(logging.INFO, logger="tests.talk")
+    caplog.handler.addFilter(TaskLogFilter())
+    try:
+        Pipeline("chatty").add_source("numbers", Numbers(2)).add_step(talk).run(
+            executor=ParallelExecutor(backend="sync"), progress=False
+        )
+    finally:
+        caplog.handler.filters.clear()
+    tagged = {(r.step, r.partition) for r in caplog.records if r.name == "tests.talk"}
+    assert tagged == {("talk", 0), ("talk", 1)}
+
+
+# -- large graphs, resources, reports ---------------------------------------------------
+
+
+def test_ten_thousand_partitions_submit_and_stay_on_the_workers(on_cluster):
+    pipeline = Pipeline("wide").add_source("numbers", WorkerOnlyNumbers(10_000)).add_step(count)
+    start = time.time()
+    result = pipeline.run(executor=on_cluster, progress=False)
+    assert result["count"] == 10_000  # a partition gathered here would have failed to unpickle
+    assert len(result.tasks) == 10_001
+    first_start = min(t.start for t in result.tasks)
+    assert first_start - start < 10, f"the first task started {first_start - start:.1f}s after run()"
+
+
+def test_resources_restrict_a_step_to_workers_that_have_them(cluster, on_cluster):
+    gpu_workers = {a for a, w in cluster.scheduler_info()["workers"].items() if w["resources"].get("GPU")}
+    assert len(gpu_workers) == 1
+    pipeline = (
+        Pipeline("gpu")
+        .add_source("numbers", Numbers(8))
+        .add_step(gpu_square, resources={"GPU": 1})
+        .add_step(total, inputs=["gpu_square"])
+    )
+    result = pipeline.run(executor=on_cluster, progress=False)
+    assert result["total"] == sum(i * i for i in range(8))
+    assert {t.worker for t in result.tasks if t.step == "gpu_square"} == gpu_workers
+
+
+def test_performance_report_is_written_and_linked_from_the_html_report(cluster, tmp_path):
+    target = tmp_path / "dask-{run_id}.html"
+    with ParallelExecutor(client=cluster, performance_report=target) as executor:
+        result = squares(4).run(executor=executor, progress=False)
+    written = tmp_path / f"dask-{result.run_id}.html"
+    assert "Dask Performance Report" in written.read_text()
+    page = Path(result.save_report(tmp_path / "run.html")).read_text()
+    assert written.resolve().as_uri() in page
+    assert "Dask performance report" in result.extra_report_html
+
+
+# -- worker loss --------------------------------------------------------------------------
+
+
+def test_a_killed_worker_is_replaced_and_the_report_shows_it(cluster, on_cluster, tmp_path):
+    pipeline = Pipeline("fragile").add_source("numbers", Numbers(4)).add_step(
+        fragile, params={"marker_dir": str(tmp_path)}
+    )
+    try:
+        result = pipeline.run(executor=on_cluster, progress=False)
+    finally:
+        cluster.wait_for_workers(2, timeout=START_TIMEOUT)  # the nanny restarts the killed one
+    assert result["fragile"] == [0, 10, 20, 30]
+    record = next(t for t in result.tasks if t.step == "fragile" and t.partition == 1)
+    assert record.attempts == 2  # the attempt that died with its worker counts
+    assert result.steps["fragile"].attempts == 2
+    assert "Workers lost" in result.extra_report_html and "fragile[1]" in result.extra_report_html
+    page = Path(result.save_report(tmp_path / "run.html")).read_text()
+    assert "Workers lost" in page
+
+
+def test_a_task_that_keeps_killing_workers_fails_as_its_step(local):
+    client = local._impl.client
+    allowed = client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.allowed_failures)
+    client.run_on_scheduler(lambda dask_scheduler: setattr(dask_scheduler, "allowed_failures", 0))
+    pipeline = Pipeline("doomed").add_source("numbers", Numbers(1)).add_step(always_dies)
+    try:
+        with pytest.raises(StepFailed, match=r"step 'always_dies', partition 0 failed") as info:
+            pipeline.run(executor=local, progress=False)
+    finally:
+        client.run_on_scheduler(lambda dask_scheduler: setattr(dask_scheduler, "allowed_failures", allowed))
+        client.wait_for_workers(2, timeout=START_TIMEOUT)
+    assert isinstance(info.value.__cause__, WorkerDiedError)
+    assert "allowed-failures" in str(info.value.__cause__)
+
+
+# -- TLS --------------------------------------------------------------------------------
+
+
+def make_certificates(folder: Path) -> dict[str, Path]:
+    """A CA and a certificate for 127.0.0.1 signed by it (openssl)."""
+    paths = {name: folder / f"{name}.pem" for name in ("ca", "ca-key", "cert", "key")}
+    config = folder / "san.cnf"
+    config.write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=flowyml test CA",
+            "-keyout", str(paths["ca-key"]), "-out", str(paths["ca"]))
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1",
+            "-keyout", str(paths["key"]), "-out", str(folder / "cert.csr"))
+    openssl("x509", "-req", "-in", str(folder / "cert.csr"), "-CA", str(paths["ca"]), "-CAkey",
+            str(paths["ca-key"]), "-CAcreateserial", "-days", "2", "-extfile", str(config),
+            "-out", str(paths["cert"]))
+    return paths
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
+def test_tls_cluster_with_generated_certificates(tmp_path):
+    from distributed.security import Security
+
+    from flowyml import BackendError
+
+    certs = make_certificates(tmp_path)
+    tls = ["--tls-ca-file", str(certs["ca"]), "--tls-cert", str(certs["cert"]), "--tls-key", str(certs["key"])]
+    processes = Processes()
+    try:
+        address = start_cluster(tmp_path, processes, workers=[[]], tls=tls)
+        assert address.startswith("tls://127.0.0.1:")
+        security = Security(
+            tls_ca_file=str(certs["ca"]), tls_client_cert=str(certs["cert"]),
+            tls_client_key=str(certs["key"]), require_encryption=True,
+        )
+        with ParallelExecutor(address=address, security=security) as executor:
+            executor._impl.client.wait_for_workers(1, timeout=START_TIMEOUT)
+            result = diamond().run(executor=executor, progress=False)
+        assert result.outputs == sync_outputs(diamond())
+        with dask.config.set({"distributed.comm.timeouts.connect": "2s"}):
+            with pytest.raises(BackendError, match="TLS settings"):
+                with ParallelExecutor(address=address):
+                    pass
+    finally:
+        processes.stop()
