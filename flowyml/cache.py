@@ -594,7 +594,9 @@ def _source_description(code: types.CodeType) -> Any:
 def _describe_class(cls: type, walk: _Walk) -> Any:
     members = []
     for name, member in sorted(vars(cls).items()):
-        if name in ("__dict__", "__weakref__", "__module__", "__qualname__", "__doc__"):
+        # ``__slotnames__`` is a cache copyreg adds to the class the first time an
+        # instance is pickled (or described): not code, and it would change the key.
+        if name in ("__dict__", "__weakref__", "__module__", "__qualname__", "__doc__", "__slotnames__"):
             continue
         if isinstance(member, (staticmethod, classmethod)):
             member = member.__func__
@@ -765,6 +767,53 @@ class Cache:
                 f"cache entry {path} ({header['format']}, a {header.get('type', '?')}) "
                 f"cannot be decoded: {type(exc).__name__}: {exc}; it will be recomputed"
             ) from exc
+
+    def check_header(self, key: str) -> dict[str, Any]:
+        """The entry's header, after a cheap check: magic, header, key and total size.
+
+        Reads the header only (a few hundred bytes) and compares the file's size
+        with the one the header records, which catches truncated and garbled
+        entries without reading the payload; :meth:`load` still verifies the
+        checksum. Raises :class:`CacheError` as ``load`` does.
+        """
+        path = self.entry_path(key)
+        prefix = len(_MAGIC) + _HEADER_LENGTH.size
+        try:
+            with open(path, "rb") as handle:
+                head = handle.read(prefix)
+                if len(head) < prefix or not head.startswith(_MAGIC):
+                    raise CacheError(f"cache entry {path} is not a flowyml cache entry (bad or missing header)")
+                (header_length,) = _HEADER_LENGTH.unpack_from(head, len(_MAGIC))
+                header_bytes = handle.read(min(header_length, 1 << 16))
+                size = os.fstat(handle.fileno()).st_size
+        except FileNotFoundError:
+            raise CacheError(f"no cache entry for key {key} in {self.directory}") from None
+        except OSError as exc:
+            raise CacheError(f"cache entry {path} cannot be read: {exc}") from exc
+        try:
+            header = json.loads(header_bytes.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise CacheError(f"cache entry {path} has a garbled or truncated header: {exc}") from exc
+        if not isinstance(header, dict) or header.get("key") != key or not isinstance(header.get("size"), int):
+            raise CacheError(f"cache entry {path} has an unexpected header: {header!r:.200}")
+        if size != prefix + header_length + header["size"]:
+            raise CacheError(f"cache entry {path} is truncated or padded: {size} bytes, its header "
+                             f"says {prefix + header_length + header['size']}")
+        return header
+
+    def verify(self, key: str) -> dict[str, Any]:
+        """Check the whole entry (size, checksum, key) without decoding it; its header.
+
+        Raises :class:`CacheError` as :meth:`load` does.
+        """
+        path = self.entry_path(key)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise CacheError(f"no cache entry for key {key} in {self.directory}") from None
+        except OSError as exc:
+            raise CacheError(f"cache entry {path} cannot be read: {exc}") from exc
+        return _parse_entry(data, path, key)[0]
 
     # -- updates
 

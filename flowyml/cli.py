@@ -18,6 +18,7 @@ import click
 
 from . import __version__
 from .exceptions import FlowymlError, StepFailed
+from .interrupts import exit_code, exit_now, interruptible
 
 __all__ = ["load_pipeline", "main"]
 
@@ -96,6 +97,15 @@ def load_pipeline(target: str) -> Any:
             f"name one as {path_text}:VARIABLE"
         )
     return next(iter(found.values()))
+
+
+def signal_name(number: int) -> str:
+    import signal
+
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
 
 
 def _where(exc: BaseException, path: Path) -> str:
@@ -222,8 +232,14 @@ def run(target, backend, workers, address, inputs, params, cache_dir, on_failure
         if cache_dir:
             pipeline.cache_dir = cache_dir
         executor = _executor(backend, workers, address)
-        result = pipeline.run(run_inputs or None, executor=executor, on_failure=on_failure,
-                              progress=progress)
+        with interruptible():
+            result = pipeline.run(run_inputs or None, executor=executor, on_failure=on_failure,
+                                  progress=progress)
+    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: workers are stopped, staging removed
+        code = exit_code(exc)
+        click.echo(f"flowyml: pipeline {pipeline.name!r} interrupted ({signal_name(code - 128)}); "
+                   f"workers stopped, partial output removed", err=True)
+        exit_now(code)
     except StepFailed as exc:
         cause = exc.__cause__
         detail = f"\n{type(cause).__name__}: {cause}" if cause is not None and str(cause) not in str(exc) else ""

@@ -66,6 +66,7 @@ __all__ = [
     "commit_output",
     "read_csv",
     "read_parquet",
+    "restage_partition",
     "write_csv",
     "write_parquet",
     "write_partition",
@@ -852,6 +853,44 @@ def commit_output(directory: str | os.PathLike[str], run_id: str, written: Seque
         _swap_into_place(staging, target, _aside_dir(target, run_id))
         _remove_stale(target)
     return sorted(os.path.join(target, name) for name in names)
+
+
+def restage_partition(path: str | os.PathLike[str], run_id: str) -> str:
+    """Stage a file an earlier run committed, so that this run's commit keeps it.
+
+    Used by the task cache: a sink partition whose input did not change is not
+    written again; its committed file is hard-linked (copied where links are
+    not possible) into this run's staging directory, under a temporary name
+    then renamed, like :func:`write_partition`.
+
+    Returns
+    -------
+    str
+        ``path``, as :func:`write_partition` returns it.
+
+    Raises
+    ------
+    FileNotFoundError
+        The committed file is gone (the caller recomputes the partition).
+    """
+    final = os.path.abspath(os.fspath(path))
+    target, name = os.path.split(final)
+    staging = _staging_dir(target, run_id)
+    os.makedirs(staging, exist_ok=True)
+    temporary = os.path.join(staging, f".{name}.{uuid.uuid4().hex}.tmp")
+    try:
+        try:
+            os.link(final, temporary)
+        except FileNotFoundError:
+            raise
+        except OSError:  # another filesystem, or one without hard links
+            shutil.copy2(final, temporary)
+        os.replace(temporary, os.path.join(staging, name))
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(temporary)
+        raise
+    return final
 
 
 def abort_output(directory: str | os.PathLike[str], run_id: str) -> None:

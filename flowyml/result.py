@@ -179,7 +179,8 @@ def step_results(
     for name in order:
         tasks = records.get(name, ())
         failed = skipped = False
-        cached = attempts = 0
+        cached = cached_partitions = attempts = 0
+        partitioned = per_partition.get(name, False)
         start = stop = None
         for t in tasks:
             status = t.status
@@ -189,6 +190,8 @@ def step_results(
                 skipped = True
             elif status == "cached":
                 cached += 1
+                if t.partition is not None or not partitioned:  # not a sink's commit task
+                    cached_partitions += 1
             if t.attempts > attempts:
                 attempts = t.attempts
             if start is None or t.start < start:
@@ -209,8 +212,8 @@ def step_results(
             duration_s=stop - start if tasks else 0.0,
             attempts=attempts,
             partitions=partitions.get(name),
-            cached_partitions=cached,
-            per_partition=per_partition.get(name, False),
+            cached_partitions=cached_partitions,
+            per_partition=partitioned,
             error=errors.get(name),
         )
     return out

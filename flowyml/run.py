@@ -13,6 +13,7 @@ from collections.abc import Hashable, Iterable, Mapping
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
+from .caching import StaleCacheEntry, open_cache, plan_cached_run, warn_stale
 from .compile import CompiledGraph, compile_plan, is_source
 from .exceptions import PipelineError, StepFailed
 from .result import PipelineResult, TaskRecord, step_results
@@ -27,6 +28,8 @@ __all__ = ["run_pipeline"]
 log = logging.getLogger("flowyml")
 
 ON_FAILURE = ("raise", "continue")
+#: How many times a run starts over after a cache entry failed its check as it was loaded.
+MAX_CACHE_ROUNDS = 3
 
 
 def run_pipeline(
@@ -52,42 +55,55 @@ def run_pipeline(
     started_at = datetime.now(timezone.utc)
     start = time.perf_counter()
     # Checked before a pool or cluster starts: a typo'd glob or an unpicklable
-    # param should cost nothing to find.
+    # param should cost nothing to find. Compiled before it too: a run whose
+    # results are all cached needs neither.
+    impl = executor._impl
     source_partitions = _resolve_sources(plan)
-    if executor._impl.pickles:
+    if impl.pickles:
         from .pickling import check_picklable
 
         check_picklable(plan)
-    with executor.session() as backend:
-        graph = compile_plan(
-            plan,
-            run_id=run_id,
-            mode=mode,
-            key_suffix=backend.key_suffix(run_id),
-            source_partitions=source_partitions,
-        )
-        log.info(
-            "pipeline %r run %s: %d tasks on backend %r with %d workers%s",
-            pipeline.name,
-            run_id,
-            len(graph.dsk),
-            executor.backend,
-            executor.max_workers,
-            f", dashboard {backend.dashboard_link}" if backend.dashboard_link else "",
-        )
-        recorder = RunRecorder(graph, plan, progress, pipeline.name)
+    graph = compile_plan(
+        plan,
+        run_id=run_id,
+        mode=mode,
+        key_suffix=impl.key_suffix(run_id),
+        source_partitions=source_partitions,
+    )
+    cache = open_cache(pipeline.cache_dir)
+    recorder: RunRecorder | None = None
+    dashboard_link = None
+    for round_number in range(MAX_CACHE_ROUNDS + 1):
+        cached = None
+        if cache is not None:  # after a corrupt entry, check the others in full (verify=)
+            cached = plan_cached_run(graph, plan, cache, run_id, mode, verify=round_number > 0)
+        earlier, recorder = recorder, RunRecorder(graph, plan, progress, pipeline.name)
         dsk = graph.dsk
-        if backend.fuses_partitions:
-            from .fuse import fuse_partition_chains
-
-            dsk = fuse_partition_chains(dsk, graph.output_keys)
+        if cached is not None:
+            dsk = cached.dsk
+            for key, outcome in cached.culled.items():  # not run at all: cached
+                recorder.task_finished(key, outcome)
         try:
             with recorder:
-                values = backend.execute(dsk, graph.output_keys, recorder)
+                if cached is not None and cached.loads_only:
+                    log.info("pipeline %r run %s: everything cached in %s", pipeline.name, run_id, cache.directory)
+                    values = _load_here(dsk, graph.output_keys, recorder)
+                else:
+                    values, dashboard_link = _execute(executor, pipeline.name, run_id, dsk, graph, recorder, cached)
+        except StaleCacheEntry as exc:
+            if round_number == MAX_CACHE_ROUNDS:
+                _abort_sinks(plan, run_id)
+                raise
+            warn_stale(cache, exc)  # and plan again: what finished meanwhile is cached now
+            continue
         except BaseException:
             _abort_sinks(plan, run_id)
             raise
-        results = dict(zip(graph.output_keys, values))
+        finally:
+            if earlier is not None:  # tasks an earlier round ran are reported as run, not cached
+                recorder.keep_earlier(earlier)
+        break
+    results = dict(zip(graph.output_keys, values))
     outcomes = {key: value for key, value in results.items() if type(value) is Outcome}
     recorder.add_missing(outcomes)
     collected = {asset: graph.assets[asset].collect(results) for asset in _ok_outputs(graph, recorder)}
@@ -101,7 +117,7 @@ def run_pipeline(
         outputs=collected,
         steps=recorder.step_results(),
         tasks=recorder.task_records(),
-        dashboard_link=backend.dashboard_link,
+        dashboard_link=dashboard_link,
         extra_report_html=recorder.report_html(),
     )
     if not result.success:
@@ -114,6 +130,35 @@ def run_pipeline(
         result.duration_s,
     )
     return result
+
+
+def _execute(executor, name, run_id, dsk, graph, recorder, cached) -> tuple[list[Any], str | None]:
+    """Run ``dsk`` on the executor's backend; the values of the output keys and the dashboard."""
+    with executor.session() as backend:
+        log.info(
+            "pipeline %r run %s: %d tasks on backend %r with %d workers%s%s",
+            name,
+            run_id,
+            len(graph.dsk),
+            executor.backend,
+            executor.max_workers,
+            f" ({cached.computed} to compute, the rest cached)" if cached is not None else "",
+            f", dashboard {backend.dashboard_link}" if backend.dashboard_link else "",
+        )
+        if backend.fuses_partitions:
+            from .fuse import fuse_partition_chains
+
+            dsk = fuse_partition_chains(dsk, graph.output_keys)
+        return backend.execute(dsk, graph.output_keys, recorder), backend.dashboard_link
+
+
+def _load_here(dsk, keys, recorder) -> list[Any]:
+    """Every task only reads the cache: do it here, without starting any worker."""
+    import dask.local
+
+    from .executors.local import dask_callbacks
+
+    return list(dask.local.get_sync(dsk, list(keys), callbacks=dask_callbacks(recorder)))
 
 
 def _resolve_sources(plan: Plan) -> dict[str, list[Any]]:
@@ -225,6 +270,14 @@ class RunRecorder:
         return self._key_for.get((step, partition))
 
     # -- after the run ------------------------------------------------------------
+
+    def keep_earlier(self, earlier: RunRecorder) -> None:
+        """Start from what an earlier round of this run recorded (it ran; now it is cached)."""
+        for key, outcome in earlier._records.items():
+            if outcome.status != "cached":
+                self._records[key] = outcome
+        self._report_html[:0] = earlier._report_html
+        self._folded = None
 
     def add_missing(self, outcomes: Mapping[Hashable, Outcome]) -> None:
         for key, outcome in outcomes.items():

@@ -71,6 +71,10 @@ _now = time.time
 #: Set by the process backend's pool initializer: an attempt with a timeout may
 #: then run in a child process that is killed when it overruns.
 KILLABLE_TIMEOUTS = False
+#: Set in process-pool workers (``recovery.WorkerSlots``): called with (step,
+#: partition, attempt) as each attempt starts, so that if the process dies the
+#: driver knows which attempt killed it.
+ON_ATTEMPT: Callable[[str, int | None, int], None] | None = None
 
 
 def worker_label() -> str:
@@ -248,16 +252,22 @@ class _TaskBase:
 class StepTask(_TaskBase):
     """Call one step on one partition (or once for a whole step)."""
 
-    __slots__ = ("spec", "partition", "run_id", "mode")
+    __slots__ = ("spec", "partition", "run_id", "mode", "first_attempt")
 
-    def __init__(self, spec: StepSpec, partition: int | None, run_id: str, mode: int) -> None:
+    def __init__(
+        self, spec: StepSpec, partition: int | None, run_id: str, mode: int, first_attempt: int = 1
+    ) -> None:
         self.spec = spec
         self.partition = partition
         self.run_id = run_id
         self.mode = mode
+        # Above 1 when earlier attempts died with their worker process (recovery.py).
+        self.first_attempt = first_attempt
 
     def __reduce__(self):
-        return (StepTask, (self.spec, self.partition, self.run_id, self.mode))
+        if self.first_attempt == 1:
+            return (StepTask, (self.spec, self.partition, self.run_id, self.mode))
+        return (StepTask, (self.spec, self.partition, self.run_id, self.mode, self.first_attempt))
 
     def __repr__(self) -> str:
         return f"StepTask({self.spec.name!r}, partition={self.partition})"
@@ -271,7 +281,7 @@ class StepTask(_TaskBase):
                 inputs = [_argument(value, arg) for value, arg in zip(raw, spec.args)]
             except _Upstream:
                 return self._report(None, spec.name, self.partition, SKIPPED, 0, start)
-        attempt = 1
+        attempt = self.first_attempt
         while True:
             try:
                 value = self._attempt(inputs, attempt)
@@ -294,6 +304,8 @@ class StepTask(_TaskBase):
         else:
             kwargs = spec.params  # ``**kwargs`` copies it: the function cannot change the spec
         context = TaskContext(spec.name, self.partition, attempt, self.run_id)
+        if ON_ATTEMPT is not None:
+            ON_ATTEMPT(spec.name, self.partition, attempt)
         if spec.timeout is not None:
             value = call_with_timeout(spec.func, list(args), dict(kwargs), spec.timeout, context)
         else:
@@ -390,6 +402,8 @@ class SourceTask(_TaskBase):
 
     def __call__(self) -> Any:
         start = time.time()
+        if ON_ATTEMPT is not None:
+            ON_ATTEMPT(self.name, self.index, 1)
         try:
             with running(TaskContext(self.name, self.index, 1, self.run_id)):
                 value = self.partition.load()
@@ -437,6 +451,8 @@ class FinalizeTask(_TaskBase):
             values = [_unwrap(part) for part in parts]
         except _Upstream:
             return self._report(None, self.name, None, SKIPPED, 0, start)
+        if ON_ATTEMPT is not None:
+            ON_ATTEMPT(self.name, None, 1)
         try:
             with running(TaskContext(self.name, None, 1, self.run_id)):
                 value = self.finalize(values)

@@ -152,3 +152,177 @@ def trips_pipeline(source, output=None) -> Pipeline:
 def pandas_fare_by_zone(frames: list[pd.DataFrame]) -> pd.Series:
     whole = pd.concat(frames)
     return whole.dropna(subset=["fare"]).groupby("pickup_zone")["fare"].mean()
+
+
+# -- reliability and caching ---------------------------------------------------------
+# Steps count their calls in files (one line per call): they may run in worker
+# processes, so a counter in memory would not survive.
+
+import os  # noqa: E402
+
+
+def record(log_dir, name: str) -> int:
+    """Append one line to ``log_dir/name``; return how many lines it now has."""
+    path = os.path.join(log_dir, name)
+    with open(path, "a") as stream:
+        stream.write(f"{os.getpid()} {time.time()}\n")
+    with open(path) as stream:
+        return len(stream.read().splitlines())
+
+
+def calls(log_dir, name: str) -> int:
+    """How many times ``record(log_dir, name)`` ran."""
+    path = os.path.join(log_dir, name)
+    if not os.path.exists(path):
+        return 0
+    with open(path) as stream:
+        return len(stream.read().splitlines())
+
+
+def write_parts(folder, parts, rows: int = 3) -> None:
+    """CSV files ``part_<i>.csv`` with columns part, value (one file per part)."""
+    os.makedirs(folder, exist_ok=True)
+    for part in parts:
+        frame = pd.DataFrame({"part": [part] * rows, "value": [part * 10 + i for i in range(rows)]})
+        frame.to_csv(os.path.join(folder, f"part_{part:03d}.csv"), index=False)
+
+
+def _part(rows) -> int:
+    return int(rows["part"].iloc[0])
+
+
+@step(inputs=["rows"], outputs=["doubled"], per_partition=True)
+def flaky_double(rows, log_dir="", fail_parts=(), failures=1):
+    """Fails its first ``failures`` attempts on the parts in ``fail_parts``."""
+    attempt = record(log_dir, f"flaky-{_part(rows)}")
+    if _part(rows) in fail_parts and attempt <= failures:
+        raise ConnectionError(f"part {_part(rows)}: attempt {attempt} lost its connection")
+    return rows.assign(value=rows["value"] * 2)
+
+
+@step(inputs=["rows"], outputs=["waited"], per_partition=True)
+def overrun_first(rows, log_dir="", release=""):
+    """Attempt 1 overruns any timeout (until ``release`` exists); attempt 2 returns at once."""
+    attempt = record(log_dir, f"overrun-{_part(rows)}")
+    if attempt == 1:
+        with open(os.path.join(log_dir, f"overrun-pid-{_part(rows)}"), "w") as stream:
+            stream.write(str(os.getpid()))
+        deadline = time.time() + 60
+        while not os.path.exists(release) and time.time() < deadline:
+            time.sleep(0.02)
+    return rows
+
+
+@step
+def overrun_always(log_dir=""):
+    """Writes its pid, then runs far past any timeout."""
+    with open(os.path.join(log_dir, f"always-pid-{record(log_dir, 'always')}"), "w") as stream:
+        stream.write(str(os.getpid()))
+    time.sleep(60)
+
+
+@step(inputs=["rows"], outputs=["counted"], per_partition=True)
+def counted(rows, log_dir=""):
+    record(log_dir, f"counted-{_part(rows)}")
+    return rows
+
+
+def _die(how: str) -> None:
+    if how == "exit":
+        os._exit(3)
+    if how == "segfault":
+        import ctypes
+
+        ctypes.string_at(0)
+    if how == "kill":
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+@step(inputs=["counted"], outputs=["total"])
+def die_then_sum(counted, log_dir="", how="exit", deaths=1):
+    """Kills its own process on its first ``deaths`` attempts, then sums the values."""
+    if record(log_dir, "die") <= deaths:
+        _die(how)
+    return int(counted["value"].sum())
+
+
+@step(inputs=["rows"], outputs=["side"])
+def side_branch(rows):
+    return len(rows)
+
+
+@step(inputs=["total"], outputs=["after_total"])
+def after_total(total):
+    return total + 1
+
+
+@step(outputs=["slow_done"])
+def slow_sibling(log_dir=""):
+    """Marks that it started, works a little, marks that it finished."""
+    record(log_dir, "sibling-started")
+    time.sleep(0.5)
+    record(log_dir, "sibling-done")
+    return "done"
+
+
+@step(outputs=["doomed"])
+def fail_when_sibling_runs(log_dir=""):
+    deadline = time.time() + 30
+    while not calls(log_dir, "sibling-started") and time.time() < deadline:
+        time.sleep(0.01)
+    raise RuntimeError("failed while the sibling was running")
+
+
+# Caching: a small monthly job. ``parse`` and ``clean_v1`` log one line per
+# partition they compute, named after the month, so a test sees what ran.
+
+@step(inputs=["months"], outputs=["parsed"], per_partition=True)
+def parse(months, log_dir=""):
+    record(log_dir, f"parse-{_part(months)}")
+    return months.assign(amount=months["value"] / 10)
+
+
+@step(inputs=["parsed"], outputs=["clean"], per_partition=True)
+def clean_v1(parsed, log_dir="", broken_flag=""):
+    record(log_dir, f"clean-{_part(parsed)}")
+    if broken_flag and os.path.exists(broken_flag):
+        raise ValueError(f"part {_part(parsed)}: the bug is still there")
+    return parsed[parsed["value"] % 2 == 0]
+
+
+@step(inputs=["parsed"], outputs=["clean"], per_partition=True)
+def clean_v2(parsed, log_dir="", broken_flag=""):
+    record(log_dir, f"clean-{_part(parsed)}")
+    return parsed[parsed["value"] % 2 == 1]
+
+
+@step(inputs=["clean"], outputs=["summary"])
+def summarize(clean, log_dir="", scale=1):
+    record(log_dir, "summary")
+    return clean.groupby("part")["amount"].sum() * scale
+
+
+def monthly_job(folder, log_dir, out, cache_dir, clean_step=clean_v1, broken_flag="") -> Pipeline:
+    """read_csv(folder/*.csv) -> parse -> clean -> (summarize, write_parquet(out))."""
+    from flowyml import read_csv, write_parquet
+
+    return (
+        Pipeline("monthly", cache_dir=cache_dir)
+        .add_source("months", read_csv(os.path.join(folder, "*.csv")))
+        .add_step(parse, params={"log_dir": log_dir})
+        .add_step(clean_step, name="clean", params={"log_dir": log_dir, "broken_flag": broken_flag})
+        .add_step(summarize, params={"log_dir": log_dir})
+        .add_step(write_parquet(out, input="clean"))
+    )
+
+
+def pandas_monthly(folder, keep=0) -> pd.Series:
+    """What ``monthly_job`` computes, in plain pandas (keep=0: clean_v1, 1: clean_v2)."""
+    import glob
+
+    frames = [pd.read_csv(path) for path in sorted(glob.glob(os.path.join(folder, "*.csv")))]
+    whole = pd.concat(frames)
+    whole = whole.assign(amount=whole["value"] / 10)
+    return whole[whole["value"] % 2 == keep].groupby("part")["amount"].sum()

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import multiprocessing
 import pickle
+import signal
 import sys
+import threading
 from collections.abc import Hashable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
@@ -104,9 +106,20 @@ class _PoolBackend(Backend):
         pool = _SettlingPool(self._pool, self.max_workers)
         try:
             return list(self._get(pool, dsk, list(keys), hooks))
+        except KeyboardInterrupt:
+            # Ctrl-C or SIGTERM (the CLI turns it into KeyboardInterrupt): stop now,
+            # do not wait for running steps, which may take hours.
+            self._interrupt()
+            raise
         except BaseException:
             pool.settle()
             raise
+
+    def _interrupt(self) -> None:
+        """Return at once after an interrupt; threads cannot be stopped and run on."""
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
 
 
 @register
@@ -122,13 +135,25 @@ class ThreadBackend(_PoolBackend):
         return dask.threaded.get(dsk, keys, pool=pool, callbacks=dask_callbacks(hooks), chunksize=1)
 
 
-def initialize_worker(ready: Any = None, log_queue: Any = None, log_level: int = 0) -> None:
+def initialize_worker(
+    ready: Any = None, log_queue: Any = None, log_level: int = 0, slots: Any = None,
+    die_with_parent: bool = False,
+) -> None:
     """Runs once in each worker process of the process backend."""
     from .. import logs, tasks
 
     tasks.KILLABLE_TIMEOUTS = True
     if log_queue is not None:  # what steps log or print reaches the driver's log
         logs.worker_setup(log_queue, log_level)
+    # The driver decides what Ctrl-C means (it stops the pool): a worker hit by
+    # the terminal's SIGINT mid-task would only report a confusing failure.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if die_with_parent:  # a driver killed outright (SIGKILL) leaves no worker behind
+        from ..timeouts import die_with_parent as arrange
+
+        arrange()
+    if slots is not None:
+        slots.install()  # record each attempt, to name it if this process dies
     if ready is not None:
         ready.put(None)  # tell the parent this process is up
 
@@ -201,15 +226,27 @@ class ProcessBackend(_PoolBackend):
     pickles = True
     fuses_partitions = True
 
+    def __init__(self, max_workers: int | None = None, **options: Any) -> None:
+        super().__init__(max_workers, **options)
+        self._slots: Any = None
+        self._processes: dict[int, Any] = {}
+
     def _make_pool(self) -> Executor:
         from ..logs import ProcessLogBridge
+        from ..recovery import WorkerSlots
 
         context = multiprocessing.get_context("spawn")
         ready = context.SimpleQueue()
-        self._logs = ProcessLogBridge(context)
+        if getattr(self, "_logs", None) is None:  # kept when a broken pool is replaced
+            self._logs = ProcessLogBridge(context)
+        self._slots = WorkerSlots(context, self.max_workers)
+        # Linux's parent-death signal follows the thread that started a process:
+        # only ask for it when that thread is the main one, which lives as long as
+        # the driver does.
+        main = threading.current_thread() is threading.main_thread()
         pool = ProcessPoolExecutor(
             self.max_workers, mp_context=context, initializer=initialize_worker,
-            initargs=(ready, *self._logs.initargs),
+            initargs=(ready, *self._logs.initargs, self._slots, main),
         )
         # Processes start on demand; start them all now and wait until each has
         # run its initializer, so that inside ``with executor:`` no run pays the
@@ -219,6 +256,7 @@ class ProcessBackend(_PoolBackend):
         for _ in range(self.max_workers):
             ready.get()
         wait(futures)
+        self._processes = dict(pool._processes)  # kept: a broken pool forgets them
         return pool
 
     def close(self) -> None:
@@ -227,21 +265,85 @@ class ProcessBackend(_PoolBackend):
         if bridge is not None:  # after the pool: its workers' last records are in
             bridge.stop()
 
+    def _get(self, pool, dsk, keys, hooks):
+        from concurrent.futures.process import BrokenProcessPool
+
+        from ..recovery import execute_with_recovery
+
+        def run_graph(graph, wanted, callbacks, cache):
+            # What dask.multiprocessing.get does, minus its cull (a graph seeded
+            # with finished results lacks their tasks) and its fusion (keys stay
+            # step names).
+            settling = _SettlingPool(self._pool, self.max_workers)
+            self._settling = settling
+            if cache:  # results given in ``cache`` must be read as keys, not as literal tuples
+                from dask._task_spec import convert_legacy_graph
+
+                graph = convert_legacy_graph(graph, all_keys=set(graph) | set(cache))
+            return dask.local.get_async(
+                settling.submit,
+                self.max_workers,
+                graph,
+                wanted,
+                cache=cache,
+                get_id=dask.multiprocessing._process_get_id,
+                dumps=dumps,
+                loads=cloudpickle.loads,
+                pack_exception=dask.multiprocessing.pack_exception,
+                raise_exception=dask.multiprocessing.reraise,
+                callbacks=callbacks,
+                chunksize=1,
+            )
+
+        return execute_with_recovery(run_graph, self._restart, dsk, keys, hooks, BrokenProcessPool)
+
     def execute(self, dsk: Mapping, keys: Sequence[Hashable], hooks: RunHooks) -> list[Any]:
+        if self._pool is None:
+            self.open()
+        self._settling = None
         try:
-            return super().execute(dsk, keys, hooks)
+            return list(self._get(None, dsk, list(keys), hooks))
+        except KeyboardInterrupt:
+            self._interrupt()
+            raise
+        except BaseException:
+            if self._settling is not None:
+                self._settling.settle()
+            raise
         finally:
             if getattr(self, "_logs", None) is not None:
                 self._logs.flush()  # the run's worker log lines are out before it returns
 
-    def _get(self, pool, dsk, keys, hooks):
-        return dask.multiprocessing.get(
-            dsk,
-            keys,
-            pool=pool,
-            chunksize=1,
-            optimize_graph=False,  # keep one task per step/partition: keys stay step names
-            callbacks=dask_callbacks(hooks),
-            func_dumps=dumps,
-            func_loads=cloudpickle.loads,
-        )
+    def _restart(self) -> list[Any]:
+        """Replace a broken pool; return the processes that died (not those it terminated)."""
+        from ..recovery import DeadWorker
+
+        pool, processes, slots = self._pool, self._processes, self._slots
+        records = slots.records() if slots is not None else {}
+        self._pool = None
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)  # joins every process
+        dead = []
+        for pid, process in processes.items():
+            process.join(timeout=5)
+            # A broken pool terminates the survivors (SIGTERM): those are not the dead.
+            if process.exitcode is not None and process.exitcode != -signal.SIGTERM:
+                dead.append(DeadWorker(pid, process.exitcode, records.get(pid)))
+        if not dead:  # all SIGTERM: someone else terminated one; any could be it
+            dead = [DeadWorker(pid, p.exitcode, None) for pid, p in processes.items()]
+        self.open()
+        return dead
+
+    def _interrupt(self) -> None:
+        """Kill the workers now (a step may run for hours) and drop the pool."""
+        pool, processes = self._pool, self._processes
+        self._pool, self._processes = None, {}
+        for process in processes.values():
+            try:
+                process.kill()
+            except Exception:
+                pass
+        for process in processes.values():
+            process.join(timeout=5)
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,491 @@
+"""Cached runs: rewrite a compiled graph so that tasks with a cache entry are loaded, not run.
+
+On the driver, before anything runs (:func:`plan_cached_run`):
+
+1. Every task gets a cache key, bottom-up in graph order: the step's code
+   (:func:`~flowyml.cache.code_fingerprint`, once per step), its params and
+   how its inputs are wired, and its inputs: the keys of the upstream tasks,
+   or for a source partition its identity (path, size, modification time,
+   byte range; :meth:`~flowyml.data.Partition.identity`), never its index.
+   An in-memory run input counts by value. A task whose key cannot be computed
+   (a param or input that cannot be hashed) and everything downstream of it
+   runs uncached.
+2. From the requested outputs down, a task whose entry exists (and passes a
+   cheap check of its header and size) becomes a *load* task with no inputs,
+   so nothing upstream of it needs to run: those tasks are *culled* and
+   reported as ``cached`` without running. Tasks without an entry compute and
+   store their result, on the worker that computed it.
+3. A corrupt entry found by the cheap check is discarded with a
+   :class:`CacheWarning` and its task recomputes. One that only fails its full
+   check when loaded (a payload whose checksum does not match) raises
+   :class:`StaleCacheEntry`; the run discards it, warns, and runs the graph
+   again from step 1. Everything finished meanwhile was stored, so that rerun
+   only loads it.
+
+Sinks (``write_parquet``/``write_csv``): a sink's partition files are only
+the output once its commit ran, so its entries are written after the commit:
+one per partition (the committed file's path, size and modification time)
+and one for the whole sink (the list of paths). On a rerun a partition whose
+entry matches the file still in place is *restaged* (hard-linked into the new
+commit) instead of written again; one whose file is gone or changed is
+written again. When every partition and the commit match and the output
+directory holds exactly those files, the sink does nothing at all. A sink
+partition's key includes its index, which names its file.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import warnings
+from collections.abc import Hashable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from .cache import Cache, code_fingerprint, default_cache_dir, task_key
+from .exceptions import CacheError
+from .tasks import CACHED, SUCCEEDED, FinalizeTask, Outcome, SourceTask, StepTask, ValueTask, _TaskBase
+
+if TYPE_CHECKING:
+    from .compile import CompiledGraph
+    from .pipeline import Plan
+
+__all__ = ["CacheWarning", "CachedGraph", "StaleCacheEntry", "open_cache", "plan_cached_run"]
+
+log = logging.getLogger("flowyml")
+
+Key = Hashable
+
+_LIST = "flowyml-list-of-inputs"
+_VALUE = "flowyml-run-input"
+_SINK_ENTRY = "flowyml-sink-partition"
+_SINK_COMMIT = "flowyml-sink-commit"
+
+
+class CacheWarning(UserWarning):
+    """A cache entry was corrupt or unreadable and is being recomputed."""
+
+
+class StaleCacheEntry(CacheError):
+    """Raised by a load task whose entry fails its full check: the run discards it and reruns.
+
+    Attributes
+    ----------
+    key : str
+        The cache key of the entry.
+    step : str
+        The step whose result it held.
+    """
+
+    def __init__(self, message: str, key: str, step: str) -> None:
+        super().__init__(message)
+        self.key = key
+        self.step = step
+
+    def __reduce__(self):
+        return (StaleCacheEntry, (str(self), self.key, self.step))
+
+
+def open_cache(cache_dir: str | os.PathLike[str] | None) -> Cache | None:
+    """The pipeline's cache: ``cache_dir``, else ``FLOWYML_CACHE_DIR``, else None (no caching)."""
+    directory = default_cache_dir(cache_dir)
+    return Cache(directory) if directory is not None else None
+
+
+@dataclass
+class CachedGraph:
+    """A compiled graph rewritten for a cached run.
+
+    ``dsk`` is the graph to run; ``culled`` holds a report line (status
+    ``cached``) for every task that need not run at all; ``loads_only`` is
+    True when every task left only reads the cache.
+    """
+
+    dsk: dict[Key, Any]
+    culled: dict[Key, Outcome] = field(default_factory=dict)
+    loads_only: bool = False
+    computed: int = 0
+    loaded: int = 0
+
+
+def plan_cached_run(
+    graph: CompiledGraph, plan: Plan, cache: Cache, run_id: str, mode: int, *, verify: bool = False
+) -> CachedGraph:
+    """Rewrite ``graph.dsk`` for ``cache`` (see the module docstring).
+
+    ``verify`` checks every entry to be loaded in full (checksum) on the
+    driver instead of its header only: used after a load found a corrupt entry,
+    so one more round finds them all.
+    """
+    sinks = {s.name for s in plan.steps if s.finalize is not None}
+    keys = _task_keys(graph.dsk, sinks)
+    planner = _Planner(graph, cache, keys, sinks, run_id, mode, verify)
+    for key in graph.output_keys:
+        planner.visit(key)
+    return planner.result()
+
+
+def warn_stale(cache: Cache, error: StaleCacheEntry) -> None:
+    """Discard the entry a load task found corrupt, and say so."""
+    cache.discard(error.key)
+    _warn(f"{error}; discarded, step {error.step!r} is recomputed")
+
+
+def _warn(message: str) -> None:
+    log.warning("%s", message)
+    warnings.warn(message, CacheWarning, stacklevel=3)
+
+
+# -- keys ------------------------------------------------------------------------------
+
+
+def _task_keys(dsk: Mapping[Key, Any], sinks: set[str]) -> dict[Key, Any]:
+    """Graph key -> cache key (str), identity tuple (source partitions) or None (uncacheable).
+
+    ``dsk`` is in dependency order (compile adds producers first).
+    """
+    fingerprints: dict[str, str | None] = {}
+    keys: dict[Key, Any] = {}
+    unencodable: set[str] = set()
+    for key, task in dsk.items():
+        func, arguments = task[0], task[1:]
+        if isinstance(func, SourceTask):
+            identity = getattr(func.partition, "identity", None)
+            keys[key] = tuple(identity()) if identity is not None else None
+            continue
+        if isinstance(func, ValueTask):
+            keys[key] = _value_key(func)
+            continue
+        inputs = [_input_key(argument, keys) for argument in arguments]
+        if any(item is None for item in inputs):
+            keys[key] = None
+            continue
+        if isinstance(func, StepTask):
+            spec = func.spec
+            name, target = spec.name, spec.func
+            params = dict(spec.params)
+            params["__flowyml_wiring__"] = (spec.positional, spec.keyword, spec.varargs, spec.args, spec.outputs)
+            if name in sinks:  # the partition index names the written file
+                params["__flowyml_partition__"] = func.partition
+        elif isinstance(func, FinalizeTask):
+            name, target, params = func.name, func.finalize, {"__flowyml_commit__": True}
+        else:
+            keys[key] = None
+            continue
+        if name not in fingerprints:
+            fingerprints[name] = code_fingerprint(target)
+        try:
+            keys[key] = task_key(fingerprints[name], params, inputs)
+        except CacheError as exc:
+            keys[key] = None
+            if name not in unencodable:
+                unencodable.add(name)
+                log.warning("step %r runs uncached: %s", name, exc)
+    return keys
+
+
+def _value_key(func: ValueTask) -> str | None:
+    try:
+        return task_key(_VALUE, {"name": func.name, "value": func.value}, [])
+    except CacheError as exc:
+        log.warning("run input %r cannot be hashed, so the steps using it run uncached: %s", func.name, exc)
+        return None
+
+
+def _input_key(argument: Any, keys: Mapping[Key, Any]) -> Any:
+    if isinstance(argument, list):
+        parts = [keys.get(item) for item in argument]
+        if any(part is None for part in parts):
+            return None
+        return task_key(_LIST, {}, parts)
+    return keys.get(argument)
+
+
+# -- deciding what runs ----------------------------------------------------------------
+
+
+class _Planner:
+    """Walks the graph from the outputs down, choosing load, restage or compute per task."""
+
+    def __init__(self, graph, cache: Cache, keys, sinks: set[str], run_id: str, mode: int,
+                 verify: bool) -> None:
+        self.verify = verify
+        self.graph = graph
+        self.dsk = graph.dsk
+        self.cache = cache
+        self.keys = keys
+        self.sinks = sinks
+        self.run_id = run_id
+        self.mode = mode
+        self.step_of = graph.task_step()
+        self.out: dict[Key, Any] = {}
+        self.computed = 0
+        self.loaded = 0
+
+    def visit(self, root: Key) -> None:
+        stack = [root]
+        while stack:
+            key = stack.pop()
+            if key in self.out:
+                continue
+            replacement = self._cached_task(key)
+            if replacement is not None:
+                self.out[key] = replacement
+                self.loaded += 1
+                continue
+            task = self.dsk[key]
+            self.out[key] = self._computing_task(key, task)
+            self.computed += 1
+            for argument in task[1:]:
+                if isinstance(argument, list):
+                    stack.extend(argument)
+                elif _is_key(argument, self.dsk):
+                    stack.append(argument)
+
+    # A task with a usable entry: how to get its value without running it.
+    def _cached_task(self, key: Key) -> tuple | None:
+        cache_key = self.keys.get(key)
+        func = self.dsk[key][0]
+        if not isinstance(cache_key, str) or not isinstance(func, (StepTask, FinalizeTask)):
+            return None
+        step, partition = self._where(key)
+        if isinstance(func, FinalizeTask):
+            paths = self._committed_output(cache_key)
+            if paths is None:
+                return None
+            return (LoadTask(step, partition, None, cache_key, self.run_id, self.mode, paths),)
+        if step in self.sinks:
+            path = self._committed_partition(cache_key)
+            if path is None:
+                return None
+            return (RestageTask(step, partition, path, cache_key, self.run_id, self.mode),)
+        if not self.cache.contains(cache_key):
+            return None
+        try:
+            if self.verify:
+                self.cache.verify(cache_key)
+            else:
+                self.cache.check_header(cache_key)
+        except CacheError as exc:
+            self.cache.discard(cache_key)
+            _warn(f"{exc}; discarded, step {step!r}" + _partition_text(partition) + " is recomputed")
+            return None
+        return (LoadTask(step, partition, self.cache, cache_key, self.run_id, self.mode),)
+
+    def _computing_task(self, key: Key, task: tuple) -> tuple:
+        cache_key = self.keys.get(key)
+        func = task[0]
+        if not isinstance(cache_key, str):
+            return task
+        if isinstance(func, FinalizeTask):
+            writers = [self.keys.get(item) for item in task[1]]
+            if any(not isinstance(item, str) for item in writers):
+                return task
+            return (CommitStoreTask(func, self.cache, cache_key, tuple(writers)), *task[1:])
+        if isinstance(func, StepTask) and func.spec.name not in self.sinks:
+            return (StoreTask(func, self.cache, cache_key), *task[1:])
+        return task  # a sink partition: its entry is written after the commit
+
+    def _load_small(self, cache_key: str) -> Any:
+        if not self.cache.contains(cache_key):
+            return None
+        try:
+            return self.cache.load(cache_key)
+        except CacheError as exc:
+            self.cache.discard(cache_key)
+            _warn(f"{exc}; discarded, the sink is written again")
+            return None
+
+    def _committed_partition(self, cache_key: str) -> str | None:
+        entry = self._load_small(cache_key)
+        if not _is_entry(entry, _SINK_ENTRY):
+            return None
+        _, path, size, mtime_ns = entry
+        return path if _stat(path) == (size, mtime_ns) else None
+
+    def _committed_output(self, cache_key: str) -> list[str] | None:
+        entry = self._load_small(cache_key)
+        if not _is_entry(entry, _SINK_COMMIT):
+            return None
+        _, directory, files = entry
+        try:
+            present = set(os.listdir(directory))
+        except OSError:
+            return None
+        if present != {name for name, _, _ in files}:
+            return None  # files were removed or added since: write the output again
+        for name, size, mtime_ns in files:
+            if _stat(os.path.join(directory, name)) != (size, mtime_ns):
+                return None
+        return sorted(os.path.join(directory, name) for name, _, _ in files)
+
+    def _where(self, key: Key) -> tuple[str, int | None]:
+        return self.step_of[key], key[1] if isinstance(key, tuple) else None
+
+    def result(self) -> CachedGraph:
+        now = time.time()
+        culled = {}
+        for key in self.dsk:
+            if key not in self.out:
+                step, partition = self._where(key)
+                culled[key] = Outcome(None, step, partition, CACHED, 0, now, now, "cache")
+        # Graph order (dependencies first) is kept: fusion and the report rely on it.
+        dsk = {key: self.out[key] for key in self.dsk if key in self.out}
+        return CachedGraph(dsk, culled, loads_only=self.computed == 0, computed=self.computed,
+                           loaded=self.loaded)
+
+
+def _is_entry(entry: Any, kind: str) -> bool:
+    return isinstance(entry, tuple) and len(entry) >= 1 and entry[0] == kind
+
+
+def _stat(path: str) -> tuple[int, int] | None:
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return stat.st_size, stat.st_mtime_ns
+
+
+def _partition_text(partition: int | None) -> str:
+    return f" partition {partition}" if partition is not None else ""
+
+
+def _is_key(value: Any, dsk: Mapping[Key, Any]) -> bool:
+    try:
+        return value in dsk
+    except TypeError:
+        return False
+
+
+# -- the tasks -------------------------------------------------------------------------
+
+
+class LoadTask(_TaskBase):
+    """Read a task's result from the cache (or hand over one read on the driver)."""
+
+    __slots__ = ("step", "partition", "cache", "key", "run_id", "mode", "value")
+
+    def __init__(self, step, partition, cache, key, run_id, mode, value=None) -> None:
+        self.step, self.partition, self.cache, self.key = step, partition, cache, key
+        self.run_id, self.mode, self.value = run_id, mode, value
+
+    def __reduce__(self):
+        return (LoadTask, (self.step, self.partition, self.cache, self.key, self.run_id, self.mode, self.value))
+
+    def __repr__(self) -> str:
+        return f"LoadTask({self.step!r}, partition={self.partition})"
+
+    def __call__(self) -> Any:
+        start = time.time()
+        if self.cache is None:
+            return self._report(self.value, self.step, self.partition, CACHED, 0, start)
+        try:
+            value = self.cache.load(self.key)
+        except CacheError as exc:
+            raise StaleCacheEntry(
+                f"cache entry of step {self.step!r}{_partition_text(self.partition)} failed its check "
+                f"when loaded ({exc})", self.key, self.step,
+            ) from None
+        return self._report(value, self.step, self.partition, CACHED, 0, start)
+
+
+class RestageTask(_TaskBase):
+    """A sink partition already committed unchanged: link its file into this run's commit."""
+
+    __slots__ = ("step", "partition", "path", "key", "run_id", "mode")
+
+    def __init__(self, step, partition, path, key, run_id, mode) -> None:
+        self.step, self.partition, self.path, self.key = step, partition, path, key
+        self.run_id, self.mode = run_id, mode
+
+    def __reduce__(self):
+        return (RestageTask, (self.step, self.partition, self.path, self.key, self.run_id, self.mode))
+
+    def __call__(self) -> Any:
+        from .data import restage_partition
+
+        start = time.time()
+        try:
+            path = restage_partition(self.path, self.run_id)
+        except OSError as exc:
+            raise StaleCacheEntry(
+                f"the committed file {self.path} of step {self.step!r}{_partition_text(self.partition)} "
+                f"vanished ({exc})", self.key, self.step,
+            ) from None
+        return self._report(path, self.step, self.partition, CACHED, 0, start)
+
+
+class StoreTask:
+    """Run a task, then store its value under its key (on the worker that computed it)."""
+
+    __slots__ = ("task", "cache", "key")
+
+    def __init__(self, task: Any, cache: Cache, key: str) -> None:
+        self.task, self.cache, self.key = task, cache, key
+
+    def __reduce__(self):
+        return (StoreTask, (self.task, self.cache, self.key))
+
+    def __repr__(self) -> str:
+        return f"Store({self.task!r})"
+
+    def with_task(self, task: Any) -> StoreTask:
+        return StoreTask(task, self.cache, self.key)
+
+    @property
+    def spec(self) -> Any:
+        """The wrapped step's spec (backends read options such as resources from it)."""
+        return getattr(self.task, "spec", None)
+
+    def __call__(self, *arguments: Any) -> Any:
+        outcome = self.task(*arguments)
+        if type(outcome) is Outcome and outcome.status == SUCCEEDED:
+            _store(self.cache, self.key, outcome.value, outcome.step)
+        return outcome
+
+
+class CommitStoreTask(StoreTask):
+    """A sink's commit; once it succeeded, the entries of its partitions and of itself."""
+
+    __slots__ = ("writers",)
+
+    def __init__(self, task: Any, cache: Cache, key: str, writers: tuple[str, ...]) -> None:
+        super().__init__(task, cache, key)
+        self.writers = writers
+
+    def __reduce__(self):
+        return (CommitStoreTask, (self.task, self.cache, self.key, self.writers))
+
+    def with_task(self, task: Any) -> CommitStoreTask:
+        return CommitStoreTask(task, self.cache, self.key, self.writers)
+
+    def __call__(self, parts: list[Any]) -> Any:
+        outcome = self.task(parts)
+        if type(outcome) is not Outcome or outcome.status != SUCCEEDED:
+            return outcome
+        files = []
+        for writer, part in zip(self.writers, parts):
+            path = part.value if type(part) is Outcome else part
+            stat = _stat(path)
+            if stat is None:
+                return outcome  # changed under us: leave it uncached
+            _store(self.cache, writer, (_SINK_ENTRY, path, *stat), outcome.step)
+            files.append((os.path.basename(path), *stat))
+        directory = os.path.dirname(parts_path(parts)) if parts else None
+        if directory is not None:
+            _store(self.cache, self.key, (_SINK_COMMIT, directory, files), outcome.step)
+        return outcome
+
+
+def parts_path(parts: list[Any]) -> str:
+    first = parts[0]
+    return first.value if type(first) is Outcome else first
+
+
+def _store(cache: Cache, key: str, value: Any, step: str) -> None:
+    try:
+        cache.store(key, value)
+    except CacheError as exc:  # the run goes on; the next one recomputes this task
+        log.warning("step %r: result not cached: %s", step, exc)

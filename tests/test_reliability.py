@@ -1,0 +1,313 @@
+"""Retries, timeouts, failure policies, dead workers, pickling checks and interrupts.
+
+Steps count their attempts in files (``pipelines.record``) because they run in
+other processes; waits are on marker files, never on sleeps.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import traceback
+from pathlib import Path
+
+import pandas as pd
+import psutil
+import pytest
+
+from flowyml import Pipeline, StepFailed, read_csv, step
+from flowyml.exceptions import NotPicklableError, StepTimeoutError, WorkerDiedError
+
+from . import pipelines
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def parts(tmp_path) -> Path:
+    folder = tmp_path / "parts"
+    pipelines.write_parts(folder, range(3))
+    return folder
+
+
+def rows_pipeline(folder: Path, name: str = "job") -> Pipeline:
+    return Pipeline(name).add_source("rows", read_csv(str(folder / "*.csv")))
+
+
+def expected_rows(folder: Path) -> pd.DataFrame:
+    return pd.concat(pd.read_csv(path) for path in sorted(folder.glob("*.csv")))
+
+
+# -- retries ------------------------------------------------------------------------------
+
+
+def test_retries_are_per_partition_and_counted(executor, parts, tmp_path):
+    pipeline = rows_pipeline(parts).add_step(
+        pipelines.flaky_double, params={"log_dir": str(tmp_path), "fail_parts": (1,), "failures": 2},
+        retries=2,
+    )
+    result = pipeline.run(executor=executor, progress=False)
+    want = expected_rows(parts)
+    pd.testing.assert_frame_equal(result["doubled"], want.assign(value=want["value"] * 2))
+    # Only the failing partition ran again: 3 attempts there, 1 elsewhere.
+    assert [pipelines.calls(tmp_path, f"flaky-{p}") for p in range(3)] == [1, 3, 1]
+    assert result.steps["flaky_double"].attempts == 3
+    assert result.steps["flaky_double"].status == "succeeded"
+    assert sorted(t.attempts for t in result.tasks if t.step == "flaky_double") == [1, 1, 3]
+
+
+def test_retries_exhausted_raise_with_the_last_attempt(executor, parts, tmp_path):
+    pipeline = rows_pipeline(parts).add_step(
+        pipelines.flaky_double, params={"log_dir": str(tmp_path), "fail_parts": (2,), "failures": 9},
+        retries=1, retry_delay=0.2,
+    )
+    with pytest.raises(StepFailed) as info:
+        pipeline.run(executor=executor, progress=False)
+    error = info.value
+    assert (error.step, error.partition, error.attempt) == ("flaky_double", 2, 2)
+    assert isinstance(error.__cause__, ConnectionError)
+    assert "flaky_double" in "".join(traceback.format_tb(error.__cause__.__traceback__))
+    stamps = [float(line.split()[1]) for line in (tmp_path / "flaky-2").read_text().splitlines()]
+    assert len(stamps) == 2 and stamps[1] - stamps[0] >= 0.2  # retry_delay was waited
+
+
+# -- timeouts -----------------------------------------------------------------------------
+
+
+def test_timeout_fails_the_attempt_and_retries(executor, parts, tmp_path):
+    release = tmp_path / "release"
+    pipeline = rows_pipeline(parts).add_step(
+        pipelines.overrun_first, params={"log_dir": str(tmp_path), "release": str(release)},
+        timeout=1.0, retries=1,
+    )
+    try:
+        result = pipeline.run(executor=executor, progress=False)
+    finally:
+        release.touch()  # threads that cannot be killed (sync/thread/distributed) end now
+    pd.testing.assert_frame_equal(result["waited"], expected_rows(parts))
+    assert result.steps["overrun_first"].attempts == 2
+    if executor.backend == "process":  # the overrunning attempt's process was killed
+        for part in range(3):
+            pid = int((tmp_path / f"overrun-pid-{part}").read_text())
+            assert not _alive(pid)
+
+
+def test_timeout_exhausted_on_process_kills_and_names_the_step(tmp_path):
+    from flowyml import ParallelExecutor
+
+    pipeline = Pipeline("slow").add_step(pipelines.overrun_always, params={"log_dir": str(tmp_path)},
+                                         timeout=0.5, retries=1)
+    start = time.perf_counter()
+    with ParallelExecutor(max_workers=1, backend="process") as executor:
+        with pytest.raises(StepFailed) as info:
+            pipeline.run(executor=executor, progress=False)
+        elapsed = time.perf_counter() - start
+    assert isinstance(info.value.__cause__, StepTimeoutError)
+    assert "overrun_always" in str(info.value) and "timeout of 0.5s" in str(info.value)
+    assert info.value.attempt == 2
+    pids = [int((tmp_path / f"always-pid-{n}").read_text()) for n in (1, 2)]
+    assert not any(_alive(pid) for pid in pids)
+    assert elapsed < 20  # the 60 s sleeps were cut short
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+# -- on_failure ----------------------------------------------------------------------------
+
+
+def test_continue_reports_partial_failures_and_keeps_finished_outputs(executor, parts, tmp_path):
+    pipeline = (
+        rows_pipeline(parts)
+        .add_step(pipelines.flaky_double, params={"log_dir": str(tmp_path), "fail_parts": (1,), "failures": 5})
+        .add_step(pipelines.side_branch)
+        .add_step(pipelines.count_rows, inputs=["doubled"], outputs=["rows_per_part"])
+    )
+    result = pipeline.run(executor=executor, on_failure="continue", progress=False)
+    assert not result.success
+    assert result.steps["flaky_double"].status == "failed"
+    assert result.steps["count_rows"].status == "skipped"
+    assert result.steps["side_branch"].status == "succeeded"
+    assert result.outputs == {"side": len(expected_rows(parts))}
+    failure = result.failures["flaky_double"]
+    assert failure.partition == 1
+    assert "ConnectionError: part 1: attempt 1" in result.steps["flaky_double"].traceback
+    assert "flaky_double" in result.steps["flaky_double"].traceback
+    statuses = {t.partition: t.status for t in result.tasks if t.step == "flaky_double"}
+    assert statuses == {0: "succeeded", 1: "failed", 2: "succeeded"}
+    skipped = {t.partition: t.status for t in result.tasks if t.step == "count_rows"}
+    assert skipped == {0: "succeeded", 1: "skipped", 2: "succeeded"}
+
+
+def test_raise_waits_for_running_tasks(executor, tmp_path):
+    if executor.backend == "sync":
+        pytest.skip("one task at a time: nothing else runs when a step fails")
+    if executor.backend == "distributed":
+        pytest.skip("client.get returns at the first error; running tasks finish on the cluster")
+    pipeline = (
+        Pipeline("settle")
+        .add_step(pipelines.slow_sibling, params={"log_dir": str(tmp_path)})
+        .add_step(pipelines.fail_when_sibling_runs, params={"log_dir": str(tmp_path)})
+    )
+    with pytest.raises(StepFailed, match="fail_when_sibling_runs"):
+        pipeline.run(executor=executor, progress=False)
+    # run() returned only once the sibling, running when the failure came, had finished.
+    assert pipelines.calls(tmp_path, "sibling-done") == 1
+
+
+# -- dead workers ----------------------------------------------------------------------------
+
+
+def dying_pipeline(folder: Path, log_dir: Path, how: str, deaths: int, retries: int) -> Pipeline:
+    return (
+        rows_pipeline(folder, "dying")
+        .add_step(pipelines.counted, params={"log_dir": str(log_dir)})
+        .add_step(pipelines.die_then_sum, params={"log_dir": str(log_dir), "how": how, "deaths": deaths},
+                  retries=retries)
+        .add_step(pipelines.after_total)
+        .add_step(pipelines.side_branch)
+    )
+
+
+def process_or_distributed(executor) -> None:
+    if executor.backend in ("sync", "thread"):
+        pytest.skip("the step runs in the driver's own process: its death is the driver's")
+
+
+def test_dead_worker_is_retried_and_finished_work_is_kept(executor, parts, tmp_path):
+    process_or_distributed(executor)
+    result = dying_pipeline(parts, tmp_path, "exit", deaths=1, retries=1).run(executor=executor, progress=False)
+    assert result["after_total"] == int(expected_rows(parts)["value"].sum()) + 1
+    assert pipelines.calls(tmp_path, "die") == 2
+    counts = [pipelines.calls(tmp_path, f"counted-{p}") for p in range(3)]
+    if executor.backend == "process":
+        # The partitions that had finished before the death were not computed again.
+        assert counts == [1, 1, 1]
+        assert result.steps["die_then_sum"].attempts == 2
+    else:  # distributed recomputes what the dead worker held in memory, once
+        assert all(1 <= count <= 2 for count in counts)
+
+
+def test_dead_worker_without_retries_names_step_and_cause(parts, tmp_path, executor):
+    if executor.backend != "process":
+        pytest.skip("distributed reruns lost tasks itself; sync/thread die with the driver")
+    with pytest.raises(StepFailed) as info:
+        dying_pipeline(parts, tmp_path, "segfault", deaths=1, retries=0).run(executor=executor, progress=False)
+    error = info.value
+    assert error.step == "die_then_sum" and error.attempt == 1
+    assert isinstance(error.__cause__, WorkerDiedError)
+    assert "SIGSEGV" in str(error) and "die_then_sum" in str(error)
+    # The pool was rebuilt: the executor runs the next pipeline.
+    assert pipelines.parallel_processing(2).run(executor=executor, progress=False)["chunk_1"] == "processed_1"
+
+
+def test_dead_worker_with_continue_skips_dependents(parts, tmp_path, executor):
+    if executor.backend != "process":
+        pytest.skip("distributed reruns lost tasks itself; sync/thread die with the driver")
+    result = dying_pipeline(parts, tmp_path, "kill", deaths=5, retries=0).run(
+        executor=executor, on_failure="continue", progress=False
+    )
+    assert result.steps["die_then_sum"].status == "failed"
+    assert result.steps["after_total"].status == "skipped"
+    assert result.outputs == {"side": len(expected_rows(parts))}
+    assert "SIGKILL" in result.steps["die_then_sum"].traceback
+    assert isinstance(result.failures["die_then_sum"].__cause__, WorkerDiedError)
+
+
+# -- pickling ----------------------------------------------------------------------------------
+
+
+def test_unpicklable_step_param_or_input_is_named_before_anything_runs(executor, tmp_path):
+    lock = threading.Lock()
+
+    def locked_touch(path):
+        with lock:
+            Path(path).write_text("ran")
+        return path
+
+    marker = tmp_path / "ran"
+    cases = {
+        "function": Pipeline("closure").add_step(step(locked_touch), params={"path": str(marker)}),
+        "param": Pipeline("param").add_step(pipelines.add, name="adder", params={"a": lock, "b": 1}),
+        "input": Pipeline("input").add_step(pipelines.total, inputs=["numbers"]),
+    }
+    for what, pipeline in cases.items():
+        inputs = {"numbers": lock} if what == "input" else None
+        if executor.backend in ("process", "distributed"):
+            with pytest.raises(NotPicklableError) as info:
+                pipeline.run(inputs, executor=executor, progress=False)
+            message = str(info.value)
+            expected = {"function": "step 'locked_touch'", "param": "param 'a'", "input": "input 'numbers'"}
+            assert expected[what] in message and "lock" in message
+            assert not marker.exists()  # checked before any task started
+        elif what == "function":  # sync and thread do not pickle: it just runs
+            assert pipeline.run(executor=executor, progress=False)["locked_touch"] == str(marker)
+
+
+# -- interrupts ----------------------------------------------------------------------------------
+
+SLOW_PIPELINE = """
+    import os, time
+    from flowyml import Pipeline, read_csv, step, write_parquet
+
+    HERE = {here!r}
+
+    @step(inputs=["rows"], outputs=["frames"], per_partition=True)
+    def slow(frame):
+        if frame["part"].iloc[0] == 1:  # partition 0 is written; this one never ends
+            with open(os.path.join(HERE, "started"), "w") as stream:
+                stream.write(str(os.getpid()))
+            time.sleep(300)
+        return frame
+
+    pipeline = (
+        Pipeline("slow")
+        .add_source("rows", read_csv(os.path.join(HERE, "parts", "*.csv")))
+        .add_step(slow)
+        .add_step(write_parquet(os.path.join(HERE, "out"), input="frames"))
+    )
+"""
+
+
+@pytest.mark.parametrize(
+    "backend, signum",
+    [("process", signal.SIGINT), ("process", signal.SIGTERM), ("thread", signal.SIGINT), ("sync", signal.SIGTERM)],
+)
+def test_interrupt_stops_workers_and_leaves_no_partial_output(tmp_path, backend, signum):
+    pipelines.write_parts(tmp_path / "parts", range(2))
+    script = tmp_path / "slow_job.py"
+    script.write_text(textwrap.dedent(SLOW_PIPELINE.format(here=str(tmp_path))))
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    child = subprocess.Popen(
+        [sys.executable, "-m", "flowyml", "run", str(script), "--backend", backend, "--workers", "2",
+         "--no-progress"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        started = tmp_path / "started"
+        deadline = time.time() + 60
+        while not started.exists():  # the slow step is running: now interrupt
+            assert child.poll() is None, child.communicate()
+            assert time.time() < deadline, "the slow step never started"
+            time.sleep(0.02)
+        descendants = psutil.Process(child.pid).children(recursive=True)
+        child.send_signal(signum)
+        out, err = child.communicate(timeout=60)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    assert child.returncode == 128 + signum, err
+    assert "interrupted" in err
+    _, alive = psutil.wait_procs(descendants, timeout=15)
+    assert alive == [], f"left behind: {alive}"
+    leftovers = sorted(name for name in os.listdir(tmp_path) if name not in ("parts", "slow_job.py", "started"))
+    assert leftovers == [] or leftovers == [".out.flowyml-lock"], leftovers  # no output, no staging
