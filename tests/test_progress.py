@@ -180,7 +180,7 @@ def test_disabled_progress_is_thread_safe_and_logs_exactly_once(caplog):
         worker.join()
     progress.close()
     assert progress.done == threads * per_thread
-    assert caplog.messages == [m for m in caplog.messages if m.startswith("step 's' succeeded: 16000 partitions")]
+    assert caplog.messages == [m for m in caplog.messages if m.startswith("step 's' succeeded: 16000 tasks")]
     assert len(caplog.messages) == 1
 
 
