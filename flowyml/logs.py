@@ -180,9 +180,11 @@ def install_forwarding(send: Send, level: int, worker: str) -> Callable[[], None
     """Forward records and printed lines made inside flowyml tasks in this process.
 
     Adds a handler to the root logger, lowers the root level to ``level``
-    when it is higher (else records of loggers without a level of their own
-    would be dropped before any handler), and wraps ``sys.stdout`` and
-    ``sys.stderr``. Returns a function that undoes all of it.
+    when it is higher and the root logger has no handler yet (else records of
+    loggers without a level of their own would be dropped before any handler;
+    a root logger with handlers was configured by someone, whose level
+    stands), and wraps ``sys.stdout`` and ``sys.stderr``. Returns a function
+    that undoes all of it.
 
     Parameters
     ----------
@@ -196,8 +198,11 @@ def install_forwarding(send: Send, level: int, worker: str) -> Callable[[], None
     root = logging.getLogger()
     handler = _ForwardingHandler(send, level, worker)
     old_level = root.level
+    # Only where nobody configured the root logger (a worker process): in a
+    # driver hosting in-process workers, the user's level stands.
+    lowered = root.level > level and not root.handlers
     root.addHandler(handler)
-    if root.level > level:
+    if lowered:
         root.setLevel(level)
     old_out, old_err = sys.stdout, sys.stderr
     sys.stdout = new_out = _TaskStream(old_out, handler, logging.INFO)
@@ -206,7 +211,7 @@ def install_forwarding(send: Send, level: int, worker: str) -> Callable[[], None
     def uninstall() -> None:
         handler.active = False  # a stream wrapped again since stays in place, but inert
         root.removeHandler(handler)
-        if root.level == level:
+        if lowered and root.level == level:
             root.setLevel(old_level)
         if sys.stdout is new_out:
             sys.stdout = old_out

@@ -116,9 +116,9 @@ def _publish(outcome: Outcome, run_id: str) -> None:
         event = [*fields, error]  # msgpack-able
         # The distributed backend's worker plugin sends events in batches
         # (``flowyml.executors.distributed.FlowymlPlugin``); without it, one by one.
-        plugin = worker.plugins.get("flowyml")
-        if plugin is not None:
-            plugin.publish(f"flowyml-{run_id}", event)
+        publish = getattr(worker.plugins.get("flowyml"), "publish", None)
+        if publish is not None:
+            publish(f"flowyml-{run_id}", event)
         else:
             worker.log_event(f"flowyml-{run_id}", event)
 

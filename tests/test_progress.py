@@ -137,7 +137,7 @@ def test_steps_without_a_known_count_are_logged_at_close(caplog):
         for _ in range(3):
             progress.finish("x")
         assert caplog.messages == []
-    assert len(caplog.messages) == 1 and caplog.messages[0].startswith("step 'x' succeeded: 3 partitions")
+    assert len(caplog.messages) == 1 and caplog.messages[0].startswith("step 'x' succeeded: 3 tasks")
 
 
 def test_enabled_bar_counts_tasks_from_many_threads():

@@ -73,7 +73,7 @@ PLUGIN_NAME = "flowyml"
 FLUSH_DELAY = 0.02
 
 #: Seconds to wait, after the results are in, for the last batches of events.
-CATCH_UP_TIMEOUT = 5.0
+CATCH_UP_TIMEOUT = 2.0
 
 
 class FlowymlPlugin(WorkerPlugin):
@@ -171,9 +171,9 @@ class DistributedBackend(Backend):
 
     def open(self) -> None:
         with self._lock:
-            self._opened += 1
             if self._client is None:
                 self._connect()
+            self._opened += 1  # only once connected: a failed open needs no close
 
     def _connect(self) -> None:
         from distributed import Client, LocalCluster
@@ -239,15 +239,16 @@ class DistributedBackend(Backend):
     # -- one run ----------------------------------------------------------------------
 
     def execute(self, dsk: Mapping, keys: Sequence[Hashable], hooks: RunHooks) -> list[Any]:
-        if self._client is None:
-            self.open()
+        with self._lock:
+            if self._client is None:  # called outside ``open``: connect for this and later runs
+                self._connect()
         client = self._client
         run = _RunEvents(client, hooks, self.key_suffix(hooks.run_id))
         window = _PerformanceWindow(client) if self.performance_report else None
         run.subscribe()
         try:
             values = list(client.get(_graph(dsk, hooks.run_id), list(keys), sync=True))
-            run.wait_for(len(dsk))  # every task reports once; the last batches may be in flight
+            run.wait_for(_reporting_tasks(dsk))  # the last batches of events may be in flight
             return values
         except Exception as exc:
             if type(exc).__name__ == "KilledWorker":
@@ -266,12 +267,17 @@ def _graph(dsk: Mapping, run_id: str) -> Any:
     Built here with the run id as its token: ``client.get`` would otherwise
     hash every task (pickling each flowyml task object) just to name it.
     """
-    from dask._expr import HLGExpr, LLGExpr
+    from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 
+    try:
+        from dask._expr import HLGExpr, LLGExpr
+    except ImportError:  # a Dask whose expressions moved: client.get takes the graph as is
+        HLGExpr = LLGExpr = None
+
+    dsk = dsk if isinstance(dsk, dict) else dict(dsk)
     restricted = _resources_by_key(dsk)
     if not restricted:
-        return LLGExpr(dict(dsk), _determ_token=f"flowyml-{run_id}")
-    from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
+        return dsk if LLGExpr is None else LLGExpr(dsk, _determ_token=f"flowyml-{run_id}")
 
     layers: dict[str, MaterializedLayer] = {}
     groups: dict[tuple, dict] = {}
@@ -288,7 +294,12 @@ def _graph(dsk: Mapping, run_id: str) -> Any:
             tasks, annotations={"resources": dict(resources)}
         )
     hlg = HighLevelGraph(layers, {name: set() for name in layers})
-    return HLGExpr(dsk=hlg, _determ_token=f"flowyml-{run_id}")
+    return hlg if HLGExpr is None else HLGExpr(dsk=hlg, _determ_token=f"flowyml-{run_id}")
+
+
+def _reporting_tasks(dsk: Mapping) -> int:
+    """How many tasks publish an outcome: flowyml's own (they carry the run id)."""
+    return sum(1 for task in dsk.values() if isinstance(task, tuple) and task and hasattr(task[0], "run_id"))
 
 
 def _resources_by_key(dsk: Mapping) -> dict[Hashable, Mapping[str, float]]:
