@@ -145,7 +145,7 @@ def _task_keys(dsk: Mapping[Key, Any], sinks: set[str]) -> dict[Key, Any]:
 
     ``dsk`` is in dependency order (compile adds producers first).
     """
-    fingerprints: dict[str, str | None] = {}
+    fingerprints: dict[int, str] = {}
     keys: dict[Key, Any] = {}
     unencodable: set[str] = set()
     for key, task in dsk.items():
@@ -173,10 +173,13 @@ def _task_keys(dsk: Mapping[Key, Any], sinks: set[str]) -> dict[Key, Any]:
         else:
             keys[key] = None
             continue
-        if name not in fingerprints:
-            fingerprints[name] = code_fingerprint(target)
+        # By function: one function added as many steps is fingerprinted once
+        # (ids are stable here: the plan holds every function until the run ends).
+        fingerprint = fingerprints.get(id(target))
+        if fingerprint is None:
+            fingerprint = fingerprints[id(target)] = code_fingerprint(target)
         try:
-            keys[key] = task_key(fingerprints[name], params, inputs)
+            keys[key] = task_key(fingerprint, params, inputs)
         except CacheError as exc:
             keys[key] = None
             if name not in unencodable:

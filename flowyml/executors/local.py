@@ -254,6 +254,16 @@ class ProcessBackend(_PoolBackend):
         with _main_module_hidden():
             futures = [pool.submit(_ready) for _ in range(self.max_workers)]
         for _ in range(self.max_workers):
+            while not ready._reader.poll(0.5):  # a worker that dies while starting must not hang us
+                if pool._broken:
+                    pool.shutdown(wait=True, cancel_futures=True)
+                    from ..exceptions import BackendError
+
+                    raise BackendError(
+                        "a worker process of the process backend died while starting "
+                        "(out of memory, or a crash importing the modules it needs?); try fewer "
+                        "max_workers, or backend='thread' to see the error in this process"
+                    )
             ready.get()
         wait(futures)
         self._processes = dict(pool._processes)  # kept: a broken pool forgets them
