@@ -188,6 +188,9 @@ class Progress:
         self._postfix = ""
         self._closed = False
         self._bar = self._make_bar(file) if self.enabled else None
+        # No bar and a logger that would drop the step lines (a library's default):
+        # nothing to show, so events only count, without the lock or the tallies.
+        self._silent = self._bar is None and not logger.isEnabledFor(logging.INFO)
         self._stop_ticker = threading.Event()
         self._ticker: threading.Thread | None = None
         if self._bar is not None:
@@ -222,6 +225,8 @@ class Progress:
 
     def start(self, key_step: str) -> None:
         """A task of step ``key_step`` started running."""
+        if self._silent:
+            return
         now = time.perf_counter()
         with self._lock:
             tally = self._tally(key_step, now)
@@ -231,6 +236,9 @@ class Progress:
 
     def finish(self, step: str, status: str = "succeeded") -> None:
         """One task of ``step`` ended: ``succeeded``, ``failed``, ``cached`` or ``skipped``."""
+        if self._silent:
+            self._done += 1
+            return
         now = time.perf_counter()
         message = None
         with self._lock:
