@@ -22,14 +22,35 @@ def _executors():
         executor.close()
 
 
-@pytest.fixture(params=BACKENDS)
-def executor(request, _executors) -> ParallelExecutor:
-    name = request.param
-    if name not in _executors:
+def _open(name: str, opened: dict) -> ParallelExecutor:
+    if name not in opened:
         executor = ParallelExecutor(max_workers=2, backend=name)
         executor.__enter__()
-        _executors[name] = executor
-    return _executors[name]
+        opened[name] = executor
+    return opened[name]
+
+
+@pytest.fixture(params=BACKENDS)
+def executor(request, _executors) -> ParallelExecutor:
+    return _open(request.param, _executors)
+
+
+@pytest.fixture(params=["thread", "process"])
+def pooled_executor(request, _executors) -> ParallelExecutor:
+    """Backends where several tasks run at once and the driver waits for them."""
+    return _open(request.param, _executors)
+
+
+@pytest.fixture(params=["process", "distributed"])
+def worker_executor(request, _executors) -> ParallelExecutor:
+    """Backends whose steps run in worker processes that can die on their own."""
+    return _open(request.param, _executors)
+
+
+@pytest.fixture
+def process_executor(_executors) -> ParallelExecutor:
+    """The process backend: its pool, not Dask, recovers from a dead worker."""
+    return _open("process", _executors)
 
 
 @pytest.fixture

@@ -148,11 +148,10 @@ def test_continue_reports_partial_failures_and_keeps_finished_outputs(executor, 
     assert skipped == {0: "succeeded", 1: "skipped", 2: "succeeded"}
 
 
-def test_raise_waits_for_running_tasks(executor, tmp_path):
-    if executor.backend == "sync":
-        pytest.skip("one task at a time: nothing else runs when a step fails")
-    if executor.backend == "distributed":
-        pytest.skip("client.get returns at the first error; running tasks finish on the cluster")
+def test_raise_waits_for_running_tasks(pooled_executor, tmp_path):
+    # sync runs one task at a time; on distributed, client.get returns at the first
+    # error and the running tasks finish on the cluster (docs/reliability.md).
+    executor = pooled_executor
     pipeline = (
         Pipeline("settle")
         .add_step(pipelines.slow_sibling, params={"log_dir": str(tmp_path)})
@@ -178,13 +177,9 @@ def dying_pipeline(folder: Path, log_dir: Path, how: str, deaths: int, retries: 
     )
 
 
-def process_or_distributed(executor) -> None:
-    if executor.backend in ("sync", "thread"):
-        pytest.skip("the step runs in the driver's own process: its death is the driver's")
-
-
-def test_dead_worker_is_retried_and_finished_work_is_kept(executor, parts, tmp_path):
-    process_or_distributed(executor)
+def test_dead_worker_is_retried_and_finished_work_is_kept(worker_executor, parts, tmp_path):
+    # On sync and thread a step runs in the driver's own process: its death is the driver's.
+    executor = worker_executor
     result = dying_pipeline(parts, tmp_path, "exit", deaths=1, retries=1).run(executor=executor, progress=False)
     assert result["after_total"] == int(expected_rows(parts)["value"].sum()) + 1
     assert pipelines.calls(tmp_path, "die") == 2
@@ -197,9 +192,9 @@ def test_dead_worker_is_retried_and_finished_work_is_kept(executor, parts, tmp_p
         assert all(1 <= count <= 2 for count in counts)
 
 
-def test_dead_worker_without_retries_names_step_and_cause(parts, tmp_path, executor):
-    if executor.backend != "process":
-        pytest.skip("distributed reruns lost tasks itself; sync/thread die with the driver")
+def test_dead_worker_without_retries_names_step_and_cause(parts, tmp_path, process_executor):
+    # distributed reruns lost tasks itself (tests/test_distributed.py covers it).
+    executor = process_executor
     with pytest.raises(StepFailed) as info:
         dying_pipeline(parts, tmp_path, "segfault", deaths=1, retries=0).run(executor=executor, progress=False)
     error = info.value
@@ -210,9 +205,8 @@ def test_dead_worker_without_retries_names_step_and_cause(parts, tmp_path, execu
     assert pipelines.parallel_processing(2).run(executor=executor, progress=False)["chunk_1"] == "processed_1"
 
 
-def test_dead_worker_with_continue_skips_dependents(parts, tmp_path, executor):
-    if executor.backend != "process":
-        pytest.skip("distributed reruns lost tasks itself; sync/thread die with the driver")
+def test_dead_worker_with_continue_skips_dependents(parts, tmp_path, process_executor):
+    executor = process_executor
     result = dying_pipeline(parts, tmp_path, "kill", deaths=5, retries=0).run(
         executor=executor, on_failure="continue", progress=False
     )
