@@ -5,7 +5,8 @@ workers, in one process, alternating repeats so that drift on a shared
 machine hits both sides alike:
 
 - by hand: ``client.get`` on a plain dict graph of ``N`` independent no-op
-  tasks ``("noop", i)`` and one fan-in task that takes them all;
+  tasks and one fan-in task that takes them all, keyed as flowyml keys the
+  shape below (``("noop", i)``, or ``"noop_i"`` for separate steps);
 - flowyml, two shapes of that graph, each timed around ``pipeline.run``
   (planning, compiling, submitting, task events, building the result;
   building the pipeline is not timed):
@@ -81,10 +82,18 @@ class NoopSource:
         return [NoopPart(i) for i in range(self.count)]
 
 
-def hand_graph(n: int) -> dict:
-    """N independent no-op tasks and one fan-in, as a plain Dask graph."""
-    dsk = {("noop", i): (noop, i) for i in range(n)}
-    dsk["fan_in"] = (fan_in_list, [("noop", i) for i in range(n)])
+def hand_graph(n: int, shape: str) -> dict:
+    """N independent no-op tasks and one fan-in, as a plain Dask graph, keyed as flowyml keys them.
+
+    ``partitions``: ``("noop", i)``, one task prefix; ``steps``: ``"noop_i"``,
+    one prefix per step, as flowyml names a step's task after the step. Dask
+    itself pays for many prefixes (about 2x per task here at N = 3,000: its
+    per-prefix duration estimates start unknown, which drives work stealing),
+    so each shape is compared with its own hand-built twin.
+    """
+    keys = [("noop", i) for i in range(n)] if shape == "partitions" else [f"noop_{i}" for i in range(n)]
+    dsk = {key: (noop, i) for i, key in enumerate(keys)}
+    dsk["fan_in"] = (fan_in_list, keys)
     return dsk
 
 
@@ -98,9 +107,9 @@ def flowyml_pipeline(n: int, shape: str) -> Pipeline:
     return pipeline.add_step(step(fan_in, name="fan_in", inputs=[f"noop_{i}" for i in range(n)]))
 
 
-def time_by_hand(client: Client, n: int) -> float:
+def time_by_hand(client: Client, n: int, shape: str) -> float:
     start = time.perf_counter()
-    value = client.get(hand_graph(n), "fan_in")
+    value = client.get(hand_graph(n, shape), "fan_in")
     elapsed = time.perf_counter() - start
     assert value == n, value
     return elapsed
@@ -132,11 +141,11 @@ def main(argv: list[str] | None = None) -> int:
             for n in args.sizes:
                 for shape in args.shapes:
                     pipeline = flowyml_pipeline(n, shape)
-                    time_by_hand(client, n)  # warm both paths (imports, worker caches)
+                    time_by_hand(client, n, shape)  # warm both paths (imports, worker caches)
                     time_flowyml(executor, pipeline, n)
                     hand, ours = [], []
                     for _ in range(args.repeats):
-                        hand.append(time_by_hand(client, n))
+                        hand.append(time_by_hand(client, n, shape))
                         ours.append(time_flowyml(executor, pipeline, n))
                     rows.append((shape, n, statistics.median(hand), statistics.median(ours)))
                     print(f"  {shape} N={n}: by hand {_fmt(hand)}; flowyml {_fmt(ours)}", flush=True)
