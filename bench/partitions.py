@@ -36,8 +36,11 @@ import pandas as pd
 import psutil
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent))
+# Run as a script, this folder comes first on sys.path, where bench/distributed.py
+# would shadow the distributed package: the repo root goes there instead, and
+# this folder (for datagen) after site-packages.
+sys.path[0] = str(HERE.parent)
+sys.path.append(str(HERE))
 
 from datagen import make_csv_dataset, make_parquet_dataset  # noqa: E402
 
