@@ -37,7 +37,10 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 # Worker processes (spawned) inherit sys.path: they import ``workload`` and ``flowyml`` from here.
-sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+# The script's own folder (sys.path[0]) would let bench/distributed.py shadow the
+# distributed package: the repo root takes its place, bench/ goes last.
+sys.path[0] = str(ROOT)
+sys.path.append(str(ROOT / "bench"))
 
 import dask  # noqa: E402
 import dask.local  # noqa: E402
