@@ -750,14 +750,7 @@ class Cache:
             Missing, truncated, corrupt or unreadable entry. The caller recomputes
             (and its ``store`` replaces the bad entry).
         """
-        path = self.entry_path(key)
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            raise CacheError(f"no cache entry for key {key} in {self.directory}") from None
-        except OSError as exc:
-            raise CacheError(f"cache entry {path} cannot be read: {exc}") from exc
-        header, payload = _parse_entry(data, path, key)
+        path, header, payload = self._read(key)
         try:
             if header["format"] == "parquet":
                 return pd.read_parquet(io.BytesIO(payload), engine="pyarrow")
@@ -806,6 +799,10 @@ class Cache:
 
         Raises :class:`CacheError` as :meth:`load` does.
         """
+        return self._read(key)[1]
+
+    def _read(self, key: str) -> tuple[pathlib.Path, dict[str, Any], bytes]:
+        """The entry's path, checked header and payload; CacheError when missing or damaged."""
         path = self.entry_path(key)
         try:
             data = path.read_bytes()
@@ -813,7 +810,8 @@ class Cache:
             raise CacheError(f"no cache entry for key {key} in {self.directory}") from None
         except OSError as exc:
             raise CacheError(f"cache entry {path} cannot be read: {exc}") from exc
-        return _parse_entry(data, path, key)[0]
+        header, payload = _parse_entry(data, path, key)
+        return path, header, payload
 
     # -- updates
 
