@@ -25,7 +25,6 @@ import gc
 import logging
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import time
@@ -362,7 +361,7 @@ def breakdown(n: int, repeats: int) -> None:
         marks.append(("plan", clock()))
         graph = compile_plan(plan, run_id="bench", mode=RAISE)
         marks.append(("compile", clock()))
-        recorder = RunRecorder(graph, plan, False, pipeline.name)
+        recorder = RunRecorder(graph, False, pipeline.name)
         dask.local.get_sync(graph.dsk, graph.output_keys, callbacks=dask_callbacks(recorder))
         marks.append(("execute (Dask + tasks + hooks)", clock()))
         recorder.step_results(), recorder.task_records()
@@ -488,7 +487,7 @@ def main(argv: list[str] | None = None) -> None:
         overhead_table(backends, sizes, args.quick, args.full)
         print("* reference row: raw Dask with its own defaults, pool start-up included")
     if "breakdown" not in skip:
-        print(f"\n== where the time goes: sync, fan-in N=1,000, CPU us per task, best of 5")
+        print("\n== where the time goes: sync, fan-in N=1,000, CPU us per task, best of 5")
         breakdown(1_000, 5)
     if "build" not in skip:
         print("\n== building + compiling a fan-in pipeline of 10,000 no-op steps")

@@ -77,7 +77,7 @@ def run_pipeline(
         cached = None
         if cache is not None:  # after a corrupt entry, check the others in full (verify=)
             cached = plan_cached_run(graph, plan, cache, run_id, mode, verify=round_number > 0)
-        earlier, recorder = recorder, RunRecorder(graph, plan, progress, pipeline.name)
+        earlier, recorder = recorder, RunRecorder(graph, progress, pipeline.name)
         dsk = graph.dsk
         if cached is not None:
             dsk = cached.dsk
@@ -195,12 +195,11 @@ class RunRecorder:
     Dask itself spends only about 20 us a task.
     """
 
-    def __init__(self, graph: CompiledGraph, plan: Plan, progress: bool | None, name: str) -> None:
+    def __init__(self, graph: CompiledGraph, progress: bool | None, name: str) -> None:
         from .progress import Progress
 
         self.run_id = graph.run_id
         self._graph = graph
-        self._plan = plan
         self._step_of = graph.task_step()
         self._key_for: dict[tuple[str, int | None], Hashable] | None = None  # built on first report
         # Written from the scheduler's thread only, except task_reported (after a

@@ -6,8 +6,6 @@ Real files in ``tmp_path``; cross-process claims are checked with real processes
 
 from __future__ import annotations
 
-import dataclasses
-import datetime as dt
 import importlib.util
 import json
 import multiprocessing

@@ -150,7 +150,7 @@ def test_reported_outcomes_find_their_keys():
     pipeline = fan_in(3)
     plan = pipeline.plan()
     graph = compile_plan(plan, run_id="r1", mode=RAISE, key_suffix="-r1")
-    recorder = RunRecorder(graph, plan, False, "fan_in")
+    recorder = RunRecorder(graph, False, "fan_in")
     recorder.task_reported(Outcome(None, "s1", None, "succeeded", 1, 1.0, 2.0, "w1"))
     recorder.task_reported(Outcome(None, "combine", None, "failed", 2, 3.0, 4.0, "w2"))
     recorder.task_reported(Outcome(None, "unknown", None, "succeeded", 1, 5.0, 6.0, "w1"))
