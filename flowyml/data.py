@@ -41,8 +41,10 @@ import io
 import os
 import re
 import shutil
+import threading
 import time
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Iterator, Sequence
 
@@ -797,19 +799,20 @@ def write_partition(df: Any, directory: str | os.PathLike[str], run_id: str, ind
     frame = _as_frame(df, fmt, index)
     target = _output_path(directory)
     staging = _staging_dir(target, run_id)
-    os.makedirs(staging, exist_ok=True)
     name = f"part-{index:05d}{suffix}"
-    temporary = os.path.join(staging, f".{name}.{uuid.uuid4().hex}.tmp")
-    try:
-        if fmt == "parquet":
-            frame.to_parquet(temporary)
-        else:
-            frame.to_csv(temporary, index=False)
-        os.replace(temporary, os.path.join(staging, name))
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(temporary)
-        raise
+    with _STAGING.writing(staging):
+        os.makedirs(staging, exist_ok=True)
+        temporary = os.path.join(staging, f".{name}.{uuid.uuid4().hex}.tmp")
+        try:
+            if fmt == "parquet":
+                frame.to_parquet(temporary)
+            else:
+                frame.to_csv(temporary, index=False)
+            os.replace(temporary, os.path.join(staging, name))
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.remove(temporary)
+            raise
     return os.path.join(target, name)
 
 
@@ -876,31 +879,86 @@ def restage_partition(path: str | os.PathLike[str], run_id: str) -> str:
     final = os.path.abspath(os.fspath(path))
     target, name = os.path.split(final)
     staging = _staging_dir(target, run_id)
-    os.makedirs(staging, exist_ok=True)
-    temporary = os.path.join(staging, f".{name}.{uuid.uuid4().hex}.tmp")
-    try:
+    with _STAGING.writing(staging):
+        os.makedirs(staging, exist_ok=True)
+        temporary = os.path.join(staging, f".{name}.{uuid.uuid4().hex}.tmp")
         try:
-            os.link(final, temporary)
-        except FileNotFoundError:
+            try:
+                os.link(final, temporary)
+            except FileNotFoundError:
+                raise
+            except OSError:  # another filesystem, or one without hard links
+                shutil.copy2(final, temporary)
+            os.replace(temporary, os.path.join(staging, name))
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.remove(temporary)
             raise
-        except OSError:  # another filesystem, or one without hard links
-            shutil.copy2(final, temporary)
-        os.replace(temporary, os.path.join(staging, name))
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(temporary)
-        raise
     return final
 
 
 def abort_output(directory: str | os.PathLike[str], run_id: str) -> None:
     """Remove this run's staging directory; the previous output is untouched.
 
-    A straggling attempt still writing after this (a timed-out thread) may
-    recreate it; such leftovers are removed by the next commit to
-    ``directory`` once they are a day old.
+    Writes of this run still in flight in this process (the ``sync`` and
+    ``thread`` backends, whose threads cannot be stopped) are waited for, up
+    to :data:`ABORT_WAIT_S` seconds, and none starts afterwards: a write that
+    outlasts the wait removes the directory itself when it ends. A straggling
+    attempt in another process (a ``distributed`` worker) may still recreate
+    it; such leftovers are removed by the next commit to ``directory`` once
+    they are a day old.
     """
-    shutil.rmtree(_staging_dir(_output_path(directory), run_id), ignore_errors=True)
+    _STAGING.abort(_staging_dir(_output_path(directory), run_id))
+
+
+# How long aborting a run waits for its partition writes already in flight.
+ABORT_WAIT_S = 30.0
+
+
+class _StagingGuard:
+    """Partition writes in flight per staging directory, and the runs aborted.
+
+    Aborting a run must not race its own writers: a thread still writing a
+    partition would recreate the staging directory after it was removed. A
+    writer registers for the length of its write and refuses to start once
+    the run is aborted; :meth:`abort` waits for the registered ones.
+    """
+
+    MAX_ABORTED = 1024  # remembered aborted runs (stragglers come soon after)
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._writing: dict[str, int] = {}
+        self._aborted: OrderedDict[str, None] = OrderedDict()
+
+    @contextlib.contextmanager
+    def writing(self, staging: str) -> Iterator[None]:
+        with self._changed:
+            if staging in self._aborted:
+                raise DataError(f"not writing into {_display_path(staging)}: its run was stopped")
+            self._writing[staging] = self._writing.get(staging, 0) + 1
+        try:
+            yield
+        finally:
+            with self._changed:
+                left = self._writing.pop(staging) - 1
+                if left:
+                    self._writing[staging] = left
+                elif staging in self._aborted:  # the abort stopped waiting: the last writer cleans up
+                    shutil.rmtree(staging, ignore_errors=True)
+                self._changed.notify_all()
+
+    def abort(self, staging: str) -> None:
+        with self._changed:
+            self._aborted[staging] = None
+            while len(self._aborted) > self.MAX_ABORTED:
+                self._aborted.popitem(last=False)
+            self._changed.wait_for(lambda: staging not in self._writing, timeout=ABORT_WAIT_S)
+            if staging not in self._writing:
+                shutil.rmtree(staging, ignore_errors=True)
+
+
+_STAGING = _StagingGuard()
 
 
 def _output_suffix(fmt: str) -> str:

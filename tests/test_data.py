@@ -487,6 +487,56 @@ def test_a_run_that_fails_before_commit_leaves_the_previous_output(tmp_path):
     assert {str(p): p.read_bytes() for p in out.iterdir()} == before
 
 
+def blocked_parquet_writes(monkeypatch):
+    """Make ``to_parquet`` stop half-way until released: (entered, release) events."""
+    entered, release = threading.Event(), threading.Event()
+    real_to_parquet = pd.DataFrame.to_parquet
+
+    def to_parquet(self, path, *args, **kwargs):
+        Path(path).write_bytes(b"PAR1 half")
+        entered.set()
+        assert release.wait(30), "the test never released the write"
+        real_to_parquet(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(pd.DataFrame, "to_parquet", to_parquet)
+    return entered, release
+
+
+def test_abort_waits_for_a_write_in_flight_and_no_write_starts_after(tmp_path, monkeypatch):
+    # The thread backend cannot stop a thread writing a partition when the run
+    # is interrupted: aborting must not let that write recreate the staging dir.
+    out = tmp_path / "out"
+    entered, release = blocked_parquet_writes(monkeypatch)
+    writer = threading.Thread(target=write_partition, args=(frames(1)[0], out, "run1", 0, "parquet"))
+    writer.start()
+    assert entered.wait(30)
+    aborter = threading.Thread(target=abort_output, args=(out, "run1"))
+    aborter.start()
+    aborter.join(0.2)
+    assert aborter.is_alive(), "abort_output returned while a partition was half-written"
+    release.set()
+    aborter.join(30)
+    writer.join(30)
+    assert staged(tmp_path) == [] and not out.exists()
+    with pytest.raises(DataError, match="run was stopped"):
+        write_partition(frames(1)[0], out, "run1", 1, "parquet")
+    assert staged(tmp_path) == []
+
+
+def test_a_write_outlasting_the_abort_removes_the_staging_dir_itself(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    monkeypatch.setattr(fdata, "ABORT_WAIT_S", 0.0)
+    entered, release = blocked_parquet_writes(monkeypatch)
+    writer = threading.Thread(target=write_partition, args=(frames(1)[0], out, "run1", 0, "parquet"))
+    writer.start()
+    assert entered.wait(30)
+    abort_output(out, "run1")  # gives up waiting at once
+    assert len(staged(tmp_path)) == 1
+    release.set()
+    writer.join(30)
+    assert staged(tmp_path) == [] and not out.exists()
+
+
 def test_a_failing_swap_restores_the_previous_output(tmp_path, monkeypatch):
     out = tmp_path / "out"
     before = {path: Path(path).read_bytes() for path in commit_first_run(out)}
