@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import contextvars
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 __all__ = ["TaskContext", "current_task"]
 
 
-@dataclass(frozen=True)
-class TaskContext:
+class TaskContext(NamedTuple):
     """The task being run: ``step`` name, ``partition`` (None for a whole step),
     ``attempt`` (1 for the first) and ``run_id`` (unique per ``Pipeline.run``)."""
 
@@ -30,14 +28,18 @@ class TaskContext:
     run_id: str
 
 
-_current: contextvars.ContextVar[TaskContext | None] = contextvars.ContextVar(
-    "flowyml_task", default=None
-)
+#: The running task, as a TaskContext or, set by the task wrappers on every
+#: call, as the plain tuple ``(step, partition, attempt, run_id)``: a tuple
+#: costs a tenth of a TaskContext, and most tasks never ask.
+_current: contextvars.ContextVar[tuple | None] = contextvars.ContextVar("flowyml_task", default=None)
 
 
 def current_task() -> TaskContext | None:
     """The task running in this thread, or None outside a flowyml task."""
-    return _current.get()
+    value = _current.get()
+    if value is None or type(value) is TaskContext:
+        return value
+    return TaskContext._make(value)
 
 
 @contextmanager

@@ -9,14 +9,15 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from functools import partial
 from collections.abc import Hashable, Iterable, Mapping
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 from .caching import StaleCacheEntry, open_cache, plan_cached_run, warn_stale
 from .compile import CompiledGraph, compile_plan, is_source
-from .exceptions import PipelineError, StepFailed
-from .result import PipelineResult, TaskRecord, step_results
+from .exceptions import PipelineError
+from .result import PipelineResult, StepResult, TaskRecord, step_results
 from .tasks import CONTINUE, RAISE, Outcome
 
 if TYPE_CHECKING:
@@ -116,7 +117,7 @@ def run_pipeline(
         duration_s=time.perf_counter() - start,
         outputs=collected,
         steps=recorder.step_results(),
-        tasks=recorder.task_records(),
+        tasks=partial(task_records, recorder.records()),  # built when first read
         dashboard_link=dashboard_link,
         extra_report_html=recorder.report_html(),
     )
@@ -205,8 +206,6 @@ class RunRecorder:
         # Written from the scheduler's thread only, except task_reported (after a
         # distributed run): a dict assignment is atomic, so no lock is needed.
         self._records: dict[Hashable, Outcome] = {}
-        self._folded: tuple[list[TaskRecord], dict[str, list[TaskRecord]], dict[str, StepFailed]] | None
-        self._folded = None
         self._report_html: list[str] = []
         counts = {step_name: len(keys) for step_name, keys in graph.step_keys.items()}
         self._progress = Progress(
@@ -234,7 +233,6 @@ class RunRecorder:
             outcome = Outcome(None, outcome.step, outcome.partition, outcome.status, outcome.attempts,
                               outcome.start, outcome.stop, outcome.worker, outcome.error)
         self._records[key] = outcome
-        self._folded = None
         self._progress.finish(outcome.step, outcome.status)
 
     def task_reported(self, outcome: Outcome) -> None:
@@ -248,7 +246,6 @@ class RunRecorder:
         first = self._records.setdefault(key, outcome) is outcome
         if not first:
             self._records[key] = outcome
-        self._folded = None
         if first:
             self._progress.finish(outcome.step, outcome.status)
 
@@ -276,44 +273,35 @@ class RunRecorder:
             if outcome.status != "cached":
                 self._records[key] = outcome
         self._report_html[:0] = earlier._report_html
-        self._folded = None
 
     def add_missing(self, outcomes: Mapping[Hashable, Outcome]) -> None:
         for key, outcome in outcomes.items():
             self.add_missing(dict(outcome.inner or ()))
             if key not in self._records:
                 self._records[key] = outcome
-                self._folded = None
+        
+    def records(self) -> dict[Hashable, Outcome]:
+        """Key -> the task's Outcome (without its value)."""
+        return self._records
 
     def unsuccessful_keys(self) -> set[Hashable]:
         return {key for key, o in self._records.items() if o.status in ("failed", "skipped")}
 
-    def _fold(self) -> tuple[list[TaskRecord], dict[str, list[TaskRecord]], dict[str, StepFailed]]:
-        """Task records in start order, grouped by step, and each step's first error: built once."""
-        if self._folded is None:
-            ordered = sorted(self._records.items(), key=lambda item: item[1].start)
-            tasks = [_task_record(key, outcome) for key, outcome in ordered]
-            by_step: dict[str, list[TaskRecord]] = {}
-            errors: dict[str, StepFailed] = {}
-            for record, (_, outcome) in zip(tasks, ordered):
-                group = by_step.get(record.step)
-                if group is None:
-                    by_step[record.step] = [record]
-                else:
-                    group.append(record)
-                if outcome.error is not None:
-                    errors.setdefault(outcome.step, outcome.error)
-            self._folded = (tasks, by_step, errors)
-        return self._folded
-
     def task_records(self) -> list[TaskRecord]:
-        return list(self._fold()[0])
+        """One record per task, in start order."""
+        return task_records(self._records)
 
-    def step_results(self):
-        _, by_step, errors = self._fold()
+    def step_results(self) -> dict[str, StepResult]:
         return step_results(
-            list(self._graph.step_keys), by_step, self._graph.partitions, self._graph.per_partition, errors
+            list(self._graph.step_keys), self._records.values(), self._graph.partitions,
+            self._graph.per_partition,
         )
+
+
+def task_records(outcomes: Mapping[Hashable, Outcome]) -> list[TaskRecord]:
+    """The report's task list: one :class:`TaskRecord` per key, in start order."""
+    ordered = sorted(outcomes.items(), key=lambda item: item[1].start)
+    return [_task_record(key, outcome) for key, outcome in ordered]
 
 
 def _task_record(key: Hashable, o: Outcome) -> TaskRecord:
