@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from .exceptions import CycleError, DuplicateNameError, MissingInputError, PipelineError
@@ -36,6 +37,21 @@ class Plan:
     bindings: Mapping[str, Binding]
     producer: Mapping[str, str]
     inputs: Mapping[str, Any]  # asset name -> value or source, for run inputs and sources
+    outputs: tuple[str, ...]
+
+
+#: Plans a pipeline remembers per version (distinct run-input names and outputs).
+MAX_PLANS = 16
+
+
+@dataclass(frozen=True)
+class _Shape:
+    """A plan without its input values: what depends on the pipeline and on names only."""
+
+    steps: tuple[Step, ...]
+    bindings: Mapping[str, Binding]
+    producer: Mapping[str, str]
+    needed: tuple[str, ...]  # the given assets (sources, run inputs) the steps read
     outputs: tuple[str, ...]
 
 
@@ -68,12 +84,30 @@ class Pipeline:
             raise PipelineError(f"a pipeline name must be a non-empty string, got {name!r}")
         self.name = name
         self.cache_dir = cache_dir
-        self.steps: dict[str, Step] = {}
-        self.sources: dict[str, Any] = {}
+        self._steps: dict[str, Step] = {}
+        self._sources: dict[str, Any] = {}
         self._bindings: dict[str, Binding] = {}
         # asset -> producing step, kept up to date by add_step: rebuilding it for
         # every added step made building N steps O(N^2) (17 s for 10,000).
         self._producers: dict[str, str] = {}
+        # Plans of this version of the pipeline, by run-input names and outputs:
+        # a notebook or a scheduler runs the same pipeline again and again.
+        self._version = 0
+        self._plans: dict[tuple, _Shape] = {}
+
+    @property
+    def steps(self) -> Mapping[str, Step]:
+        """Step name -> :class:`~flowyml.step.Step`, in the order added (read-only: use ``add_step``)."""
+        return MappingProxyType(self._steps)
+
+    @property
+    def sources(self) -> Mapping[str, Any]:
+        """Source name -> source or value, in the order added (read-only: use ``add_source``)."""
+        return MappingProxyType(self._sources)
+
+    def _changed(self) -> None:
+        self._version += 1
+        self._plans.clear()
 
     def __repr__(self) -> str:
         return f"<Pipeline {self.name!r}: {len(self.steps)} steps, {len(self.sources)} sources>"
@@ -103,51 +137,52 @@ class Pipeline:
         added = base.with_options(**overrides) if overrides else base
         self._check_names(added)
         binding = added.bind()
-        self.steps[added.name] = added
+        self._steps[added.name] = added
         self._bindings[added.name] = binding
         for asset in added.asset_names:
             self._producers[asset] = added.name
+        self._changed()
         return self
 
     def add_source(self, name: str, source: Any) -> Pipeline:
         """Add a named input (``read_csv(...)``, ``read_parquet(...)`` or a value)."""
         if not isinstance(name, str) or not name:
             raise PipelineError(f"a source name must be a non-empty string, got {name!r}")
-        if name in self.sources or name in self.steps or name in self._assets():
+        if name in self._sources or name in self._steps or name in self._assets():
             raise DuplicateNameError(
                 f"pipeline {self.name!r}: source {name!r} clashes with an existing step, "
                 f"source or output of that name; choose another name"
             )
         if hasattr(source, "name") and getattr(source, "name", None) is None:
             source.name = name
-        self.sources[name] = source
+        self._sources[name] = source
+        self._changed()
         return self
 
     def set_params(self, step_name: str, **params: Any) -> Pipeline:
         """Change some params of an added step (the CLI's ``--param STEP.KEY=VALUE``)."""
-        if step_name not in self.steps:
+        if step_name not in self._steps:
             raise PipelineError(
                 f"pipeline {self.name!r} has no step {step_name!r}; its steps are "
                 f"{', '.join(self.steps) or '(none)'}"
             )
-        changed = self.steps[step_name].with_options(params={**self.steps[step_name].params, **params})
+        changed = self._steps[step_name].with_options(params={**self._steps[step_name].params, **params})
         self._bindings[step_name] = changed.bind()
-        self.steps[step_name] = changed
+        self._steps[step_name] = changed
+        self._changed()
         return self
 
     def _assets(self) -> dict[str, str]:
         """Asset -> the step that produces it (read-only)."""
-        if len(self._producers) < len(self.steps):  # ``steps`` was filled without add_step
-            self._producers = {asset: s.name for s in self.steps.values() for asset in s.asset_names}
         return self._producers
 
     def _check_names(self, new: Step) -> None:
-        if new.name in self.steps:
+        if new.name in self._steps:
             raise DuplicateNameError(
                 f"pipeline {self.name!r} already has a step named {new.name!r}; "
                 f"pass name=... to add_step to add it again under another name"
             )
-        if new.name in self.sources:
+        if new.name in self._sources:
             raise DuplicateNameError(
                 f"pipeline {self.name!r}: step {new.name!r} has the name of a source; rename one"
             )
@@ -158,7 +193,7 @@ class Pipeline:
                     f"pipeline {self.name!r}: output {asset!r} of step {new.name!r} is already "
                     f"produced by step {assets[asset]!r}; give it another name with outputs=[...]"
                 )
-            if asset in self.sources:
+            if asset in self._sources:
                 raise DuplicateNameError(
                     f"pipeline {self.name!r}: output {asset!r} of step {new.name!r} has the "
                     f"name of a source; rename one"
@@ -178,11 +213,34 @@ class Pipeline:
         CycleError
             Steps depend on each other in a loop (the message shows the loop).
         """
-        given = {**self.sources, **dict(inputs or {})}
+        given = {**self._sources, **dict(inputs or {})}
+        if outputs is not None:
+            outputs = tuple([outputs] if isinstance(outputs, str) else outputs)
+        memo = (frozenset(inputs or ()), outputs)
+        try:
+            shape = self._plans.get(memo)
+        except TypeError:  # an unhashable output name: _shape says what is wrong with it
+            shape = memo = None
+        if shape is None:
+            shape = self._shape(given, outputs)
+            if memo is not None:
+                if len(self._plans) >= MAX_PLANS:
+                    self._plans.clear()
+                self._plans[memo] = shape
+        return Plan(
+            steps=shape.steps,
+            bindings=shape.bindings,
+            producer=shape.producer,
+            inputs={a: given[a] for a in shape.needed},
+            outputs=shape.outputs,
+        )
+
+    def _shape(self, given: Mapping[str, Any], outputs: tuple[str, ...] | None) -> _Shape:
+        """What :meth:`plan` finds, but the input values: it depends on input names only."""
         producer = {asset: name for asset, name in self._assets().items() if asset not in given}
         producer |= {asset: asset for asset in given}
-        consumed = {asset for s in self.steps.values() for asset in s.inputs}
-        for s in self.steps.values():
+        consumed = {asset for s in self._steps.values() for asset in s.inputs}
+        for s in self._steps.values():
             for asset in s.inputs:
                 if asset not in producer:
                     known = sorted(producer) or ["(none)"]
@@ -193,34 +251,38 @@ class Pipeline:
                         f"run(inputs={{{asset!r}: ...}})"
                     )
         if outputs is None:
-            wanted = tuple(a for s in self.steps.values() for a in s.asset_names if a not in consumed)
+            wanted = tuple(a for s in self._steps.values() for a in s.asset_names if a not in consumed)
         else:
-            wanted = tuple([outputs] if isinstance(outputs, str) else outputs)
+            wanted = outputs
             for asset in wanted:
                 if asset not in producer:
                     raise MissingInputError(
                         f"pipeline {self.name!r} has no asset {asset!r} to return; "
                         f"known assets: {', '.join(sorted(producer))}"
                     )
-        order = self._order(producer, wanted)
-        needed_inputs = {a: given[a] for s in order for a in s.inputs if a in given}
-        needed_inputs |= {a: given[a] for a in wanted if a in given}
-        return Plan(
+        order = self._order(producer, wanted, given)
+        needed = {a: None for s in order for a in s.inputs if a in given}
+        needed |= {a: None for a in wanted if a in given}
+        return _Shape(
             steps=tuple(order),
-            bindings={s.name: self._bindings[s.name] for s in order},
-            producer=producer,
-            inputs=needed_inputs,
+            bindings=MappingProxyType({s.name: self._bindings[s.name] for s in order}),
+            producer=MappingProxyType(producer),
+            needed=tuple(needed),
             outputs=wanted,
         )
 
-    def _order(self, producer: Mapping[str, str], wanted: Iterable[str]) -> list[Step]:
-        """Depth-first topological order of the steps ``wanted`` needs; finds cycles."""
+    def _order(self, producer: Mapping[str, str], wanted: Iterable[str], given: Mapping[str, Any]) -> list[Step]:
+        """Depth-first topological order of the steps ``wanted`` needs; finds cycles.
+
+        A given asset (a source or run input) is not computed, even when a step
+        that would produce it has the asset's name.
+        """
         order: list[Step] = []
         state: dict[str, int] = {}  # 1: on the current path, 2: done
         path: list[str] = []
 
         def visit(name: str) -> None:
-            if state.get(name) == 2 or name not in self.steps:
+            if state.get(name) == 2 or name not in self._steps:
                 return
             if state.get(name) == 1:
                 loop = path[path.index(name) :] + [name]
@@ -231,14 +293,16 @@ class Pipeline:
                 )
             state[name] = 1
             path.append(name)
-            for asset in self.steps[name].inputs:
-                visit(producer[asset])
+            for asset in self._steps[name].inputs:
+                if asset not in given:
+                    visit(producer[asset])
             path.pop()
             state[name] = 2
-            order.append(self.steps[name])
+            order.append(self._steps[name])
 
         for asset in wanted:
-            visit(producer[asset])
+            if asset not in given:
+                visit(producer[asset])
         return order
 
     # -- running --------------------------------------------------------------------
@@ -345,7 +409,7 @@ class Pipeline:
             {"name": name, "kind": "source", "per_partition": True, "partitions": None, "status": None}
             for name in self.sources
         ]
-        producer = {**self._assets(), **{name: name for name in self.sources}}
+        producer = {**self._assets(), **{name: name for name in self._sources}}
         edges = []
         for s in self.steps.values():
             nodes.append(

@@ -8,6 +8,7 @@ from flowyml import (
     CycleError,
     DuplicateNameError,
     MissingInputError,
+    ParallelExecutor,
     ParameterError,
     Pipeline,
     PipelineError,
@@ -121,3 +122,35 @@ def test_decorator_options_are_overridden_per_add():
     added = pipeline.steps["n"]
     assert (added.retries, added.asset_names) == (3, ("nums",))
     assert pipelines.numbers.retries == 0  # the decorated step is unchanged
+
+
+def test_a_changed_pipeline_is_planned_again():
+    # Plans are remembered per pipeline version: every change must show in the next run.
+    @step
+    def scaled(x=1, factor=1):
+        return x * factor
+
+    @step(inputs=["scaled"])
+    def plus_one(scaled):
+        return scaled + 1
+
+    executor = ParallelExecutor(backend="sync")
+    pipeline = Pipeline("changing").add_step(scaled, params={"x": 2})
+    assert pipeline.run(executor=executor, progress=False).outputs == {"scaled": 2}
+    pipeline.set_params("scaled", factor=10)
+    assert pipeline.run(executor=executor, progress=False).outputs == {"scaled": 20}
+    pipeline.add_step(plus_one)
+    assert pipeline.run(executor=executor, progress=False).outputs == {"plus_one": 21}
+    assert pipeline.run({"scaled": 5}, executor=executor, progress=False).outputs == {"plus_one": 6}
+    assert pipeline.run(executor=executor, outputs=["scaled"], progress=False).outputs == {"scaled": 20}
+    with pytest.raises(MissingInputError, match="'nothing'"):
+        pipeline.run(executor=executor, outputs=["nothing"], progress=False)
+
+
+def test_steps_and_sources_change_only_through_the_pipeline():
+    pipeline = Pipeline("read_only").add_step(pipelines.numbers).add_source("extra", 3)
+    assert list(pipeline.steps) == ["numbers"] and pipeline.sources["extra"] == 3
+    with pytest.raises(TypeError):
+        pipeline.steps["other"] = pipeline.steps["numbers"]
+    with pytest.raises(TypeError):
+        pipeline.sources["extra"] = 4
