@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
@@ -38,6 +38,9 @@ class Plan:
     producer: Mapping[str, str]
     inputs: Mapping[str, Any]  # asset name -> value or source, for run inputs and sources
     outputs: tuple[str, ...]
+    # Compiled layouts of this plan's graph, shared by the plans of one pipeline
+    # version (see flowyml.compile); not part of the plan's value.
+    layouts: dict = field(default_factory=dict, compare=False, repr=False)
 
 
 #: Plans a pipeline remembers per version (distinct run-input names and outputs).
@@ -53,6 +56,7 @@ class _Shape:
     producer: Mapping[str, str]
     needed: tuple[str, ...]  # the given assets (sources, run inputs) the steps read
     outputs: tuple[str, ...]
+    layouts: dict = field(default_factory=dict, compare=False, repr=False)
 
 
 class Pipeline:
@@ -233,6 +237,7 @@ class Pipeline:
             producer=shape.producer,
             inputs={a: given[a] for a in shape.needed},
             outputs=shape.outputs,
+            layouts=shape.layouts,
         )
 
     def _shape(self, given: Mapping[str, Any], outputs: tuple[str, ...] | None) -> _Shape:

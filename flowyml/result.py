@@ -32,7 +32,7 @@ class TaskRecord:
         return dict(self.__dict__)
 
 
-@dataclass
+@dataclass(slots=True)
 class StepResult:
     """How one step went.
 
@@ -83,8 +83,9 @@ class PipelineResult:
     ``result[name]`` is ``result.outputs[name]``. ``steps`` maps step name to
     :class:`StepResult` in the order they ran; ``success`` is False when any step
     failed (only possible with ``on_failure="continue"``). ``tasks`` lists one
-    :class:`TaskRecord` per task in start order; it is built when first read
-    (a few microseconds a task that a run nobody inspects does not pay).
+    :class:`TaskRecord` per task in start order. ``steps`` and ``tasks`` are
+    folded from the run's task records when first read (a few microseconds a
+    task that a run nobody inspects does not pay).
     """
 
     def __init__(
@@ -96,10 +97,11 @@ class PipelineResult:
         started_at: datetime,
         duration_s: float,
         outputs: dict[str, Any],
-        steps: dict[str, StepResult],
+        steps: dict[str, StepResult] | Callable[[], dict[str, StepResult]],
         tasks: list[TaskRecord] | Callable[[], list[TaskRecord]] = (),
         dashboard_link: str | None = None,
         extra_report_html: str | None = None,
+        success: bool | None = None,
     ) -> None:
         self.pipeline = pipeline
         self.run_id = run_id
@@ -108,10 +110,18 @@ class PipelineResult:
         self.started_at = started_at
         self.duration_s = duration_s
         self.outputs = outputs
-        self.steps = steps
+        self._steps = steps
         self._tasks = tasks if callable(tasks) else list(tasks)
         self.dashboard_link = dashboard_link
         self.extra_report_html = extra_report_html
+        self._success = success
+
+    @property
+    def steps(self) -> dict[str, StepResult]:
+        """Step name -> :class:`StepResult`, in the order the steps ran."""
+        if callable(self._steps):
+            self._steps = self._steps()
+        return self._steps
 
     @property
     def tasks(self) -> list[TaskRecord]:
@@ -122,6 +132,9 @@ class PipelineResult:
 
     @property
     def success(self) -> bool:
+        """True when no step failed or was skipped."""
+        if self._success is not None:
+            return self._success
         return all(s.status != "failed" and s.status != "skipped" for s in self.steps.values())
 
     @property
@@ -188,7 +201,7 @@ class PipelineResult:
 
 
 def step_results(
-    order: list[str],
+    order: Iterable[str],
     records: Iterable[Any],
     partitions: Mapping[str, int | None],
     per_partition: Mapping[str, bool],

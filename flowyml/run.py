@@ -107,7 +107,8 @@ def run_pipeline(
     results = dict(zip(graph.output_keys, values))
     outcomes = {key: value for key, value in results.items() if type(value) is Outcome}
     recorder.add_missing(outcomes)
-    collected = {asset: graph.assets[asset].collect(results) for asset in _ok_outputs(graph, recorder)}
+    bad = recorder.unsuccessful_keys()
+    collected = {asset: graph.assets[asset].collect(results) for asset in _ok_outputs(graph, bad)}
     result = PipelineResult(
         pipeline=pipeline.name,
         run_id=run_id,
@@ -116,10 +117,13 @@ def run_pipeline(
         started_at=started_at,
         duration_s=time.perf_counter() - start,
         outputs=collected,
-        steps=recorder.step_results(),
-        tasks=partial(task_records, recorder.records()),  # built when first read
+        # Folded when first read; the partials hold the records, not the graph and its data.
+        steps=partial(step_results, graph.step_keys, recorder.records().values(), graph.partitions,
+                      graph.per_partition),
+        tasks=partial(task_records, recorder.records()),
         dashboard_link=dashboard_link,
         extra_report_html=recorder.report_html(),
+        success=not bad,
     )
     if not result.success:
         _abort_sinks(plan, run_id)
@@ -182,9 +186,8 @@ def _abort_sinks(plan: Plan, run_id: str) -> None:
                 log.exception("step %r: could not remove the staged output of run %s", s.name, run_id)
 
 
-def _ok_outputs(graph: CompiledGraph, recorder: RunRecorder) -> list[str]:
+def _ok_outputs(graph: CompiledGraph, bad: set[Hashable]) -> list[str]:
     """Requested outputs whose tasks all succeeded (with on_failure="continue")."""
-    bad = recorder.unsuccessful_keys()
     return [asset for asset in graph.outputs if not bad.intersection(graph.assets[asset].keys)]
 
 
@@ -293,8 +296,7 @@ class RunRecorder:
 
     def step_results(self) -> dict[str, StepResult]:
         return step_results(
-            list(self._graph.step_keys), self._records.values(), self._graph.partitions,
-            self._graph.per_partition,
+            self._graph.step_keys, self._records.values(), self._graph.partitions, self._graph.per_partition
         )
 
 

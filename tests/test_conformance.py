@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import traceback
+import weakref
 
 import dask
 import pytest
@@ -119,3 +121,45 @@ def test_same_results_on_every_backend(executor):
         n: s.status for n, s in reference.steps.items()
     }
     assert len(result.tasks) == len(reference.tasks) == 4
+
+
+class _Payload:
+    """Stands for a big DataFrame: only a weak reference may outlive the run."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+
+_made: list[weakref.ref] = []
+
+
+@step(inputs=["payload"], outputs=["bigger"])
+def _grow(payload):
+    bigger = _Payload(payload.size * 2)
+    _made.append(weakref.ref(bigger))
+    return bigger
+
+
+@step(inputs=["bigger"], outputs=["size"])
+def _measure(bigger):
+    return bigger.size
+
+
+@pytest.mark.parametrize("backend_name", ["sync", "thread"])  # where values live in this process
+def test_a_result_keeps_no_input_or_intermediate_value(backend_name, _executors):
+    from .conftest import _open
+
+    executor = _open(backend_name, _executors)
+    pipeline = Pipeline("retention").add_step(_grow).add_step(_measure)
+    payload = _Payload(21)
+    given = weakref.ref(payload)
+    _made.clear()
+    result = pipeline.run({"payload": payload}, executor=executor, progress=False)
+    again = pipeline.run({"payload": _Payload(1)}, executor=executor, progress=False)  # reuses the plan
+    assert result["size"] == 42 and again["size"] == 2
+    del payload
+    gc.collect()
+    assert given() is None, "the result (or the pipeline) still holds the run input"
+    assert [made() for made in _made] == [None, None], "an intermediate value outlived its run"
+    # The report, folded only now, is still complete.
+    assert result.steps["_measure"].status == "succeeded" and len(result.tasks) == 3
