@@ -221,6 +221,11 @@ class Progress:
             options["nrows"] = _env_int("LINES", 24)
         return tqdm(**options)
 
+    @property
+    def silent(self) -> bool:
+        """Nothing is shown or logged: ``start`` does nothing and ``finish`` only counts."""
+        return self._silent
+
     # -- events ---------------------------------------------------------------
 
     def start(self, key_step: str) -> None:

@@ -214,6 +214,7 @@ class RunRecorder:
         self._progress = Progress(
             len(self._step_of), enabled=progress, description=name, tasks_per_step=counts
         )
+        self.watches_starts = not self._progress.silent
 
     def __enter__(self) -> RunRecorder:
         return self

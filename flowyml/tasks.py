@@ -149,7 +149,7 @@ class StepSpec:
     """
 
     __slots__ = ("name", "func", "params", "positional", "keyword", "varargs", "args", "outputs",
-                 "retries", "retry_delay", "timeout", "resources", "order", "in_order", "whole")
+                 "retries", "retry_delay", "timeout", "resources", "order", "in_order", "whole", "plain")
 
     def __init__(
         self,
@@ -183,6 +183,7 @@ class StepSpec:
         self.order = positional + varargs
         self.in_order = self.order == tuple(range(len(args)))  # then the inputs are the args as is
         self.whole = outputs is None or len(outputs) == 1
+        self.plain = all(arg == (None, False) for arg in args)  # no selector, no partitions to combine
 
     def __reduce__(self):
         return (StepSpec, (self.name, self.func, self.params, self.positional, self.keyword,
@@ -279,10 +280,19 @@ class StepTask(_TaskBase):
         spec = self.spec
         start = _now()
         if raw:
-            try:
-                inputs = [_argument(value, arg) for value, arg in zip(raw, spec.args)]
-            except _Upstream:
-                return self._report(None, spec.name, self.partition, SKIPPED, 0, start)
+            if spec.plain:  # every input a whole value: unwrapped inline, no call per input
+                inputs = []
+                for value in raw:
+                    if type(value) is Outcome:
+                        if value.status == FAILED or value.status == SKIPPED:
+                            return self._report(None, spec.name, self.partition, SKIPPED, 0, start)
+                        value = value.value
+                    inputs.append(value)
+            else:
+                try:
+                    inputs = [_argument(value, arg) for value, arg in zip(raw, spec.args)]
+                except _Upstream:
+                    return self._report(None, spec.name, self.partition, SKIPPED, 0, start)
             args = inputs if spec.in_order else [inputs[i] for i in spec.order]
             if spec.keyword:
                 kwargs = {name: inputs[i] for name, i in spec.keyword}

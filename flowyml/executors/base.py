@@ -19,9 +19,12 @@ class RunHooks(Protocol):
     workers published to ``task_reported`` instead (a later report of the same
     task replaces the record). ``add_report_html`` adds a section to the run's
     HTML report (distributed: Dask's performance report, workers lost).
+    ``watches_starts`` False says ``task_started`` does nothing, so a backend
+    may skip calling it.
     """
 
     run_id: str
+    watches_starts: bool
 
     def task_reported(self, outcome: Any) -> None: ...
 

@@ -39,7 +39,8 @@ def dask_callbacks(hooks: RunHooks) -> list[tuple]:
     def posttask(key, result, dsk, state, worker_id):
         finished(key, result)
 
-    return [(None, None, pretask, posttask, None)]
+    # No progress display to feed: Dask skips the start callback altogether.
+    return [(None, None, pretask if getattr(hooks, "watches_starts", True) else None, posttask, None)]
 
 
 class _SettlingPool:
