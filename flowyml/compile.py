@@ -62,6 +62,8 @@ class CompiledGraph:
     step_keys: dict[str, list[Key]] = field(default_factory=dict)
     partitions: dict[str, int | None] = field(default_factory=dict)
     per_partition: dict[str, bool] = field(default_factory=dict)
+    # What the graphs of one layout share and compute once (see _Layout.shared).
+    shared: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
     def output_keys(self) -> list[Key]:
@@ -73,8 +75,18 @@ class CompiledGraph:
         return list(seen)
 
     def task_step(self) -> dict[Key, str]:
-        """Task key -> step (or source) name."""
-        return {key: name for name, keys in self.step_keys.items() for key in keys}
+        """Task key -> step (or source) name (read-only)."""
+        found = self.shared.get("task_step")
+        if found is None:
+            found = self.shared["task_step"] = {key: name for name, keys in self.step_keys.items() for key in keys}
+        return found
+
+    def tasks_per_step(self) -> dict[str, int]:
+        """Step (or source) name -> its number of tasks (read-only)."""
+        found = self.shared.get("tasks_per_step")
+        if found is None:
+            found = self.shared["tasks_per_step"] = {name: len(keys) for name, keys in self.step_keys.items()}
+        return found
 
 
 def is_source(value: Any) -> bool:
@@ -143,7 +155,7 @@ class _Layout:
     Everything here is shared by the runs' graphs and read-only.
     """
 
-    __slots__ = ("entries", "assets", "outputs", "step_keys", "partitions", "per_partition")
+    __slots__ = ("entries", "assets", "outputs", "step_keys", "partitions", "per_partition", "shared")
 
     def __init__(self, plan: Plan, key_suffix: str, resolved: Mapping[str, list[Any]]) -> None:
         self.entries: list[tuple[Key, int, Any, int | None, tuple]] = []
@@ -152,6 +164,7 @@ class _Layout:
         self.step_keys: dict[str, list[Key]] = {}
         self.partitions: dict[str, int | None] = {}
         self.per_partition: dict[str, bool] = {}
+        self.shared: dict[str, Any] = {}  # lookups the graphs derive once (CompiledGraph.task_step)
         for name, value in plan.inputs.items():
             if is_source(value):
                 keys = [(name + key_suffix, i) for i in range(len(resolved[name]))]
@@ -179,7 +192,7 @@ class _Layout:
             else:
                 dsk[key] = (FinalizeTask(what.name, what.finalize, run_id, mode), *arguments)
         return CompiledGraph(dsk, self.assets, self.outputs, run_id, self.step_keys, self.partitions,
-                             self.per_partition)
+                             self.per_partition, self.shared)
 
     def _record(self, name: str, keys: list[Key], partitions: int | None, per_partition: bool) -> None:
         self.step_keys[name] = keys

@@ -179,7 +179,7 @@ class Progress:
         self.total = int(total)
         self.description = description
         self.enabled = auto_enabled(file) if enabled is None else bool(enabled)
-        self._expected = dict(tasks_per_step or {})
+        self._expected = tasks_per_step or {}  # read only: not copied (a run passes one per task)
         self._steps: dict[str, _StepTally] = {}
         self._lock = threading.Lock()
         self._done = 0

@@ -210,9 +210,8 @@ class RunRecorder:
         # distributed run): a dict assignment is atomic, so no lock is needed.
         self._records: dict[Hashable, Outcome] = {}
         self._report_html: list[str] = []
-        counts = {step_name: len(keys) for step_name, keys in graph.step_keys.items()}
         self._progress = Progress(
-            len(self._step_of), enabled=progress, description=name, tasks_per_step=counts
+            len(graph.dsk), enabled=progress, description=name, tasks_per_step=graph.tasks_per_step()
         )
         self.watches_starts = not self._progress.silent
 

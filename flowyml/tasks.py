@@ -311,7 +311,7 @@ class StepTask(_TaskBase):
                     # ``running(...)`` inlined: its generator cost a microsecond a task.
                     token = _current.set((spec.name, self.partition, attempt, self.run_id))
                     try:
-                        value = spec.func(*args, **kwargs)
+                        value = spec.func(*args, **kwargs) if kwargs else spec.func(*args)
                     finally:
                         _current.reset(token)
                 else:

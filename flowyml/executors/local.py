@@ -44,11 +44,11 @@ def dask_callbacks(hooks: RunHooks) -> list[tuple]:
 
 
 class _SettlingPool:
-    """Wraps an executor so a failed run waits for its running tasks to end.
+    """Wraps the process pool so a failed run waits for its running tasks to end.
 
-    Dask's local scheduler raises at the first failed task while others still
-    run; waiting for them keeps a reused pool clean for the next run and means
-    no task of a failed run is still writing when ``run`` returns.
+    As :func:`_drain` does for threads, where tasks cannot wait for each other
+    across processes: it tracks every future, which costs about a microsecond a
+    task (a process pool's task costs 150).
     """
 
     def __init__(self, pool: Executor, max_workers: int) -> None:
@@ -64,6 +64,21 @@ class _SettlingPool:
 
     def settle(self) -> None:
         wait(list(self.running))
+
+
+def _drain(pool: Executor, workers: int) -> None:
+    """Return once every task submitted to the thread ``pool`` so far has ended.
+
+    Dask's local scheduler raises at the first failed task while others still
+    run; waiting for them keeps the reused pool clean for the next run, and no
+    task of a failed run is still writing when ``run`` returns. ``workers``
+    tasks that wait for each other can only all be running once the pool has
+    nothing else left, so the run pays nothing per task for this.
+    """
+    barrier = threading.Barrier(workers + 1)
+    for _ in range(workers):
+        pool.submit(barrier.wait)
+    barrier.wait()
 
 
 @register
@@ -98,22 +113,21 @@ class _PoolBackend(Backend):
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
 
-    def _get(self, pool: _SettlingPool, dsk: Mapping, keys: list, hooks: RunHooks) -> Any:
+    def _get(self, pool: Executor, dsk: Mapping, keys: list, hooks: RunHooks) -> Any:
         raise NotImplementedError
 
     def execute(self, dsk: Mapping, keys: Sequence[Hashable], hooks: RunHooks) -> list[Any]:
         if self._pool is None:
             self.open()
-        pool = _SettlingPool(self._pool, self.max_workers)
         try:
-            return list(self._get(pool, dsk, list(keys), hooks))
+            return list(self._get(self._pool, dsk, list(keys), hooks))
         except KeyboardInterrupt:
             # Ctrl-C or SIGTERM (the CLI turns it into KeyboardInterrupt): stop now,
             # do not wait for running steps, which may take hours.
             self._interrupt()
             raise
         except BaseException:
-            pool.settle()
+            _drain(self._pool, self.max_workers)
             raise
 
     def _interrupt(self) -> None:
