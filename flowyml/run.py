@@ -236,7 +236,8 @@ class RunRecorder:
             outcome = Outcome(None, outcome.step, outcome.partition, outcome.status, outcome.attempts,
                               outcome.start, outcome.stop, outcome.worker, outcome.error)
         self._records[key] = outcome
-        self._progress.finish(outcome.step, outcome.status)
+        if self.watches_starts:  # else nothing shows: the records are all there is to keep
+            self._progress.finish(outcome.step, outcome.status)
 
     def task_reported(self, outcome: Outcome) -> None:
         # Distributed: from the client's event thread while the run goes, and from
