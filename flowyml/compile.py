@@ -21,6 +21,7 @@ from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from .bulk import no_gc_passes
 from .pipeline import Plan
 from .step import Binding, Step
 from .tasks import FinalizeTask, SourceTask, StepSpec, StepTask, ValueTask, _argument
@@ -134,7 +135,8 @@ def compile_plan(
     shape = (key_suffix, tuple(counts))
     layout = plan.layouts.get(shape) if not key_suffix else None  # a run token: laid out once anyway
     if layout is None:
-        layout = _Layout(plan, key_suffix, resolved)
+        with no_gc_passes():
+            layout = _Layout(plan, key_suffix, resolved)
         if not key_suffix:
             if len(plan.layouts) >= MAX_LAYOUTS:
                 plan.layouts.clear()

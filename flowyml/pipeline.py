@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
+from .bulk import no_gc_passes
 from .exceptions import CycleError, DuplicateNameError, MissingInputError, PipelineError
 from .step import Binding, Step, step as make_step
 
@@ -226,7 +227,8 @@ class Pipeline:
         except TypeError:  # an unhashable output name: _shape says what is wrong with it
             shape = memo = None
         if shape is None:
-            shape = self._shape(given, outputs)
+            with no_gc_passes():
+                shape = self._shape(given, outputs)
             if memo is not None:
                 if len(self._plans) >= MAX_PLANS:
                     self._plans.clear()

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from .bulk import no_gc_passes
 from .exceptions import StepFailed
 
 __all__ = ["PipelineResult", "StepResult", "TaskRecord"]
@@ -120,14 +121,16 @@ class PipelineResult:
     def steps(self) -> dict[str, StepResult]:
         """Step name -> :class:`StepResult`, in the order the steps ran."""
         if callable(self._steps):
-            self._steps = self._steps()
+            with no_gc_passes():
+                self._steps = self._steps()
         return self._steps
 
     @property
     def tasks(self) -> list[TaskRecord]:
         """Every task of the run, in start order."""
         if callable(self._tasks):
-            self._tasks = self._tasks()
+            with no_gc_passes():
+                self._tasks = self._tasks()
         return self._tasks
 
     @property

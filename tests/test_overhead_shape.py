@@ -13,6 +13,7 @@ import pickle
 import sys
 
 import cloudpickle
+import pytest
 
 from flowyml import Pipeline, step
 from flowyml.compile import compile_plan
@@ -162,3 +163,52 @@ def test_reported_outcomes_find_their_keys():
     steps = recorder.step_results()
     assert steps["combine"].status == "failed" and steps["combine"].attempts == 2
     assert steps["s1"].duration_s == 1.0
+
+
+def test_bulk_building_pauses_the_collector_and_always_restores_it():
+    import gc
+
+    from flowyml.bulk import no_gc_passes
+
+    assert gc.isenabled()
+    with no_gc_passes():
+        assert not gc.isenabled()
+        with no_gc_passes():  # nested: the outer block still owns the state
+            pass
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    with pytest.raises(KeyError):
+        with no_gc_passes():
+            raise KeyError("a failing compile")
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with no_gc_passes():
+            pass
+        assert not gc.isenabled()  # the caller's choice is kept
+    finally:
+        gc.enable()
+
+
+def test_a_rerun_reuses_the_layout_but_never_a_task(tmp_path):
+    from flowyml import read_csv
+
+    pipelines.write_parts(tmp_path, range(2))
+    pipeline = (
+        Pipeline("rerun")
+        .add_source("rows", read_csv(str(tmp_path / "*.csv")))
+        .add_step(pipelines.flaky_double)
+        .add_step(_count, name="combine", inputs=["doubled"])
+    )
+    first = compile_plan(pipeline.plan(), run_id="r1", mode=RAISE)
+    second = compile_plan(pipeline.plan(), run_id="r2", mode=RAISE)
+    assert list(first.dsk) == list(second.dsk)
+    for key, task in first.dsk.items():
+        again = second.dsk[key]
+        assert task[0] is not again[0] and task[1:] == again[1:]
+        assert (task[0].run_id, again[0].run_id) == ("r1", "r2")
+        if isinstance(task[0], StepTask):
+            assert task[0].spec is again[0].spec  # laid out once
+    pipelines.write_parts(tmp_path, [2])  # a new file: one more partition, a new layout
+    third = compile_plan(pipeline.plan(), run_id="r3", mode=RAISE)
+    assert third.partitions["flaky_double"] == 3 and ("flaky_double", 2) in third.dsk
