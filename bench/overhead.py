@@ -246,8 +246,8 @@ def timed(func: Callable[[], Any]) -> float:
 
 
 def repeats_for(backend: str, tasks: int, quick: bool) -> int:
-    if tasks >= 10_000:
-        return 1 if backend in ("process", "distributed") or quick else 3
+    if tasks >= 10_000:  # a second or less a side on sync and thread: enough repeats to beat the noise
+        return 1 if backend in ("process", "distributed") or quick else 5
     if tasks >= 1_000:
         return 3 if quick else 5
     return 5 if quick else 9
