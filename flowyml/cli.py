@@ -243,6 +243,10 @@ def run(target, backend, workers, address, inputs, params, cache_dir, on_failure
     except StepFailed as exc:
         cause = exc.__cause__
         detail = f"\n{type(cause).__name__}: {cause}" if cause is not None and str(cause) not in str(exc) else ""
+        stopped = getattr(exc, "result", None)
+        if report and stopped is not None:  # monitoring wants the failed run's report most of all
+            stopped.save_report(report)
+            detail += f"\nreport: {report}"
         raise _Failed(f"{exc}{detail}") from exc
     except FlowymlError as exc:
         raise _Usage(str(exc)) from exc
@@ -297,6 +301,8 @@ def demo(backend, workers, address, data_dir, output, report, progress) -> None:
         pipeline = build_demo(find_data_dir(data_dir), output)
         result = pipeline.run(executor=_executor(backend, workers, address), progress=progress)
     except StepFailed as exc:
+        if report and getattr(exc, "result", None) is not None:
+            exc.result.save_report(report)
         raise _Failed(str(exc)) from exc
     except FlowymlError as exc:
         raise _Usage(str(exc)) from exc

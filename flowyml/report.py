@@ -47,7 +47,7 @@ _PALETTE = (
     "#b6992d", "#499894", "#d37295", "#79706e",
 )  # fmt: skip
 _MIXED_COLOUR = "#a0aec0"
-_STATUS_CLASSES = {"succeeded": "ok", "cached": "cached", "failed": "failed", "skipped": "skipped"}
+_STATUS_CLASSES = {"succeeded": "ok", "cached": "cached", "failed": "failed", "skipped": "skipped", "stopped": "skipped"}
 
 
 # ---------------------------------------------------------------------------
@@ -789,6 +789,7 @@ _BADGE_STYLE = {
     "failed": "#c0392b",
     "cached": "#3a78b5",
     "skipped": "#8c8c8c",
+    "stopped": "#8c8c8c",
 }
 
 

@@ -37,9 +37,11 @@ class TaskRecord:
 class StepResult:
     """How one step went.
 
-    ``status`` is ``succeeded``, ``failed``, ``skipped`` (an input failed) or
-    ``cached`` (none of its tasks had to run); ``attempts`` is the most any of
-    its partitions took; ``error`` is the :class:`StepFailed` of a failed step.
+    ``status`` is ``succeeded``, ``failed``, ``skipped`` (an input failed),
+    ``cached`` (none of its tasks had to run) or, in the result of a run that
+    raised (``StepFailed.result``), ``stopped`` (the run ended before it did).
+    ``attempts`` is the most any of its partitions took; ``error`` is the
+    :class:`StepFailed` of a failed step.
     """
 
     name: str
@@ -208,12 +210,15 @@ def step_results(
     records: Iterable[Any],
     partitions: Mapping[str, int | None],
     per_partition: Mapping[str, bool],
+    expected: Mapping[str, int] | None = None,
 ) -> dict[str, StepResult]:
     """Fold task records into one :class:`StepResult` per step, in ``order``.
 
     ``records`` are :class:`TaskRecord` or anything with the same attributes
     (the run's ``Outcome`` objects, whose ``error`` is the :class:`StepFailed`).
-    A step's error is that of its earliest failed task.
+    A step's error is that of its earliest failed task. ``expected`` (step ->
+    task count) is given for a run that stopped at a failure: a step with
+    fewer records than tasks, and none failed, is ``stopped``.
     """
     # Plain loops, no generators: this runs for every step of every run (on the
     # sync backend a no-op step costs Dask about 20 us, this under 1 us a task).
@@ -253,6 +258,8 @@ def step_results(
         error = first_failure.error if first_failure is not None else None
         if failed:
             status = "failed"
+        elif expected is not None and len(tasks) < expected.get(name, 0):
+            status = "stopped"
         elif skipped:
             status = "skipped"
         elif tasks and cached == len(tasks):

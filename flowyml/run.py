@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from .caching import StaleCacheEntry, open_cache, plan_cached_run, warn_stale
 from .compile import CompiledGraph, compile_plan, is_source
-from .exceptions import PipelineError
+from .exceptions import PipelineError, StepFailed
 from .result import PipelineResult, StepResult, TaskRecord, step_results
 from .tasks import CONTINUE, RAISE, Outcome
 
@@ -97,8 +97,13 @@ def run_pipeline(
                 raise
             warn_stale(cache, exc)  # and plan again: what finished meanwhile is cached now
             continue
-        except BaseException:
+        except BaseException as exc:
             _abort_sinks(plan, run_id)
+            if isinstance(exc, StepFailed) and getattr(exc, "result", None) is None:
+                if earlier is not None:
+                    recorder.keep_earlier(earlier)
+                exc.result = _stopped_result(exc, pipeline, executor, graph, recorder, run_id,
+                                             started_at, start, dashboard_link)
             raise
         finally:
             if earlier is not None:  # tasks an earlier round ran are reported as run, not cached
@@ -135,6 +140,36 @@ def run_pipeline(
         result.duration_s,
     )
     return result
+
+
+def _stopped_result(error: StepFailed, pipeline, executor, graph, recorder, run_id, started_at, start,
+                    dashboard_link) -> PipelineResult:
+    """What a run that raised ``error`` got done: attached to it as ``error.result``.
+
+    Tasks that finished keep their records; the failed task gets one, timed
+    when the driver learned of it; steps that did not finish are ``stopped``.
+    """
+    key = recorder.key_of(error.step, error.partition)
+    if key is not None and key not in recorder.records():
+        now = time.time()
+        recorder.add_missing({key: Outcome(None, error.step, error.partition, "failed", error.attempt, now, now,
+                                           "unknown", error)})
+    records = recorder.records()
+    return PipelineResult(
+        pipeline=pipeline.name,
+        run_id=run_id,
+        backend=executor.backend,
+        max_workers=executor.max_workers,
+        started_at=started_at,
+        duration_s=time.perf_counter() - start,
+        outputs={},
+        steps=partial(step_results, graph.step_keys, records.values(), graph.partitions, graph.per_partition,
+                      graph.tasks_per_step()),
+        tasks=partial(task_records, records),
+        dashboard_link=dashboard_link,
+        extra_report_html=recorder.report_html(),
+        success=False,
+    )
 
 
 def _execute(executor, name, run_id, dsk, graph, recorder, cached) -> tuple[list[Any], str | None]:
@@ -244,7 +279,7 @@ class RunRecorder:
         # the driver after it. A repeated report replaces the record (the backend
         # corrects a task's attempts after its worker died) but counts once in the
         # progress display; setdefault keeps "first" exact across the two threads.
-        key = self._key_of(outcome.step, outcome.partition)
+        key = self.key_of(outcome.step, outcome.partition)
         if key is None:
             return
         first = self._records.setdefault(key, outcome) is outcome
@@ -260,7 +295,8 @@ class RunRecorder:
         """Sections the backend added to the HTML report (distributed), or None."""
         return "".join(self._report_html) or None
 
-    def _key_of(self, step: str, partition: int | None) -> Hashable | None:
+    def key_of(self, step: str, partition: int | None) -> Hashable | None:
+        """The graph key of ``step``'s task for ``partition`` (None: no such task)."""
         if self._key_for is None:
             self._key_for = {
                 (name, key[1] if isinstance(key, tuple) else None): key

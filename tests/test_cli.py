@@ -230,6 +230,20 @@ def test_step_failure_exits_1_with_the_step_and_cause_and_no_traceback(work: Pat
     assert_no_traceback(done)
 
 
+def test_a_run_that_stops_at_a_failure_still_writes_its_report(work: Path) -> None:
+    done = flowyml_cli("run", "failing.py", "--backend", "sync", "--param", "boom.x=7",
+                       "--report", "stopped.json", cwd=work)
+    assert done.returncode == 1
+    assert_no_traceback(done)
+    assert "report: stopped.json" in done.stderr
+    record = json.loads((work / "stopped.json").read_text())
+    assert record["success"] is False and record["outputs"] == []
+    assert record["steps"]["boom"]["status"] == "failed"
+    assert record["steps"]["boom"]["error"] == "ValueError: bad value 7"
+    assert "raise ValueError" in record["steps"]["boom"]["traceback"]
+    assert record["steps"]["after"]["status"] == "stopped"
+
+
 def test_on_failure_continue_finishes_the_rest_reports_and_exits_1(work: Path) -> None:
     done = flowyml_cli("run", "failing.py", "--backend", "thread", "--on-failure", "continue",
                        "--report", "failed.json", cwd=work)

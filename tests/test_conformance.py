@@ -163,3 +163,36 @@ def test_a_result_keeps_no_input_or_intermediate_value(backend_name, _executors)
     assert [made() for made in _made] == [None, None], "an intermediate value outlived its run"
     # The report, folded only now, is still complete.
     assert result.steps["_measure"].status == "succeeded" and len(result.tasks) == 3
+
+
+@step
+def _extract():
+    return [1, 2, 3]
+
+
+@step(inputs=["_extract"])
+def _transform(rows):
+    return [row / 0 for row in rows]
+
+
+@step(inputs=["_transform"])
+def _load(rows):
+    return len(rows)
+
+
+def test_a_run_that_raises_carries_its_report(executor, tmp_path):
+    pipeline = Pipeline("raises").add_step(_extract).add_step(_transform).add_step(_load)
+    with pytest.raises(StepFailed) as info:
+        pipeline.run(executor=executor, progress=False)
+    stopped = info.value.result
+    assert stopped.success is False and stopped.outputs == {}
+    assert {name: s.status for name, s in stopped.steps.items()} == {
+        "_extract": "succeeded", "_transform": "failed", "_load": "stopped",
+    }
+    assert "ZeroDivisionError" in stopped.steps["_transform"].traceback
+    assert list(stopped.failures) == ["_transform"]
+    assert [(t.step, t.status) for t in stopped.tasks] == [("_extract", "succeeded"), ("_transform", "failed")]
+    record = stopped.to_dict()
+    assert record["success"] is False and record["steps"]["_load"]["status"] == "stopped"
+    page = stopped.save_report(tmp_path / "failed.html")
+    assert "_transform" in open(page, encoding="utf-8").read()

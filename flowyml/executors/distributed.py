@@ -74,6 +74,8 @@ FLUSH_DELAY = 0.02
 
 #: Seconds to wait, after the results are in, for the last batches of events.
 CATCH_UP_TIMEOUT = 2.0
+#: After a failure, the events are in once none came for this long (several flushes).
+QUIET_AFTER = 5 * FLUSH_DELAY
 
 
 class FlowymlPlugin(WorkerPlugin):
@@ -251,6 +253,7 @@ class DistributedBackend(Backend):
             run.wait_for(_reporting_tasks(dsk))  # the last batches of events may be in flight
             return values
         except Exception as exc:
+            run.settle()  # the failed run's report: tasks that finished just before still report
             if type(exc).__name__ == "KilledWorker":
                 error = _worker_died(exc, run.suffix)
                 raise error from error.__cause__
@@ -352,6 +355,7 @@ class _RunEvents:
         self.closed = False
         self._expected: int | None = None
         self._all_in = threading.Event()
+        self._arrived = threading.Event()  # set by every outcome event (see settle)
 
     def subscribe(self) -> None:
         # Sent on the client's ordered stream ahead of the graph, so no event of
@@ -375,6 +379,7 @@ class _RunEvents:
             self.hooks.task_reported(outcome)
         if self._expected is not None and len(self.received) >= self._expected:
             self._all_in.set()
+        self._arrived.set()
 
     def wait_for(self, expected: int) -> None:
         """Wait (briefly) until ``expected`` tasks have reported; the rest is caught up later."""
@@ -384,6 +389,18 @@ class _RunEvents:
         if not self._all_in.wait(CATCH_UP_TIMEOUT):
             log.debug("run %s: %d of %d task events arrived in time", self.hooks.run_id,
                       len(self.received), expected)
+
+    def settle(self) -> None:
+        """After a failure: wait while events still arrive (a worker flushes every FLUSH_DELAY).
+
+        The run's end does not say how many tasks finished, so this waits until
+        no event came for a few flush delays, at most CATCH_UP_TIMEOUT.
+        """
+        deadline = time.monotonic() + CATCH_UP_TIMEOUT
+        while time.monotonic() < deadline:
+            self._arrived.clear()
+            if not self._arrived.wait(QUIET_AFTER):
+                return
 
     def _on_log(self, event: tuple[float, Any]) -> None:
         replay(event[1])
