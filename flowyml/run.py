@@ -114,22 +114,8 @@ def run_pipeline(
     recorder.add_missing(outcomes)
     bad = recorder.unsuccessful_keys()
     collected = {asset: graph.assets[asset].collect(results) for asset in _ok_outputs(graph, bad)}
-    result = PipelineResult(
-        pipeline=pipeline.name,
-        run_id=run_id,
-        backend=executor.backend,
-        max_workers=executor.max_workers,
-        started_at=started_at,
-        duration_s=time.perf_counter() - start,
-        outputs=collected,
-        # Folded when first read; the partials hold the records, not the graph and its data.
-        steps=partial(step_results, graph.step_keys, recorder.records().values(), graph.partitions,
-                      graph.per_partition),
-        tasks=partial(task_records, recorder.records()),
-        dashboard_link=dashboard_link,
-        extra_report_html=recorder.report_html(),
-        success=not bad,
-    )
+    result = _result(pipeline, executor, graph, recorder, run_id, started_at, start, dashboard_link,
+                     outputs=collected, success=not bad)
     if not result.success:
         _abort_sinks(plan, run_id)
     log.info(
@@ -154,6 +140,15 @@ def _stopped_result(error: StepFailed, pipeline, executor, graph, recorder, run_
         now = time.time()
         recorder.add_missing({key: Outcome(None, error.step, error.partition, "failed", error.attempt, now, now,
                                            "unknown", error)})
+    return _result(pipeline, executor, graph, recorder, run_id, started_at, start, dashboard_link,
+                   outputs={}, success=False, stopped=True)
+
+
+def _result(pipeline, executor, graph, recorder, run_id, started_at, start, dashboard_link, *, outputs, success,
+            stopped=False) -> PipelineResult:
+    """The run's result. Its steps and tasks are folded when first read; the partials
+    hold the records, not the graph and its data. ``stopped``: the run raised, so
+    steps short of their tasks are ``stopped``."""
     records = recorder.records()
     return PipelineResult(
         pipeline=pipeline.name,
@@ -162,13 +157,13 @@ def _stopped_result(error: StepFailed, pipeline, executor, graph, recorder, run_
         max_workers=executor.max_workers,
         started_at=started_at,
         duration_s=time.perf_counter() - start,
-        outputs={},
+        outputs=outputs,
         steps=partial(step_results, graph.step_keys, records.values(), graph.partitions, graph.per_partition,
-                      graph.tasks_per_step()),
+                      graph.tasks_per_step() if stopped else None),
         tasks=partial(task_records, records),
         dashboard_link=dashboard_link,
         extra_report_html=recorder.report_html(),
-        success=False,
+        success=success,
     )
 
 
