@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import json
 import os
-import pty
 import re
 import shutil
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pandas as pd
@@ -26,6 +24,8 @@ from click.testing import CliRunner
 import flowyml
 from flowyml.cache import Cache
 from flowyml.cli import main
+
+from .terminal import run_with_stderr_on_a_pty
 
 REPO = Path(__file__).resolve().parent.parent
 TIMEOUT = 120
@@ -415,31 +415,9 @@ def test_cache_info_and_clear(work: Path, monkeypatch) -> None:
 
 
 def _run_with_stderr_on_a_pty(args: list[str], cwd: Path) -> tuple[int, str, str]:
-    """Run the command with stderr on a pseudo-terminal (stdout piped); return (status, stdout, tty text)."""
-    leader, follower = pty.openpty()
-    chunks: list[bytes] = []
-
-    def drain() -> None:  # keep reading so the child never blocks on a full terminal buffer
-        while True:
-            try:
-                data = os.read(leader, 65536)
-            except OSError:  # EIO: the child closed the terminal
-                return
-            if not data:
-                return
-            chunks.append(data)
-
-    reader = threading.Thread(target=drain, daemon=True)
-    reader.start()
-    try:
-        process = subprocess.Popen([*_command(), *args], cwd=cwd, env=_env(COLUMNS="120", TERM="xterm"),
-                                   stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=follower)
-        os.close(follower)
-        stdout, _ = process.communicate(timeout=TIMEOUT)
-        reader.join(timeout=TIMEOUT)
-    finally:
-        os.close(leader)
-    return process.returncode, stdout.decode(), b"".join(chunks).decode("utf-8", "replace")
+    """The CLI with stderr on a pseudo-terminal (stdout piped): (status, stdout, tty text)."""
+    return run_with_stderr_on_a_pty([*_command(), *args], cwd=cwd, env=_env(COLUMNS="120", TERM="xterm"),
+                                    timeout=TIMEOUT)
 
 
 def test_progress_bar_in_a_terminal_counts_every_task(work: Path) -> None:

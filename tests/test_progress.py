@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import fcntl
 import io
 import logging
 import os
-import struct
-import termios
 import subprocess
 import sys
 import textwrap
@@ -18,6 +15,8 @@ from pathlib import Path
 import pytest
 
 from flowyml.progress import Progress, auto_enabled
+
+from .terminal import run_with_stderr_on_a_pty
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,30 +49,10 @@ def _run_child(stderr_is_tty: bool, size: tuple[int, int] | None = None) -> tupl
         done = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, env=env,
                               timeout=60, check=True)
         return done.stdout, done.stderr
-    master, slave = os.openpty()
-    if size is not None:
-        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", size[0], size[1], 0, 0))
-    try:
-        child = subprocess.Popen([sys.executable, "-c", CHILD], stdout=subprocess.PIPE, stderr=slave,
-                                 stdin=subprocess.DEVNULL, env=env)
-    finally:
-        os.close(slave)  # the child holds its own copy; EOF on master once it exits
-    chunks = []
-    try:
-        while True:
-            try:
-                data = os.read(master, 4096)
-            except OSError:  # EIO: the child closed the terminal
-                break
-            if not data:
-                break
-            chunks.append(data)
-    finally:
-        os.close(master)
-    stdout = child.stdout.read().decode()
-    child.stdout.close()
-    assert child.wait(timeout=60) == 0
-    return stdout, b"".join(chunks).decode("utf-8", "replace")
+    status, stdout, terminal = run_with_stderr_on_a_pty([sys.executable, "-c", CHILD], env=env, size=size,
+                                                        timeout=60)
+    assert status == 0, terminal
+    return stdout, terminal
 
 
 @pytest.mark.parametrize("size", [(30, 100), None], ids=["sized-terminal", "terminal-without-size"])
