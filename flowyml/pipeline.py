@@ -39,12 +39,12 @@ class Plan:
     producer: Mapping[str, str]
     inputs: Mapping[str, Any]  # asset name -> value or source, for run inputs and sources
     outputs: tuple[str, ...]
-    # Compiled layouts of this plan's graph, shared by the plans of one pipeline
-    # version (see flowyml.compile); not part of the plan's value.
+    # Compiled layouts of this plan's graph, shared by the plans the pipeline
+    # remembers until it changes (see flowyml.compile); not part of the plan's value.
     layouts: dict = field(default_factory=dict, compare=False, repr=False)
 
 
-#: Plans a pipeline remembers per version (distinct run-input names and outputs).
+#: Plans a pipeline remembers at once (distinct run-input names and outputs).
 MAX_PLANS = 16
 
 
@@ -95,9 +95,9 @@ class Pipeline:
         # asset -> producing step, kept up to date by add_step: rebuilding it for
         # every added step made building N steps O(N^2) (17 s for 10,000).
         self._producers: dict[str, str] = {}
-        # Plans of this version of the pipeline, by run-input names and outputs:
-        # a notebook or a scheduler runs the same pipeline again and again.
-        self._version = 0
+        # Plans of the pipeline as it is now, by run-input names and outputs (a
+        # notebook or a scheduler runs the same pipeline again and again);
+        # every change empties it.
         self._plans: dict[tuple, _Shape] = {}
 
     @property
@@ -111,7 +111,6 @@ class Pipeline:
         return MappingProxyType(self._sources)
 
     def _changed(self) -> None:
-        self._version += 1
         self._plans.clear()
 
     def __repr__(self) -> str:
