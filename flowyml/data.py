@@ -798,21 +798,12 @@ def write_partition(df: Any, directory: str | os.PathLike[str], run_id: str, ind
     suffix = _output_suffix(fmt)
     frame = _as_frame(df, fmt, index)
     target = _output_path(directory)
-    staging = _staging_dir(target, run_id)
     name = f"part-{index:05d}{suffix}"
-    with _STAGING.writing(staging):
-        os.makedirs(staging, exist_ok=True)
-        temporary = os.path.join(staging, f".{name}.{uuid.uuid4().hex}.tmp")
-        try:
-            if fmt == "parquet":
-                frame.to_parquet(temporary)
-            else:
-                frame.to_csv(temporary, index=False)
-            os.replace(temporary, os.path.join(staging, name))
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.remove(temporary)
-            raise
+    with _staged_file(target, run_id, name) as temporary:
+        if fmt == "parquet":
+            frame.to_parquet(temporary)
+        else:
+            frame.to_csv(temporary, index=False)
     return os.path.join(target, name)
 
 
@@ -878,23 +869,34 @@ def restage_partition(path: str | os.PathLike[str], run_id: str) -> str:
     """
     final = os.path.abspath(os.fspath(path))
     target, name = os.path.split(final)
+    with _staged_file(target, run_id, name) as temporary:
+        try:
+            os.link(final, temporary)
+        except FileNotFoundError:
+            raise
+        except OSError:  # another filesystem, or one without hard links
+            shutil.copy2(final, temporary)
+    return final
+
+
+@contextlib.contextmanager
+def _staged_file(target: str, run_id: str, name: str) -> Iterator[str]:
+    """A temporary path in this run's staging directory, moved to ``name`` if the block succeeds.
+
+    The file appears whole or not at all: a failed block removes the temporary
+    file. Registered with the run's staging guard for the whole write.
+    """
     staging = _staging_dir(target, run_id)
     with _STAGING.writing(staging):
         os.makedirs(staging, exist_ok=True)
         temporary = os.path.join(staging, f".{name}.{uuid.uuid4().hex}.tmp")
         try:
-            try:
-                os.link(final, temporary)
-            except FileNotFoundError:
-                raise
-            except OSError:  # another filesystem, or one without hard links
-                shutil.copy2(final, temporary)
+            yield temporary
             os.replace(temporary, os.path.join(staging, name))
         except BaseException:
             with contextlib.suppress(OSError):
                 os.remove(temporary)
             raise
-    return final
 
 
 def abort_output(directory: str | os.PathLike[str], run_id: str) -> None:
