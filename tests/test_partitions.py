@@ -113,19 +113,24 @@ def test_differing_columns_are_named(executor, tmp_path):
         pipeline.run(executor=executor, progress=False)
 
 
+def failing_write(source, out: Path, bad: int) -> Pipeline:
+    """Clean, fail on partition ``bad``, write the rest to ``out``."""
+    return (
+        Pipeline("failing_write")
+        .add_source("trips", source)
+        .add_step(pipelines.clean)
+        .add_step(pipelines.fail_on_partition, params={"bad": bad})
+        .add_step(write_parquet(out, input="checked"))
+    )
+
+
 def test_failed_write_leaves_previous_output_intact(executor, tmp_path):
     out = tmp_path / "out"
     source = read_csv(str(DATA / "trips" / "trips_*.csv"))
     good = pipelines.trips_pipeline(source, out).run(executor=executor, progress=False)
     before = {p: Path(p).read_bytes() for p in good["write_parquet"]}
 
-    failing = (
-        Pipeline("failing_write")
-        .add_source("trips", source)
-        .add_step(pipelines.clean)
-        .add_step(pipelines.fail_on_partition, params={"bad": 4})
-        .add_step(write_parquet(out, input="checked"))
-    )
+    failing = failing_write(source, out, bad=4)
     with pytest.raises(StepFailed, match="partition 4"):
         failing.run(executor=executor, progress=False)
     after = sorted(str(p) for p in out.iterdir())
@@ -137,13 +142,7 @@ def test_failed_write_leaves_previous_output_intact(executor, tmp_path):
 def test_failed_write_with_continue_skips_the_commit(executor, tmp_path):
     out = tmp_path / "out"
     source = read_csv(str(DATA / "trips" / "trips_*.csv"))
-    failing = (
-        Pipeline("failing_write")
-        .add_source("trips", source)
-        .add_step(pipelines.clean)
-        .add_step(pipelines.fail_on_partition, params={"bad": 2})
-        .add_step(write_parquet(out, input="checked"))
-    )
+    failing = failing_write(source, out, bad=2)
     result = failing.run(executor=executor, on_failure="continue", progress=False)
     assert result.steps["fail_on_partition"].status == "failed"
     assert result.steps["write_parquet"].status == "skipped"
