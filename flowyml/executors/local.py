@@ -51,9 +51,8 @@ class _SettlingPool:
     task (a process pool's task costs 150).
     """
 
-    def __init__(self, pool: Executor, max_workers: int) -> None:
+    def __init__(self, pool: Executor) -> None:
         self._pool = pool
-        self._max_workers = max_workers
         self.running: set[Future] = set()
 
     def submit(self, fn, *args, **kwargs) -> Future:
@@ -299,7 +298,7 @@ class ProcessBackend(_PoolBackend):
             # What dask.multiprocessing.get does, minus its cull (a graph seeded
             # with finished results lacks their tasks) and its fusion (keys stay
             # step names).
-            settling = _SettlingPool(self._pool, self.max_workers)
+            settling = _SettlingPool(self._pool)
             self._settling = settling
             if cache:  # results given in ``cache`` must be read as keys, not as literal tuples
                 from dask._task_spec import convert_legacy_graph
