@@ -68,6 +68,13 @@ def test_pool_lives_across_runs_inside_with():
 
 @pytest.mark.parametrize("backend", ["process", "distributed"])
 def test_nothing_left_running_outside_with(backend):
+    # multiprocessing's resource tracker is the interpreter's own helper: started
+    # by the first pool of any library, it stays until Python exits by design.
+    # Start it first, so that only what flowyml starts counts (the test passed in
+    # the full suite, where an earlier test had started it, and failed alone).
+    from multiprocessing import resource_tracker
+
+    resource_tracker.ensure_running()
     before = {p.pid for p in psutil.Process().children(recursive=True)}
     executor = ParallelExecutor(max_workers=2, backend=backend)
     result = pipelines.parallel_processing(3).run(executor=executor, progress=False)
