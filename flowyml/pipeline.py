@@ -267,6 +267,11 @@ class Pipeline:
                         f"known assets: {', '.join(sorted(producer))}"
                     )
         order = self._order(producer, wanted, given)
+        if len(order) < len(self._steps):
+            # Steps the outputs do not need may still loop among themselves (and a
+            # loop of steps that all consume each other has no leaf output at all):
+            # a cycle anywhere is an error, whatever the outputs.
+            self._order(producer, [a for s in self._steps.values() for a in s.asset_names if a not in given], given)
         needed = {a: None for s in order for a in s.inputs if a in given}
         needed |= {a: None for a in wanted if a in given}
         return _Shape(

@@ -70,6 +70,38 @@ def test_cycle_shows_its_path():
     assert " -> " in str(info.value)
 
 
+@step(inputs=["b"], outputs=["a"])
+def make_a(b):
+    return b
+
+
+@step(inputs=["a"], outputs=["b"])
+def make_b(a):
+    return a
+
+
+@step(outputs=["other"])
+def unrelated():
+    return 1
+
+
+@pytest.mark.parametrize("outputs", [None, ["other"]], ids=["leaves", "an-unrelated-output"])
+def test_a_cycle_anywhere_is_an_error_whatever_the_outputs(outputs):
+    # Every asset of a two-step loop is consumed, so the loop has no leaf output
+    # for the default outputs to reach; and an unrelated output does not need it.
+    pipeline = Pipeline("cyc").add_step(make_a).add_step(make_b).add_step(unrelated)
+    with pytest.raises(CycleError) as info:
+        pipeline.run(outputs=outputs, executor=ParallelExecutor(backend="sync"), progress=False)
+    assert sorted(set(info.value.path)) == ["make_a", "make_b"]
+    assert "make_a" in str(info.value) and "make_b" in str(info.value)
+
+
+def test_a_run_input_that_replaces_a_looping_asset_breaks_the_loop():
+    pipeline = Pipeline("cyc").add_step(make_a).add_step(make_b)
+    result = pipeline.run({"a": 5}, outputs=["b"], executor=ParallelExecutor(backend="sync"), progress=False)
+    assert result.outputs == {"b": 5}
+
+
 def test_unknown_params_key():
     with pytest.raises(ParameterError, match="step 'numbers': unknown params key 'cnt'.*count"):
         Pipeline("p").add_step(pipelines.numbers, params={"cnt": 3})
