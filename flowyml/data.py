@@ -55,7 +55,7 @@ from fsspec.core import url_to_fs
 from fsspec.utils import infer_compression, read_block, seek_delimiter
 
 from flowyml.context import current_task
-from flowyml.exceptions import DataError
+from flowyml.exceptions import DataError, OptionError
 
 __all__ = [
     "CsvPartition",
@@ -185,7 +185,7 @@ class CsvPartition(Partition):
     offset: int | None = None
     length: int | None = None
     prefix: bytes = b""
-    read_kwargs: dict[str, Any] = field(default_factory=dict, hash=False)
+    read_kwargs: dict[str, Any] = field(default_factory=dict, hash=False, repr=False)  # may hold credentials
     columns: tuple | None = None
 
     def _read(self) -> pd.DataFrame:
@@ -220,7 +220,7 @@ class ParquetPartition(Partition):
     """A whole Parquet file (``row_group`` None) or one of its row groups."""
 
     row_group: int | None = None
-    read_kwargs: dict[str, Any] = field(default_factory=dict, hash=False)
+    read_kwargs: dict[str, Any] = field(default_factory=dict, hash=False, repr=False)  # may hold credentials
     columns: tuple | None = None
 
     def _read(self) -> pd.DataFrame:
@@ -272,13 +272,18 @@ class Source:
         """
         raise NotImplementedError
 
+    def _declared(self) -> str:
+        """``read_csv('data/*.csv')``: how errors about its options name the source."""
+        shown = self.paths[0] if len(self.paths) == 1 else list(self.paths)
+        return f"{self.reader}({shown!r})"
+
     @property
     def label(self) -> str:
         """The name used in messages: the source's name, else its ``repr``."""
         return self.name or repr(self)
 
     def _options_repr(self) -> str:
-        return "".join(f", {key}={value!r}" for key, value in self.pandas_kwargs.items())
+        return "".join(f", {key}={redact_option(key, value)!r}" for key, value in self.pandas_kwargs.items())
 
     def __repr__(self) -> str:
         shown = self.paths[0] if len(self.paths) == 1 else list(self.paths)
@@ -304,8 +309,8 @@ class CsvSource(Source):
 
     def __init__(self, paths: Any, blocksize: int | str | None, pandas_kwargs: dict[str, Any]) -> None:
         super().__init__(paths, pandas_kwargs)
-        self.blocksize = _parse_blocksize(blocksize)
-        _check_csv_options(self.pandas_kwargs, self.blocksize)
+        self.blocksize = _parse_blocksize(blocksize, self._declared())
+        _check_csv_options(self.pandas_kwargs, self.blocksize, self._declared())
 
     def _options_repr(self) -> str:
         size = f", blocksize={self.blocksize}" if self.blocksize else ""
@@ -359,8 +364,8 @@ class ParquetSource(Source):
         self.split_row_groups = bool(split_row_groups)
         unsupported = sorted(set(self.pandas_kwargs) - _ROW_GROUP_OPTIONS)
         if self.split_row_groups and unsupported:
-            raise ValueError(
-                f"read_parquet(split_row_groups=True) cannot pass {unsupported} to each row group; "
+            raise OptionError(
+                f"{self._declared()}: split_row_groups=True cannot pass {unsupported} to each row group; "
                 f"it supports {sorted(_ROW_GROUP_OPTIONS)}. Drop split_row_groups to read whole files."
             )
 
@@ -461,47 +466,69 @@ def read_parquet(path: Any, *, split_row_groups: bool = False, **pandas_kwargs: 
 
 
 def _as_path_list(paths: Any, reader: str) -> tuple[str, ...]:
-    items = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    try:
+        items = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    except TypeError:
+        items = []
     if not items or not all(isinstance(item, (str, os.PathLike)) for item in items):
-        raise TypeError(f"{reader}() takes a path, a glob or a list of them, not {paths!r}")
+        raise OptionError(f"{reader}() takes a path, a glob or a list of them, not {paths!r}")
     return tuple(os.fspath(item) for item in items)
 
 
-def _parse_blocksize(blocksize: int | str | None) -> int | None:
+def _parse_blocksize(blocksize: int | str | None, source: str) -> int | None:
     if blocksize is None:
         return None
-    problem = f"read_csv(blocksize={blocksize!r}): give a positive number of bytes or a string like '64MB'"
+    problem = f"{source}: blocksize={blocksize!r} is not a size; give a positive number of bytes or a string like '64MB'"
     try:
         size = parse_bytes(blocksize) if isinstance(blocksize, str) else blocksize
     except ValueError as exc:
-        raise ValueError(f"{problem} ({exc})") from None
+        raise OptionError(f"{problem} ({exc})") from None
     if isinstance(size, float) and size.is_integer():
         size = int(size)
     if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
-        raise ValueError(problem)
+        raise OptionError(problem)
     return size
 
 
-def _check_csv_options(kwargs: dict[str, Any], blocksize: int | None) -> None:
+def _check_csv_options(kwargs: dict[str, Any], blocksize: int | None, source: str) -> None:
     for key in _CSV_REJECTED:
         if key in kwargs:
-            raise ValueError(f"read_csv({key}=...) is not supported: each partition is one DataFrame; use blocksize=")
+            raise OptionError(f"{source}: {key}= is not supported: each partition is one DataFrame; use blocksize=")
     if not blocksize:
         return
     if "nrows" in kwargs:
-        raise ValueError("read_csv(nrows=...) cannot be combined with blocksize: the rows are split across blocks")
+        raise OptionError(f"{source}: nrows= cannot be combined with blocksize: the rows are split across blocks")
     skiprows = kwargs.get("skiprows")
     if skiprows is not None and not isinstance(skiprows, int):
-        raise ValueError("read_csv(blocksize=...) needs skiprows to be an int (or blocksize=None)")
+        raise OptionError(f"{source}: blocksize= needs skiprows to be an int (or blocksize=None)")
     if isinstance(kwargs.get("header"), (list, tuple)):
-        raise ValueError("read_csv(blocksize=...) does not support a multi-line header (or use blocksize=None)")
+        raise OptionError(f"{source}: blocksize= does not support a multi-line header (or use blocksize=None)")
     encoding = kwargs.get("encoding") or "utf-8"
     if "\n".encode(encoding)[len("".encode(encoding)):] != b"\n":  # skip a BOM, as dask does
-        raise ValueError(f"read_csv(blocksize=...) cannot split {encoding} text on line ends; use blocksize=None")
+        raise OptionError(f"{source}: blocksize= cannot split {encoding} text on line ends; use blocksize=None")
     if kwargs.get("lineterminator") not in (None, "\n"):
-        raise ValueError(
-            "read_csv(blocksize=...) splits on '\\n' line ends; use blocksize=None with another lineterminator"
+        raise OptionError(
+            f"{source}: blocksize= splits on '\\n' line ends; use blocksize=None with another lineterminator"
         )
+
+
+#: Options whose values are credentials: shown as names only.
+_SECRET_OPTIONS = frozenset({"storage_options"})
+
+
+def redact_option(name: str, value: Any) -> Any:
+    """``value`` as it may be shown: the keys of ``storage_options``, never their values.
+
+    >>> redact_option("storage_options", {"key": "AKIA...", "secret": "s3cr3t"})
+    {'key': '***', 'secret': '***'}
+    >>> redact_option("sep", ";")
+    ';'
+    """
+    if name in _SECRET_OPTIONS and isinstance(value, dict):
+        return {key: "***" for key in value}
+    if name in _SECRET_OPTIONS and value is not None:
+        return "***"
+    return value
 
 
 def _is_url(path: str) -> bool:
@@ -831,7 +858,7 @@ def commit_output(directory: str | os.PathLike[str], run_id: str, written: Seque
     names = set()
     for path in written:
         if os.path.dirname(os.path.abspath(path)) != target:
-            raise ValueError(f"commit_output: {path!r} was not written for {target!r}")
+            raise OptionError(f"commit_output: {path!r} was not written for {_display_path(target)!r}")
         names.add(os.path.basename(path))
     os.makedirs(staging, exist_ok=True)  # no partition at all: the output is an empty directory
     present = set(os.listdir(staging))
@@ -967,7 +994,7 @@ def _output_suffix(fmt: str) -> str:
     try:
         return _FORMATS[fmt]
     except KeyError:
-        raise ValueError(f"unknown output format {fmt!r}; use one of {sorted(_FORMATS)}") from None
+        raise OptionError(f"unknown output format {fmt!r}; use one of {sorted(_FORMATS)}") from None
 
 
 def _as_frame(value: Any, fmt: str, index: int) -> pd.DataFrame:
@@ -977,7 +1004,7 @@ def _as_frame(value: Any, fmt: str, index: int) -> pd.DataFrame:
         return value.to_frame(name=value.name if value.name is not None else "value")
     task = current_task()
     step = repr(task.step) if task is not None else f"write_{fmt}"
-    raise TypeError(
+    raise OptionError(
         f"step {step}, partition {index}: write_{fmt} writes pandas DataFrames or Series, "
         f"got {type(value).__name__}; make the step feeding it return a DataFrame"
     )
@@ -986,7 +1013,7 @@ def _as_frame(value: Any, fmt: str, index: int) -> pd.DataFrame:
 def _output_path(directory: str | os.PathLike[str]) -> str:
     text = os.fspath(directory)
     if _is_url(text):
-        raise ValueError(f"write_parquet/write_csv write to a local (or mounted) filesystem, not {text!r}")
+        raise OptionError(f"write_parquet/write_csv write to a local (or mounted) filesystem, not {text!r}")
     return os.path.abspath(text.removeprefix("file://"))
 
 
@@ -1102,7 +1129,7 @@ def _sink(fmt: str, path: str | os.PathLike[str], input: str, name: str | None) 
     from flowyml.step import Step
 
     if not isinstance(input, str) or not input:
-        raise TypeError(f"write_{fmt}(...) needs input='<asset name>' to say what to write, got {input!r}")
+        raise OptionError(f"write_{fmt}({os.fspath(path)!r}) needs input='<asset name>' to say what to write, got {input!r}")
     directory = _output_path(path)  # resolved here, on the driver: workers may run elsewhere
     return Step(
         func=_PartitionWriter(directory, fmt),

@@ -10,6 +10,8 @@
     │   └── ParameterError          unknown ``params`` key, or a parameter nothing fills
     ├── BackendError                unknown backend, unreachable cluster, unpicklable step
     │   └── NotPicklableError       a step, param or input cannot be sent to a worker
+    ├── OptionError                 an argument flowyml cannot use (also a ValueError and a TypeError)
+    ├── OutputNotFoundError         ``result[name]`` of an asset the run did not return (also a KeyError)
     ├── DataError                   a source matches no file, or a file cannot be read
     ├── CacheError                  a cache entry is corrupt or unreadable (recomputed, not raised to users)
     ├── StepTimeoutError            one attempt of a step ran past its ``timeout``
@@ -31,6 +33,8 @@ __all__ = [
     "FlowymlError",
     "MissingInputError",
     "NotPicklableError",
+    "OptionError",
+    "OutputNotFoundError",
     "ParameterError",
     "PipelineError",
     "StepFailed",
@@ -73,6 +77,22 @@ class BackendError(FlowymlError):
 
 class NotPicklableError(BackendError):
     """A step, param or input cannot be pickled for a worker process."""
+
+
+class OptionError(FlowymlError, ValueError, TypeError):
+    """An argument or option flowyml cannot use; the message names the source, sink or step.
+
+    An unsupported reader option, a bad ``blocksize``, a sink without
+    ``input=``... It is also a ``ValueError`` and a ``TypeError``, so code that
+    catches what Python itself raises for a bad argument keeps working.
+    """
+
+
+class OutputNotFoundError(FlowymlError, KeyError):
+    """``result[name]`` of an asset the run did not return (also a ``KeyError``)."""
+
+    def __str__(self) -> str:  # KeyError would show the message quoted, as a key
+        return str(self.args[0]) if self.args else ""
 
 
 class DataError(FlowymlError):

@@ -30,6 +30,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from .exceptions import OptionError
+
 __all__ = ["format_summary", "render_html", "save_report", "to_html_repr"]
 
 Run = Mapping[str, Any]
@@ -753,8 +755,8 @@ def save_report(run: Run, path: str | os.PathLike[str], *, extra_html: str | Non
 
     Raises
     ------
-    ValueError
-        ``path`` ends in anything but ``.html`` or ``.json``.
+    OptionError
+        ``path`` ends in anything but ``.html`` or ``.json`` (also a ``ValueError``).
     """
     target = Path(path)
     suffix = target.suffix.lower()
@@ -764,7 +766,7 @@ def save_report(run: Run, path: str | os.PathLike[str], *, extra_html: str | Non
         # default=str: a stray numpy number or Path in a record must not lose the whole report.
         text = json.dumps(run, indent=2, default=str) + "\n"
     else:
-        raise ValueError(
+        raise OptionError(
             f"cannot write a run report to {str(target)!r}: the file name must end in "
             "'.html' (a self-contained page) or '.json' (the run record)"
         )

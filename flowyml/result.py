@@ -10,7 +10,7 @@ from datetime import datetime
 from typing import Any
 
 from .bulk import no_gc_passes
-from .exceptions import StepFailed
+from .exceptions import OutputNotFoundError, StepFailed
 
 __all__ = ["PipelineResult", "StepResult", "TaskRecord"]
 
@@ -156,7 +156,7 @@ class PipelineResult:
         try:
             return self.outputs[name]
         except KeyError:
-            raise KeyError(
+            raise OutputNotFoundError(
                 f"{name!r} is not among this run's outputs {sorted(self.outputs)}; "
                 f"ask for it with run(outputs=[{name!r}, ...])"
             ) from None

@@ -9,7 +9,7 @@ import weakref
 import dask
 import pytest
 
-from flowyml import Pipeline, StepFailed, step
+from flowyml import OutputNotFoundError, Pipeline, StepFailed, step
 from flowyml.utils.parallel import parallel_map
 
 from . import pipelines
@@ -48,6 +48,10 @@ def test_requested_outputs_run_only_what_they_need(executor):
     result = pipelines.diamond().run(executor=executor, outputs=["evens"], progress=False)
     assert result.outputs == {"evens": [0, 2, 4, 6, 8]}
     assert list(result.steps) == ["numbers", "split"]
+    with pytest.raises(OutputNotFoundError, match=r"'odds' is not among this run's outputs \['evens'\]"):
+        result["odds"]
+    with pytest.raises(KeyError):  # what a mapping raises, for code that expects it
+        result["odds"]
 
 
 def test_run_inputs_feed_steps(executor):

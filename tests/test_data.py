@@ -26,9 +26,10 @@ from flowyml.data import (
     commit_output,
     read_csv,
     read_parquet,
+    write_parquet,
     write_partition,
 )
-from flowyml.exceptions import DataError
+from flowyml.exceptions import DataError, OptionError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -98,21 +99,36 @@ def test_declaring_a_source_touches_no_file(tmp_path):
 
 
 @pytest.mark.parametrize("blocksize", [0, -5, "lots", 1.5])
-def test_bad_blocksize_is_an_error_naming_it(blocksize):
-    with pytest.raises(ValueError, match="blocksize"):
+def test_bad_blocksize_is_an_error_naming_it_and_the_source(blocksize):
+    with pytest.raises(OptionError, match=r"read_csv\('x.csv'\): blocksize=") as info:
         read_csv("x.csv", blocksize=blocksize)
+    assert isinstance(info.value, ValueError)  # what Python users catch for a bad argument
 
 
 def test_options_that_cannot_work_per_block_are_refused_up_front():
-    with pytest.raises(ValueError, match="nrows"):
+    with pytest.raises(OptionError, match=r"read_csv\('x.csv'\): nrows="):
         read_csv("x.csv", blocksize=100, nrows=5)
-    with pytest.raises(ValueError, match="chunksize"):
+    with pytest.raises(OptionError, match=r"read_csv\('x.csv'\): chunksize="):
         read_csv("x.csv", chunksize=5)
-    with pytest.raises(ValueError, match="utf-16"):
+    with pytest.raises(OptionError, match=r"read_csv\('x.csv'\): .*utf-16"):
         read_csv("x.csv", blocksize=100, encoding="utf-16")
     read_csv("x.csv", blocksize=100, encoding="utf-8-sig")  # a BOM is fine
-    with pytest.raises(ValueError, match="engine"):
+    with pytest.raises(OptionError, match=r"read_parquet\('x'\): .*engine"):
         read_parquet("x", split_row_groups=True, engine="fastparquet")
+    with pytest.raises(OptionError, match="takes a path"):
+        read_csv(42)
+    with pytest.raises(OptionError, match=r"write_parquet\('out'\) needs input="):
+        write_parquet("out", input=None)
+
+
+def test_credentials_never_show_in_a_source_repr():
+    secret = {"key": "AKIAEXAMPLEKEY", "secret": "wJalrXUtnFEMI-secret", "token": "session-token"}
+    for source in (read_csv("s3://bucket/trips/*.csv", storage_options=secret, sep=";"),
+                   read_parquet("s3://bucket/trips", storage_options=secret)):
+        shown = repr(source)
+        assert not any(value in shown for value in secret.values()), shown
+        assert "storage_options={'key': '***', 'secret': '***', 'token': '***'}" in shown
+    assert "sep=';'" in repr(read_csv("s3://bucket/trips/*.csv", storage_options=secret, sep=";"))
 
 
 # --------------------------------------------------------------------------- CSV
@@ -639,12 +655,12 @@ def test_a_series_becomes_a_one_column_frame(tmp_path):
 
 
 def test_writing_something_else_names_the_step(tmp_path):
-    with pytest.raises(TypeError, match="write_parquet writes pandas DataFrames"):
+    with pytest.raises(OptionError, match="write_parquet writes pandas DataFrames"):
         write_partition([1, 2], tmp_path / "out", "r", 0, "parquet")
     with running(TaskContext(step="save_clean", partition=3, attempt=1, run_id="r")):
-        with pytest.raises(TypeError, match=r"step 'save_clean', partition 3: .*got dict"):
+        with pytest.raises(OptionError, match=r"step 'save_clean', partition 3: .*got dict"):
             write_partition({"a": 1}, tmp_path / "out", "r", 3, "csv")
-    with pytest.raises(ValueError, match="unknown output format 'json'"):
+    with pytest.raises(OptionError, match="unknown output format 'json'"):
         write_partition(frames(1)[0], tmp_path / "out", "r", 0, "json")
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from flowyml.exceptions import OptionError
 from flowyml.report import format_summary, render_html, save_report, to_html_repr
 
 RUN_START = 1764460741.0  # 2025-11-29T23:59:01Z
@@ -165,7 +166,7 @@ def test_html_report_is_written_and_replaces_an_old_one(tmp_path):
 
 @pytest.mark.parametrize("name", ["run.txt", "run", "run.htm", "run.json.gz"])
 def test_unknown_report_suffix_is_an_error_naming_path_and_choices(tmp_path, name):
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(OptionError) as info:
         save_report(make_run(), tmp_path / name)
     message = str(info.value)
     assert name in message and ".html" in message and ".json" in message
