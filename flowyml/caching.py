@@ -49,7 +49,7 @@ from .tasks import CACHED, SUCCEEDED, FinalizeTask, Outcome, SourceTask, StepTas
 
 if TYPE_CHECKING:
     from .compile import CompiledGraph
-    from .pipeline import Plan
+    from .plan import Plan
 
 __all__ = ["CacheWarning", "CachedGraph", "StaleCacheEntry", "open_cache", "plan_cached_run"]
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .bulk import no_gc_passes
-from .pipeline import Plan
+from .plan import Plan
 from .step import Binding, Step
 from .tasks import FinalizeTask, SourceTask, StepSpec, StepTask, ValueTask, _argument
 

@@ -9,7 +9,7 @@ import cloudpickle
 from .exceptions import NotPicklableError
 
 if TYPE_CHECKING:
-    from .pipeline import Plan
+    from .plan import Plan
 
 __all__ = ["check_picklable"]
 

@@ -1,63 +1,28 @@
 """Pipeline: named steps and sources wired by asset names.
 
-Building is pure: adding steps checks names, params and signatures, and
-:meth:`Pipeline.plan` orders the steps and checks inputs and cycles. Nothing
-here imports an executor or starts anything; :mod:`flowyml.compile` turns a
-plan into a Dask graph and :mod:`flowyml.run` runs it.
+Building is pure, running is separate: adding steps checks names, params and
+signatures, and :meth:`Pipeline.plan` (:mod:`flowyml.plan`) orders the steps
+and checks inputs and cycles. Nothing here imports an executor or starts
+anything at import time; :meth:`Pipeline.run` and :meth:`Pipeline.to_delayed`
+are shortcuts into :mod:`flowyml.run` and :mod:`flowyml.compile`.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
-from .bulk import no_gc_passes
-from .exceptions import CycleError, DuplicateNameError, MissingInputError, PipelineError
+from .exceptions import DuplicateNameError, PipelineError
+from .plan import Plan, Planner
 from .step import Binding, Step, step as make_step
 
 if TYPE_CHECKING:
     from .executors import ParallelExecutor
     from .result import PipelineResult
 
-__all__ = ["Pipeline", "Plan"]
-
-
-@dataclass(frozen=True)
-class Plan:
-    """A validated, ordered view of a pipeline for one run.
-
-    ``steps`` are in dependency order and include only those the requested
-    ``outputs`` need; ``producer`` maps each asset to the step (or input)
-    that makes it; ``bindings`` say how each step's inputs reach its function.
-    """
-
-    steps: tuple[Step, ...]
-    bindings: Mapping[str, Binding]
-    producer: Mapping[str, str]
-    inputs: Mapping[str, Any]  # asset name -> value or source, for run inputs and sources
-    outputs: tuple[str, ...]
-    # Compiled layouts of this plan's graph, shared by the plans the pipeline
-    # remembers until it changes (see flowyml.compile); not part of the plan's value.
-    layouts: dict = field(default_factory=dict, compare=False, repr=False)
-
-
-#: Plans a pipeline remembers at once (distinct run-input names and outputs).
-MAX_PLANS = 16
-
-
-@dataclass(frozen=True)
-class _Shape:
-    """A plan without its input values: what depends on the pipeline and on names only."""
-
-    steps: tuple[Step, ...]
-    bindings: Mapping[str, Binding]
-    producer: Mapping[str, str]
-    needed: tuple[str, ...]  # the given assets (sources, run inputs) the steps read
-    outputs: tuple[str, ...]
-    layouts: dict = field(default_factory=dict, compare=False, repr=False)
+__all__ = ["Pipeline"]
 
 
 class Pipeline:
@@ -95,10 +60,8 @@ class Pipeline:
         # asset -> producing step, kept up to date by add_step: rebuilding it for
         # every added step made building N steps O(N^2) (17 s for 10,000).
         self._producers: dict[str, str] = {}
-        # Plans of the pipeline as it is now, by run-input names and outputs (a
-        # notebook or a scheduler runs the same pipeline again and again);
-        # every change empties it.
-        self._plans: dict[tuple, _Shape] = {}
+        # Remembers the shapes of recent plans; every change makes it forget them.
+        self._planner = Planner(self._steps, self._bindings, self._producers)
 
     @property
     def steps(self) -> Mapping[str, Step]:
@@ -111,7 +74,7 @@ class Pipeline:
         return MappingProxyType(self._sources)
 
     def _changed(self) -> None:
-        self._plans.clear()
+        self._planner.forget()
 
     def __repr__(self) -> str:
         return f"<Pipeline {self.name!r}: {len(self.steps)} steps, {len(self.sources)} sources>"
@@ -217,104 +180,7 @@ class Pipeline:
         CycleError
             Steps depend on each other in a loop (the message shows the loop).
         """
-        given = {**self._sources, **dict(inputs or {})}
-        if outputs is not None:
-            outputs = tuple([outputs] if isinstance(outputs, str) else outputs)
-        memo = (frozenset(inputs or ()), outputs)
-        try:
-            shape = self._plans.get(memo)
-        except TypeError:  # an unhashable output name: _shape says what is wrong with it
-            shape = memo = None
-        if shape is None:
-            with no_gc_passes():
-                shape = self._shape(given, outputs)
-            if memo is not None:
-                if len(self._plans) >= MAX_PLANS:
-                    self._plans.clear()
-                self._plans[memo] = shape
-        return Plan(
-            steps=shape.steps,
-            bindings=shape.bindings,
-            producer=shape.producer,
-            inputs={a: given[a] for a in shape.needed},
-            outputs=shape.outputs,
-            layouts=shape.layouts,
-        )
-
-    def _shape(self, given: Mapping[str, Any], outputs: tuple[str, ...] | None) -> _Shape:
-        """What :meth:`plan` finds, but the input values: it depends on input names only."""
-        producer = {asset: name for asset, name in self._assets().items() if asset not in given}
-        producer |= {asset: asset for asset in given}
-        consumed = {asset for s in self._steps.values() for asset in s.inputs}
-        for s in self._steps.values():
-            for asset in s.inputs:
-                if asset not in producer:
-                    known = sorted(producer) or ["(none)"]
-                    raise MissingInputError(
-                        f"step {s.name!r} needs input {asset!r}, which no step, source or "
-                        f"run input provides; known assets: {', '.join(known)}. Add a step "
-                        f"with outputs=[{asset!r}], add_source({asset!r}, ...), or pass "
-                        f"run(inputs={{{asset!r}: ...}})"
-                    )
-        if outputs is None:
-            wanted = tuple(a for s in self._steps.values() for a in s.asset_names if a not in consumed)
-        else:
-            wanted = outputs
-            for asset in wanted:
-                if asset not in producer:
-                    raise MissingInputError(
-                        f"pipeline {self.name!r} has no asset {asset!r} to return; "
-                        f"known assets: {', '.join(sorted(producer))}"
-                    )
-        order = self._order(producer, wanted, given)
-        if len(order) < len(self._steps):
-            # Steps the outputs do not need may still loop among themselves (and a
-            # loop of steps that all consume each other has no leaf output at all):
-            # a cycle anywhere is an error, whatever the outputs.
-            self._order(producer, [a for s in self._steps.values() for a in s.asset_names if a not in given], given)
-        needed = {a: None for s in order for a in s.inputs if a in given}
-        needed |= {a: None for a in wanted if a in given}
-        return _Shape(
-            steps=tuple(order),
-            bindings=MappingProxyType({s.name: self._bindings[s.name] for s in order}),
-            producer=MappingProxyType(producer),
-            needed=tuple(needed),
-            outputs=wanted,
-        )
-
-    def _order(self, producer: Mapping[str, str], wanted: Iterable[str], given: Mapping[str, Any]) -> list[Step]:
-        """Depth-first topological order of the steps ``wanted`` needs; finds cycles.
-
-        A given asset (a source or run input) is not computed, even when a step
-        that would produce it has the asset's name.
-        """
-        order: list[Step] = []
-        state: dict[str, int] = {}  # 1: on the current path, 2: done
-        path: list[str] = []
-
-        def visit(name: str) -> None:
-            if state.get(name) == 2 or name not in self._steps:
-                return
-            if state.get(name) == 1:
-                loop = path[path.index(name) :] + [name]
-                raise CycleError(
-                    f"pipeline {self.name!r} has a cycle: {' -> '.join(loop)}; "
-                    f"a step cannot depend on its own outputs",
-                    loop,
-                )
-            state[name] = 1
-            path.append(name)
-            for asset in self._steps[name].inputs:
-                if asset not in given:
-                    visit(producer[asset])
-            path.pop()
-            state[name] = 2
-            order.append(self._steps[name])
-
-        for asset in wanted:
-            if asset not in given:
-                visit(producer[asset])
-        return order
+        return self._planner.plan(self.name, self._sources, inputs, outputs, cache_dir=self.cache_dir)
 
     # -- running --------------------------------------------------------------------
 
@@ -344,11 +210,11 @@ class Pipeline:
         progress : bool, optional
             Show a progress bar; default: on in a terminal or notebook.
         """
-        from .run import run_pipeline
+        from .run import run_plan, run_settings
 
-        return run_pipeline(
-            self, inputs, executor=executor, outputs=outputs, on_failure=on_failure, progress=progress
-        )
+        # Checked before planning, as a run always has: a typo costs nothing.
+        mode, executor = run_settings(on_failure, executor)
+        return run_plan(self.plan(inputs, outputs), executor=executor, on_failure=mode, progress=progress)
 
     def to_delayed(
         self, inputs: Mapping[str, Any] | None = None, *, outputs: Iterable[str] | None = None

@@ -1,7 +1,8 @@
-"""The one path every run takes (API, CLI, notebook): plan, compile, execute, collect.
+"""The one path every run takes (API, CLI, notebook): plan -> compile -> execute -> collect.
 
-Validation, the progress display, the report and clean-up live here and only
-here, so every way of running a pipeline behaves the same.
+:func:`run_plan` takes a :class:`~flowyml.plan.Plan` (``Pipeline.run`` plans,
+then calls it). Validation, the progress display, the report and clean-up
+live here and only here, so every way of running a pipeline behaves the same.
 """
 
 from __future__ import annotations
@@ -22,9 +23,9 @@ from .tasks import CONTINUE, RAISE, Outcome
 
 if TYPE_CHECKING:
     from .executors import ParallelExecutor
-    from .pipeline import Pipeline, Plan
+    from .plan import Plan
 
-__all__ = ["run_pipeline"]
+__all__ = ["run_plan", "run_settings"]
 
 log = logging.getLogger("flowyml")
 
@@ -33,24 +34,33 @@ ON_FAILURE = ("raise", "continue")
 MAX_CACHE_ROUNDS = 3
 
 
-def run_pipeline(
-    pipeline: Pipeline,
-    inputs: Mapping[str, Any] | None = None,
-    *,
-    executor: ParallelExecutor | None = None,
-    outputs: Iterable[str] | None = None,
-    on_failure: str = "raise",
-    progress: bool | None = None,
-) -> PipelineResult:
-    """Run ``pipeline``; see :meth:`Pipeline.run` for the parameters."""
+def run_settings(
+    on_failure: str, executor: ParallelExecutor | None
+) -> tuple[str, ParallelExecutor]:
+    """What a run checks before it is planned: ``on_failure``, and the executor to use.
+
+    Returns ``on_failure`` and ``executor``, else a ``ParallelExecutor()``
+    (whose backend comes from ``FLOWYML_BACKEND``); both checks raise before
+    any planning, so a typo costs nothing.
+    """
     from .executors import ParallelExecutor
 
     if on_failure not in ON_FAILURE:
         raise PipelineError(
             f"on_failure={on_failure!r} is not one of {', '.join(map(repr, ON_FAILURE))}"
         )
-    executor = executor if executor is not None else ParallelExecutor()
-    plan = pipeline.plan(inputs, outputs)
+    return on_failure, executor if executor is not None else ParallelExecutor()
+
+
+def run_plan(
+    plan: Plan,
+    *,
+    executor: ParallelExecutor | None = None,
+    on_failure: str = "raise",
+    progress: bool | None = None,
+) -> PipelineResult:
+    """Run ``plan``; see :meth:`Pipeline.run` for the parameters."""
+    on_failure, executor = run_settings(on_failure, executor)
     run_id = uuid.uuid4().hex[:8]
     mode = CONTINUE if on_failure == "continue" else RAISE
     started_at = datetime.now(timezone.utc)
@@ -71,14 +81,14 @@ def run_pipeline(
         key_suffix=impl.key_suffix(run_id),
         source_partitions=source_partitions,
     )
-    cache = open_cache(pipeline.cache_dir)
+    cache = open_cache(plan.cache_dir)
     recorder: RunRecorder | None = None
     dashboard_link = None
     for round_number in range(MAX_CACHE_ROUNDS + 1):
         cached = None
         if cache is not None:  # after a corrupt entry, check the others in full (verify=)
             cached = plan_cached_run(graph, plan, cache, run_id, mode, verify=round_number > 0)
-        earlier, recorder = recorder, RunRecorder(graph, progress, pipeline.name)
+        earlier, recorder = recorder, RunRecorder(graph, progress, plan.pipeline)
         dsk = graph.dsk
         if cached is not None:
             dsk = cached.dsk
@@ -87,10 +97,10 @@ def run_pipeline(
         try:
             with recorder:
                 if cached is not None and cached.loads_only:
-                    log.info("pipeline %r run %s: everything cached in %s", pipeline.name, run_id, cache.directory)
+                    log.info("pipeline %r run %s: everything cached in %s", plan.pipeline, run_id, cache.directory)
                     values = _load_here(dsk, graph.output_keys, recorder)
                 else:
-                    values, dashboard_link = _execute(executor, pipeline.name, run_id, dsk, graph, recorder, cached)
+                    values, dashboard_link = _execute(executor, plan.pipeline, run_id, dsk, graph, recorder, cached)
         except StaleCacheEntry as exc:
             if round_number == MAX_CACHE_ROUNDS:
                 _abort_sinks(plan, run_id)
@@ -102,7 +112,7 @@ def run_pipeline(
             if isinstance(exc, StepFailed) and getattr(exc, "result", None) is None:
                 if earlier is not None:
                     recorder.keep_earlier(earlier)
-                exc.result = _stopped_result(exc, pipeline, executor, graph, recorder, run_id,
+                exc.result = _stopped_result(exc, plan, executor, graph, recorder, run_id,
                                              started_at, start, dashboard_link)
             raise
         finally:
@@ -114,13 +124,13 @@ def run_pipeline(
     recorder.add_missing(outcomes)
     bad = recorder.unsuccessful_keys()
     collected = {asset: graph.assets[asset].collect(results) for asset in _ok_outputs(graph, bad)}
-    result = _result(pipeline, executor, graph, recorder, run_id, started_at, start, dashboard_link,
+    result = _result(plan, executor, graph, recorder, run_id, started_at, start, dashboard_link,
                      outputs=collected, success=not bad)
     if not result.success:
         _abort_sinks(plan, run_id)
     log.info(
         "pipeline %r run %s %s in %.2fs",
-        pipeline.name,
+        plan.pipeline,
         run_id,
         "succeeded" if result.success else "failed",
         result.duration_s,
@@ -128,7 +138,7 @@ def run_pipeline(
     return result
 
 
-def _stopped_result(error: StepFailed, pipeline, executor, graph, recorder, run_id, started_at, start,
+def _stopped_result(error: StepFailed, plan, executor, graph, recorder, run_id, started_at, start,
                     dashboard_link) -> PipelineResult:
     """What a run that raised ``error`` got done: attached to it as ``error.result``.
 
@@ -140,18 +150,18 @@ def _stopped_result(error: StepFailed, pipeline, executor, graph, recorder, run_
         now = time.time()
         recorder.add_missing({key: Outcome(None, error.step, error.partition, "failed", error.attempt, now, now,
                                            "unknown", error)})
-    return _result(pipeline, executor, graph, recorder, run_id, started_at, start, dashboard_link,
+    return _result(plan, executor, graph, recorder, run_id, started_at, start, dashboard_link,
                    outputs={}, success=False, stopped=True)
 
 
-def _result(pipeline, executor, graph, recorder, run_id, started_at, start, dashboard_link, *, outputs, success,
+def _result(plan, executor, graph, recorder, run_id, started_at, start, dashboard_link, *, outputs, success,
             stopped=False) -> PipelineResult:
     """The run's result. Its steps and tasks are folded when first read; the partials
     hold the records, not the graph and its data. ``stopped``: the run raised, so
     steps short of their tasks are ``stopped``."""
     records = recorder.records()
     return PipelineResult(
-        pipeline=pipeline.name,
+        pipeline=plan.pipeline,
         run_id=run_id,
         backend=executor.backend,
         max_workers=executor.max_workers,
