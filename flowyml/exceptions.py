@@ -1,4 +1,4 @@
-"""Every error flowyml raises, in one place.
+"""Every error flowyml raises, and its one warning, in one place.
 
 ::
 
@@ -14,9 +14,12 @@
     ├── OutputNotFoundError         ``result[name]`` of an asset the run did not return (also a KeyError)
     ├── DataError                   a source matches no file, or a file cannot be read
     ├── CacheError                  a cache entry is corrupt or unreadable (recomputed, not raised to users)
+    │   └── StaleCacheEntry         an entry failed its full check as it was loaded: the run discards it and plans again
     ├── StepTimeoutError            one attempt of a step ran past its ``timeout``
     ├── WorkerDiedError             the process running a step died (killed, out of memory, segfault)
     └── StepFailed                  a step failed at run time; ``__cause__`` is the user's exception
+
+    CacheWarning (a UserWarning)    a cache entry was corrupt or unreadable and is being recomputed
 
 Every message names the step (and partition) involved and, where there is one,
 the fix.
@@ -27,6 +30,7 @@ from __future__ import annotations
 __all__ = [
     "BackendError",
     "CacheError",
+    "CacheWarning",
     "CycleError",
     "DataError",
     "DuplicateNameError",
@@ -37,6 +41,7 @@ __all__ = [
     "OutputNotFoundError",
     "ParameterError",
     "PipelineError",
+    "StaleCacheEntry",
     "StepFailed",
     "StepTimeoutError",
     "WorkerDiedError",
@@ -101,6 +106,30 @@ class DataError(FlowymlError):
 
 class CacheError(FlowymlError):
     """A cache entry is missing, truncated or corrupt."""
+
+
+class StaleCacheEntry(CacheError):
+    """Raised by a load task whose entry fails its full check: the run discards it and reruns.
+
+    Attributes
+    ----------
+    key : str
+        The cache key of the entry.
+    step : str
+        The step whose result it held.
+    """
+
+    def __init__(self, message: str, key: str, step: str) -> None:
+        super().__init__(message)
+        self.key = key
+        self.step = step
+
+    def __reduce__(self):
+        return (StaleCacheEntry, (str(self), self.key, self.step))
+
+
+class CacheWarning(UserWarning):
+    """A cache entry was corrupt or unreadable and is being recomputed."""
 
 
 class StepTimeoutError(FlowymlError):

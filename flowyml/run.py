@@ -15,9 +15,9 @@ from collections.abc import Hashable, Iterable, Mapping
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
-from .caching import StaleCacheEntry, open_cache, plan_cached_run, warn_stale
+from .cache import open_cache, plan_cached_run, warn_stale
 from .compile import CompiledGraph, compile_plan, is_source
-from .exceptions import PipelineError, StepFailed
+from .exceptions import PipelineError, StaleCacheEntry, StepFailed
 from .result import PipelineResult, StepResult, TaskRecord, step_results
 from .tasks import CONTINUE, RAISE, Outcome
 

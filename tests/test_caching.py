@@ -21,7 +21,7 @@ import pytest
 
 from flowyml import StepFailed
 from flowyml.cache import Cache
-from flowyml.caching import CacheWarning
+from flowyml.exceptions import CacheWarning
 
 from . import pipelines
 

@@ -1,12 +1,12 @@
-"""Cached runs: rewrite a compiled graph so that tasks with a cache entry are loaded, not run.
+"""The graph rewrite of a cached run: tasks with a cache entry are loaded, not run.
 
 On the driver, before anything runs (:func:`plan_cached_run`):
 
 1. Every task gets a cache key, bottom-up in graph order: the step's code
-   (:func:`~flowyml.cache.code_fingerprint`, once per step), its params and
+   (:func:`~flowyml.cache.fingerprint.code_fingerprint`, once per step), its params and
    how its inputs are wired, and its inputs: the keys of the upstream tasks,
    or for a source partition its identity (path, size, modification time,
-   byte range; :meth:`~flowyml.data.Partition.identity`), never its index.
+   byte range; :meth:`~flowyml.io.sources.Partition.identity`), never its index.
    An in-memory run input counts by value. A task whose key cannot be computed
    (a param or input that cannot be hashed) and everything downstream of it
    runs uncached.
@@ -31,6 +31,9 @@ commit) instead of written again; one whose file is gone or changed is
 written again. When every partition and the commit match and the output
 directory holds exactly those files, the sink does nothing at all. A sink
 partition's key includes its index, which names its file.
+
+The tasks the rewritten graph runs (load, restage, store) are in
+:mod:`flowyml.cache.tasks`.
 """
 
 from __future__ import annotations
@@ -43,15 +46,27 @@ from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .cache import Cache, code_fingerprint, default_cache_dir, task_key
-from .exceptions import CacheError
-from .tasks import CACHED, SUCCEEDED, FinalizeTask, Outcome, SourceTask, StepTask, ValueTask, _TaskBase
+from flowyml.cache.fingerprint import code_fingerprint
+from flowyml.cache.keys import task_key
+from flowyml.cache.store import Cache
+from flowyml.cache.tasks import (
+    SINK_COMMIT,
+    SINK_ENTRY,
+    CommitStoreTask,
+    LoadTask,
+    RestageTask,
+    StoreTask,
+    file_stat,
+    partition_text,
+)
+from flowyml.exceptions import CacheError, CacheWarning, StaleCacheEntry
+from flowyml.tasks import CACHED, FinalizeTask, Outcome, SourceTask, StepTask, ValueTask
 
 if TYPE_CHECKING:
-    from .compile import CompiledGraph
-    from .plan import Plan
+    from flowyml.compile import CompiledGraph
+    from flowyml.plan import Plan
 
-__all__ = ["CacheWarning", "CachedGraph", "StaleCacheEntry", "open_cache", "plan_cached_run"]
+__all__ = ["CachedGraph", "plan_cached_run", "warn_stale"]
 
 log = logging.getLogger("flowyml")
 
@@ -59,38 +74,6 @@ Key = Hashable
 
 _LIST = "flowyml-list-of-inputs"
 _VALUE = "flowyml-run-input"
-_SINK_ENTRY = "flowyml-sink-partition"
-_SINK_COMMIT = "flowyml-sink-commit"
-
-
-class CacheWarning(UserWarning):
-    """A cache entry was corrupt or unreadable and is being recomputed."""
-
-
-class StaleCacheEntry(CacheError):
-    """Raised by a load task whose entry fails its full check: the run discards it and reruns.
-
-    Attributes
-    ----------
-    key : str
-        The cache key of the entry.
-    step : str
-        The step whose result it held.
-    """
-
-    def __init__(self, message: str, key: str, step: str) -> None:
-        super().__init__(message)
-        self.key = key
-        self.step = step
-
-    def __reduce__(self):
-        return (StaleCacheEntry, (str(self), self.key, self.step))
-
-
-def open_cache(cache_dir: str | os.PathLike[str] | None) -> Cache | None:
-    """The pipeline's cache: ``cache_dir``, else ``FLOWYML_CACHE_DIR``, else None (no caching)."""
-    directory = default_cache_dir(cache_dir)
-    return Cache(directory) if directory is not None else None
 
 
 @dataclass
@@ -272,7 +255,7 @@ class _Planner:
                 self.cache.check_header(cache_key)
         except CacheError as exc:
             self.cache.discard(cache_key)
-            _warn(f"{exc}; discarded, step {step!r}" + _partition_text(partition) + " is recomputed")
+            _warn(f"{exc}; discarded, step {step!r}" + partition_text(partition) + " is recomputed")
             return None
         return (LoadTask(step, partition, self.cache, cache_key, self.run_id, self.mode),)
 
@@ -302,14 +285,14 @@ class _Planner:
 
     def _committed_partition(self, cache_key: str) -> str | None:
         entry = self._load_small(cache_key)
-        if not _is_entry(entry, _SINK_ENTRY):
+        if not _is_entry(entry, SINK_ENTRY):
             return None
         _, path, size, mtime_ns = entry
-        return path if _stat(path) == (size, mtime_ns) else None
+        return path if file_stat(path) == (size, mtime_ns) else None
 
     def _committed_output(self, cache_key: str) -> list[str] | None:
         entry = self._load_small(cache_key)
-        if not _is_entry(entry, _SINK_COMMIT):
+        if not _is_entry(entry, SINK_COMMIT):
             return None
         _, directory, files = entry
         try:
@@ -319,7 +302,7 @@ class _Planner:
         if present != {name for name, _, _ in files}:
             return None  # files were removed or added since: write the output again
         for name, size, mtime_ns in files:
-            if _stat(os.path.join(directory, name)) != (size, mtime_ns):
+            if file_stat(os.path.join(directory, name)) != (size, mtime_ns):
                 return None
         return sorted(os.path.join(directory, name) for name, _, _ in files)
 
@@ -343,152 +326,9 @@ def _is_entry(entry: Any, kind: str) -> bool:
     return isinstance(entry, tuple) and len(entry) >= 1 and entry[0] == kind
 
 
-def _stat(path: str) -> tuple[int, int] | None:
-    try:
-        stat = os.stat(path)
-    except OSError:
-        return None
-    return stat.st_size, stat.st_mtime_ns
-
-
-def _partition_text(partition: int | None) -> str:
-    return f" partition {partition}" if partition is not None else ""
-
 
 def _is_key(value: Any, dsk: Mapping[Key, Any]) -> bool:
     try:
         return value in dsk
     except TypeError:
         return False
-
-
-# -- the tasks -------------------------------------------------------------------------
-
-
-class LoadTask(_TaskBase):
-    """Read a task's result from the cache (or hand over one read on the driver)."""
-
-    __slots__ = ("step", "partition", "cache", "key", "run_id", "mode", "value")
-
-    def __init__(self, step, partition, cache, key, run_id, mode, value=None) -> None:
-        self.step, self.partition, self.cache, self.key = step, partition, cache, key
-        self.run_id, self.mode, self.value = run_id, mode, value
-
-    def __reduce__(self):
-        return (LoadTask, (self.step, self.partition, self.cache, self.key, self.run_id, self.mode, self.value))
-
-    def __repr__(self) -> str:
-        return f"LoadTask({self.step!r}, partition={self.partition})"
-
-    def __call__(self) -> Any:
-        start = time.time()
-        if self.cache is None:
-            return self._report(self.value, self.step, self.partition, CACHED, 0, start)
-        try:
-            value = self.cache.load(self.key)
-        except CacheError as exc:
-            raise StaleCacheEntry(
-                f"cache entry of step {self.step!r}{_partition_text(self.partition)} failed its check "
-                f"when loaded ({exc})", self.key, self.step,
-            ) from None
-        return self._report(value, self.step, self.partition, CACHED, 0, start)
-
-
-class RestageTask(_TaskBase):
-    """A sink partition already committed unchanged: link its file into this run's commit."""
-
-    __slots__ = ("step", "partition", "path", "key", "run_id", "mode")
-
-    def __init__(self, step, partition, path, key, run_id, mode) -> None:
-        self.step, self.partition, self.path, self.key = step, partition, path, key
-        self.run_id, self.mode = run_id, mode
-
-    def __reduce__(self):
-        return (RestageTask, (self.step, self.partition, self.path, self.key, self.run_id, self.mode))
-
-    def __call__(self) -> Any:
-        from .data import restage_partition
-
-        start = time.time()
-        try:
-            path = restage_partition(self.path, self.run_id)
-        except OSError as exc:
-            raise StaleCacheEntry(
-                f"the committed file {self.path} of step {self.step!r}{_partition_text(self.partition)} "
-                f"vanished ({exc})", self.key, self.step,
-            ) from None
-        return self._report(path, self.step, self.partition, CACHED, 0, start)
-
-
-class StoreTask:
-    """Run a task, then store its value under its key (on the worker that computed it)."""
-
-    __slots__ = ("task", "cache", "key")
-
-    def __init__(self, task: Any, cache: Cache, key: str) -> None:
-        self.task, self.cache, self.key = task, cache, key
-
-    def __reduce__(self):
-        return (StoreTask, (self.task, self.cache, self.key))
-
-    def __repr__(self) -> str:
-        return f"Store({self.task!r})"
-
-    def with_task(self, task: Any) -> StoreTask:
-        return StoreTask(task, self.cache, self.key)
-
-    @property
-    def spec(self) -> Any:
-        """The wrapped step's spec (backends read options such as resources from it)."""
-        return getattr(self.task, "spec", None)
-
-    def __call__(self, *arguments: Any) -> Any:
-        outcome = self.task(*arguments)
-        if type(outcome) is Outcome and outcome.status == SUCCEEDED:
-            _store(self.cache, self.key, outcome.value, outcome.step)
-        return outcome
-
-
-class CommitStoreTask(StoreTask):
-    """A sink's commit; once it succeeded, the entries of its partitions and of itself."""
-
-    __slots__ = ("writers",)
-
-    def __init__(self, task: Any, cache: Cache, key: str, writers: tuple[str, ...]) -> None:
-        super().__init__(task, cache, key)
-        self.writers = writers
-
-    def __reduce__(self):
-        return (CommitStoreTask, (self.task, self.cache, self.key, self.writers))
-
-    def with_task(self, task: Any) -> CommitStoreTask:
-        return CommitStoreTask(task, self.cache, self.key, self.writers)
-
-    def __call__(self, parts: list[Any]) -> Any:
-        outcome = self.task(parts)
-        if type(outcome) is not Outcome or outcome.status != SUCCEEDED:
-            return outcome
-        files = []
-        for writer, part in zip(self.writers, parts):
-            path = part.value if type(part) is Outcome else part
-            stat = _stat(path)
-            if stat is None:
-                return outcome  # changed under us: leave it uncached
-            _store(self.cache, writer, (_SINK_ENTRY, path, *stat), outcome.step)
-            files.append((os.path.basename(path), *stat))
-        directory = os.path.dirname(parts_path(parts)) if parts else None
-        if directory is not None:
-            _store(self.cache, self.key, (_SINK_COMMIT, directory, files), outcome.step)
-        return outcome
-
-
-def parts_path(parts: list[Any]) -> str:
-    first = parts[0]
-    return first.value if type(first) is Outcome else first
-
-
-def _store(cache: Cache, key: str, value: Any, step: str) -> None:
-    try:
-        cache.store(key, value)
-    except CacheError as exc:  # the run goes on; the next one recomputes this task
-        log.warning("step %r: result not cached: %s", step, exc)

@@ -1,0 +1,179 @@
+"""The tasks of a cached run's graph: load an entry, restage a committed file, store a result.
+
+:mod:`flowyml.cache.rewrite` puts them in the graph on the driver; they run
+on the workers, where a computed result is stored by the worker that computed
+it. Sink entries record committed files: one per partition
+(``SINK_ENTRY``: its path, size and modification time) and one per sink
+(``SINK_COMMIT``: the output directory and its files), written once the
+commit succeeded.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+from flowyml.cache.store import Cache
+from flowyml.exceptions import CacheError, StaleCacheEntry
+from flowyml.tasks import CACHED, SUCCEEDED, Outcome, _TaskBase
+
+__all__ = [
+    "SINK_COMMIT",
+    "SINK_ENTRY",
+    "CommitStoreTask",
+    "LoadTask",
+    "RestageTask",
+    "StoreTask",
+    "file_stat",
+    "partition_text",
+]
+
+log = logging.getLogger("flowyml")
+
+SINK_ENTRY = "flowyml-sink-partition"
+SINK_COMMIT = "flowyml-sink-commit"
+
+
+class LoadTask(_TaskBase):
+    """Read a task's result from the cache (or hand over one read on the driver)."""
+
+    __slots__ = ("step", "partition", "cache", "key", "run_id", "mode", "value")
+
+    def __init__(self, step, partition, cache, key, run_id, mode, value=None) -> None:
+        self.step, self.partition, self.cache, self.key = step, partition, cache, key
+        self.run_id, self.mode, self.value = run_id, mode, value
+
+    def __reduce__(self):
+        return (LoadTask, (self.step, self.partition, self.cache, self.key, self.run_id, self.mode, self.value))
+
+    def __repr__(self) -> str:
+        return f"LoadTask({self.step!r}, partition={self.partition})"
+
+    def __call__(self) -> Any:
+        start = time.time()
+        if self.cache is None:
+            return self._report(self.value, self.step, self.partition, CACHED, 0, start)
+        try:
+            value = self.cache.load(self.key)
+        except CacheError as exc:
+            raise StaleCacheEntry(
+                f"cache entry of step {self.step!r}{partition_text(self.partition)} failed its check "
+                f"when loaded ({exc})", self.key, self.step,
+            ) from None
+        return self._report(value, self.step, self.partition, CACHED, 0, start)
+
+
+class RestageTask(_TaskBase):
+    """A sink partition already committed unchanged: link its file into this run's commit."""
+
+    __slots__ = ("step", "partition", "path", "key", "run_id", "mode")
+
+    def __init__(self, step, partition, path, key, run_id, mode) -> None:
+        self.step, self.partition, self.path, self.key = step, partition, path, key
+        self.run_id, self.mode = run_id, mode
+
+    def __reduce__(self):
+        return (RestageTask, (self.step, self.partition, self.path, self.key, self.run_id, self.mode))
+
+    def __call__(self) -> Any:
+        from flowyml.data import restage_partition
+
+        start = time.time()
+        try:
+            path = restage_partition(self.path, self.run_id)
+        except OSError as exc:
+            raise StaleCacheEntry(
+                f"the committed file {self.path} of step {self.step!r}{partition_text(self.partition)} "
+                f"vanished ({exc})", self.key, self.step,
+            ) from None
+        return self._report(path, self.step, self.partition, CACHED, 0, start)
+
+
+class StoreTask:
+    """Run a task, then store its value under its key (on the worker that computed it)."""
+
+    __slots__ = ("task", "cache", "key")
+
+    def __init__(self, task: Any, cache: Cache, key: str) -> None:
+        self.task, self.cache, self.key = task, cache, key
+
+    def __reduce__(self):
+        return (StoreTask, (self.task, self.cache, self.key))
+
+    def __repr__(self) -> str:
+        return f"Store({self.task!r})"
+
+    def with_task(self, task: Any) -> StoreTask:
+        return StoreTask(task, self.cache, self.key)
+
+    @property
+    def spec(self) -> Any:
+        """The wrapped step's spec (backends read options such as resources from it)."""
+        return getattr(self.task, "spec", None)
+
+    def __call__(self, *arguments: Any) -> Any:
+        outcome = self.task(*arguments)
+        if type(outcome) is Outcome and outcome.status == SUCCEEDED:
+            _store(self.cache, self.key, outcome.value, outcome.step)
+        return outcome
+
+
+class CommitStoreTask(StoreTask):
+    """A sink's commit; once it succeeded, the entries of its partitions and of itself."""
+
+    __slots__ = ("writers",)
+
+    def __init__(self, task: Any, cache: Cache, key: str, writers: tuple[str, ...]) -> None:
+        super().__init__(task, cache, key)
+        self.writers = writers
+
+    def __reduce__(self):
+        return (CommitStoreTask, (self.task, self.cache, self.key, self.writers))
+
+    def with_task(self, task: Any) -> CommitStoreTask:
+        return CommitStoreTask(task, self.cache, self.key, self.writers)
+
+    def __call__(self, parts: list[Any]) -> Any:
+        outcome = self.task(parts)
+        if type(outcome) is not Outcome or outcome.status != SUCCEEDED:
+            return outcome
+        files = []
+        for writer, part in zip(self.writers, parts):
+            path = part.value if type(part) is Outcome else part
+            stat = file_stat(path)
+            if stat is None:
+                return outcome  # changed under us: leave it uncached
+            _store(self.cache, writer, (SINK_ENTRY, path, *stat), outcome.step)
+            files.append((os.path.basename(path), *stat))
+        directory = os.path.dirname(parts_path(parts)) if parts else None
+        if directory is not None:
+            _store(self.cache, self.key, (SINK_COMMIT, directory, files), outcome.step)
+        return outcome
+
+
+def parts_path(parts: list[Any]) -> str:
+    first = parts[0]
+    return first.value if type(first) is Outcome else first
+
+
+def _store(cache: Cache, key: str, value: Any, step: str) -> None:
+    try:
+        cache.store(key, value)
+    except CacheError as exc:  # the run goes on; the next one recomputes this task
+        log.warning("step %r: result not cached: %s", step, exc)
+
+
+def file_stat(path: str) -> tuple[int, int] | None:
+    """``(size, mtime_ns)`` of a committed file, or None when it is gone."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return stat.st_size, stat.st_mtime_ns
+
+
+def partition_text(partition: int | None) -> str:
+    """`` partition 3`` for messages; empty for a whole step."""
+    return f" partition {partition}" if partition is not None else ""
