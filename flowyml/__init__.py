@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 
 from .context import TaskContext, current_task
-from .data import read_csv, read_parquet, write_csv, write_parquet
+from .io import read_csv, read_parquet, write_csv, write_parquet
 from .exceptions import (
     BackendError,
     CycleError,

@@ -142,7 +142,7 @@ def _parse_value(text: str) -> Any:
 
 
 def _source_for(path: str) -> Any:
-    from .data import read_csv, read_parquet
+    from .io import read_csv, read_parquet
 
     lowered = path.lower()
     if lowered.endswith((".csv", ".csv.gz", ".tsv", ".txt")):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .data import read_csv, write_parquet
+from .io import read_csv, write_parquet
 from .exceptions import DataError
 from .pipeline import Pipeline
 from .step import step

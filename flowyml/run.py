@@ -11,7 +11,7 @@ import logging
 import time
 import uuid
 from functools import partial
-from collections.abc import Hashable, Iterable, Mapping
+from collections.abc import Hashable, Mapping
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 

@@ -17,9 +17,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from flowyml import data as fdata
 from flowyml.context import TaskContext, running
-from flowyml.data import (
+from flowyml.io import sinks
+from flowyml.io import (
     CsvSource,
     ParquetSource,
     abort_output,
@@ -541,7 +541,7 @@ def test_abort_waits_for_a_write_in_flight_and_no_write_starts_after(tmp_path, m
 
 def test_a_write_outlasting_the_abort_removes_the_staging_dir_itself(tmp_path, monkeypatch):
     out = tmp_path / "out"
-    monkeypatch.setattr(fdata, "ABORT_WAIT_S", 0.0)
+    monkeypatch.setattr(sinks, "ABORT_WAIT_S", 0.0)
     entered, release = blocked_parquet_writes(monkeypatch)
     writer = threading.Thread(target=write_partition, args=(frames(1)[0], out, "run1", 0, "parquet"))
     writer.start()
@@ -618,7 +618,7 @@ def test_the_swap_happens_under_a_lock_other_runs_wait_for(tmp_path, monkeypatch
     import fcntl
 
     out = tmp_path / "out"
-    real_swap = fdata._swap_into_place
+    real_swap = sinks._swap_into_place
     seen = []
 
     def swap(*args):
@@ -631,7 +631,7 @@ def test_the_swap_happens_under_a_lock_other_runs_wait_for(tmp_path, monkeypatch
                 seen.append("held")
         real_swap(*args)
 
-    monkeypatch.setattr(fdata, "_swap_into_place", swap)
+    monkeypatch.setattr(sinks, "_swap_into_place", swap)
     commit_output(out, "r", [write_partition(frames(1)[0], out, "r", 0, "csv")])
     assert seen == ["held"]
 
@@ -641,7 +641,7 @@ def test_stale_staging_of_killed_runs_is_removed_at_commit(tmp_path):
     write_partition(frames(1)[0], out, "killed", 0, "parquet")
     write_partition(frames(1)[0], out, "running", 0, "parquet")
     killed = tmp_path / ".out.flowyml-staging-killed"
-    old = os.path.getmtime(killed) - fdata.STALE_AFTER_S - 60
+    old = os.path.getmtime(killed) - sinks.STALE_AFTER_S - 60
     os.utime(killed, (old, old))
     commit_output(out, "mine", [write_partition(frames(1)[0], out, "mine", 0, "parquet")])
     assert [p.name for p in staged(tmp_path)] == [".out.flowyml-staging-running"]

@@ -78,7 +78,7 @@ class RestageTask(_TaskBase):
         return (RestageTask, (self.step, self.partition, self.path, self.key, self.run_id, self.mode))
 
     def __call__(self) -> Any:
-        from flowyml.data import restage_partition
+        from flowyml.io.sinks import restage_partition
 
         start = time.time()
         try:

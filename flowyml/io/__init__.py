@@ -1,0 +1,47 @@
+"""Partitioned data: sources that plan partitions, and sinks that write them.
+
+A source is a plan, not data: ``read_csv(...)`` and ``read_parquet(...)``
+record what to read, and a run resolves them into partitions on the driver
+before any task starts; each partition is read on the worker that runs it.
+A sink (``write_parquet``, ``write_csv``) is a step that writes each
+partition where it was computed and commits them all at once.
+
+- :mod:`~flowyml.io.sources`: ``Source`` and ``Partition``, resolving paths
+  and globs;
+- :mod:`~flowyml.io.csv`: CSV sources and their blocks of whole lines;
+- :mod:`~flowyml.io.parquet`: Parquet sources, per file or row group;
+- :mod:`~flowyml.io.sinks`: writing partitions, the commit and its abort;
+- :mod:`~flowyml.io.filesystem`: fsspec filesystems, how paths are shown, and
+  keeping credentials out of messages.
+"""
+
+from __future__ import annotations
+
+from flowyml.io.csv import CsvPartition, CsvSource, read_csv
+from flowyml.io.parquet import ParquetPartition, ParquetSource, read_parquet
+from flowyml.io.sinks import (
+    abort_output,
+    commit_output,
+    restage_partition,
+    write_csv,
+    write_parquet,
+    write_partition,
+)
+from flowyml.io.sources import Partition, Source
+
+__all__ = [
+    "CsvPartition",
+    "CsvSource",
+    "ParquetPartition",
+    "ParquetSource",
+    "Partition",
+    "Source",
+    "abort_output",
+    "commit_output",
+    "read_csv",
+    "read_parquet",
+    "restage_partition",
+    "write_csv",
+    "write_parquet",
+    "write_partition",
+]

@@ -1,0 +1,193 @@
+"""Parquet sources: one partition per file, or per row group.
+
+Planning reads the footer of each file (schema and row groups) and nothing
+else; a row group is read and converted to pandas the way
+``pandas.read_parquet`` converts a whole file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+from dask.base import tokenize
+
+from flowyml.exceptions import DataError, OptionError
+from flowyml.io.filesystem import display_path, filesystem_for, full_path, stat_file
+from flowyml.io.sources import Partition, Source, check_same_columns, resolve_files, with_order
+
+__all__ = ["ParquetPartition", "ParquetSource", "read_parquet"]
+
+# What a row-group read can honour; other pandas.read_parquet options need the whole file.
+_ROW_GROUP_OPTIONS = frozenset({"columns", "filters", "dtype_backend", "to_pandas_kwargs"})
+
+
+@dataclass(frozen=True, kw_only=True)
+class ParquetPartition(Partition):
+    """A whole Parquet file (``row_group`` None) or one of its row groups."""
+
+    row_group: int | None = None
+    read_kwargs: dict[str, Any] = field(default_factory=dict, hash=False, repr=False)  # may hold credentials
+    columns: tuple | None = None
+
+    def _read(self) -> pd.DataFrame:
+        if self.row_group is None:
+            frame = pd.read_parquet(self.path, **self.read_kwargs)
+        else:
+            frame = _read_row_group(self.path, self.row_group, self.read_kwargs)
+        return frame if self.columns is None else frame[list(self.columns)]
+
+    def _range(self) -> tuple:
+        if self.row_group is None:
+            return (0, self.size)
+        return ("row_group", self.row_group)
+
+    def describe(self) -> str:
+        where = display_path(self.path)
+        return where if self.row_group is None else f"{where} (row group {self.row_group})"
+
+
+
+class ParquetSource(Source):
+    """Parquet files: one partition per file, or per row group with ``split_row_groups``.
+
+    Planning reads each file's footer (schema, row groups) and nothing else.
+    A directory means every ``*.parquet`` file below it, sorted (hive
+    ``key=value`` folder names are not turned into columns). A file without
+    row groups stays one (empty, typed) partition when splitting.
+    """
+
+    reader = "read_parquet"
+
+    def __init__(self, paths: Any, split_row_groups: bool, pandas_kwargs: dict[str, Any]) -> None:
+        super().__init__(paths, pandas_kwargs)
+        self.split_row_groups = bool(split_row_groups)
+        unsupported = sorted(set(self.pandas_kwargs) - _ROW_GROUP_OPTIONS)
+        if self.split_row_groups and unsupported:
+            raise OptionError(
+                f"{self._declared()}: split_row_groups=True cannot pass {unsupported} to each row group; "
+                f"it supports {sorted(_ROW_GROUP_OPTIONS)}. Drop split_row_groups to read whole files."
+            )
+
+    def _options_repr(self) -> str:
+        split = ", split_row_groups=True" if self.split_row_groups else ""
+        return split + super()._options_repr()
+
+    def partitions(self) -> list[Partition]:
+        import pyarrow.parquet as pq
+
+        files = resolve_files(self.paths, (".parquet", ".parq", ".pq"), self.label)
+        wanted = self.pandas_kwargs.get("columns")
+        footers, columns = [], []
+        for fs, path in files:
+            try:
+                with fs.open(path, "rb") as file:
+                    metadata = pq.ParquetFile(file).metadata
+            except Exception as exc:
+                raise DataError(
+                    f"source {self.label!r}: {display_path(path)} is not a readable Parquet file: "
+                    f"{type(exc).__name__}: {exc}"
+                ) from exc
+            footers.append(metadata)
+            columns.append(_parquet_columns(metadata, wanted, path, self.label))
+        orders = check_same_columns([path for _, path in files], columns, self.label)
+        token = tokenize("parquet", self.pandas_kwargs)
+        parts: list[Partition] = []
+        for (fs, path), metadata, order in zip(files, footers, orders):
+            size, version = stat_file(fs, path)
+            groups: list[int | None] = [None]
+            if self.split_row_groups and metadata.num_row_groups > 0:
+                groups = list(range(metadata.num_row_groups))
+            for group in groups:
+                parts.append(ParquetPartition(
+                    index=len(parts), path=full_path(fs, path), size=size, mtime_ns=version,
+                    source=self.label, options_token=with_order(token, order), row_group=group,
+                    read_kwargs=self.pandas_kwargs, columns=order,
+                ))
+        return parts
+
+
+
+def read_parquet(path: Any, *, split_row_groups: bool = False, **pandas_kwargs: Any) -> ParquetSource:
+    """Declare Parquet input: one partition per file, or per row group.
+
+    Parameters
+    ----------
+    path : str, path, or list of them
+        A file, a directory (every ``*.parquet`` below it, sorted) or a glob.
+    split_row_groups : bool
+        One partition per row group instead of per file (planned from the
+        files' footers).
+    **pandas_kwargs
+        Passed to :func:`pandas.read_parquet` (``columns=``, ``filters=``...).
+        With ``split_row_groups`` only ``columns``, ``filters``,
+        ``dtype_backend`` and ``to_pandas_kwargs`` apply.
+
+    Examples
+    --------
+    >>> read_parquet("data/trips_parquet", columns=["fare", "tip"])
+    read_parquet('data/trips_parquet', columns=['fare', 'tip'])
+    """
+    return ParquetSource(path, split_row_groups, pandas_kwargs)
+
+
+
+def _parquet_columns(metadata: Any, wanted: Any, path: str, label: str) -> tuple:
+    schema = metadata.schema.to_arrow_schema()
+    index_columns = {
+        name for name in (schema.pandas_metadata or {}).get("index_columns", []) if isinstance(name, str)
+    }
+    names = tuple(name for name in schema.names if name not in index_columns)
+    if wanted is None:
+        return names
+    missing = [name for name in wanted if name not in names and name not in index_columns]
+    if missing:
+        raise DataError(
+            f"source {label!r}: {display_path(path)} has no column {missing} asked for in columns=; "
+            f"it has {list(names)}"
+        )
+    return tuple(wanted)
+
+
+def _read_row_group(path: str, row_group: int, kwargs: dict[str, Any]) -> pd.DataFrame:
+    """One row group, converted to pandas the way ``pandas.read_parquet`` converts a file."""
+    import pyarrow.parquet as pq
+
+    columns = kwargs.get("columns")
+    filters = kwargs.get("filters")
+    read_columns = columns
+    if columns is not None and filters is not None:
+        # Filter columns need not be among the selected ones, as in pandas.read_parquet.
+        needed = _filter_columns(filters)
+        read_columns = None if needed is None else list(dict.fromkeys([*columns, *needed]))
+    fs, inner = filesystem_for(path)
+    with fs.open(inner, "rb") as file:
+        table = pq.ParquetFile(file).read_row_group(row_group, columns=read_columns, use_pandas_metadata=True)
+    if filters is not None:
+        table = table.filter(pq.filters_to_expression(filters) if isinstance(filters, list) else filters)
+    if columns is not None and read_columns != columns:
+        index_columns = [
+            name for name in (table.schema.pandas_metadata or {}).get("index_columns", []) if isinstance(name, str)
+        ]
+        table = table.select([*columns, *[name for name in index_columns if name not in columns]])
+    return _arrow_to_pandas(table, kwargs.get("dtype_backend"), kwargs.get("to_pandas_kwargs"))
+
+
+def _filter_columns(filters: Any) -> list[str] | None:
+    """Column names used by a DNF filter list; None for an expression (read every column)."""
+    if not isinstance(filters, list):
+        return None
+    groups = filters if filters and isinstance(filters[0], list) else [filters]
+    return [condition[0] for group in groups for condition in group]
+
+
+def _arrow_to_pandas(table: Any, dtype_backend: Any, to_pandas_kwargs: Any) -> pd.DataFrame:
+    try:  # the helper pandas.read_parquet itself uses (pandas >= 2.2): same dtypes
+        from pandas.io._util import arrow_table_to_pandas
+    except ImportError:  # pragma: no cover - older pandas
+        return table.to_pandas(**(to_pandas_kwargs or {}))
+    options: dict[str, Any] = {"to_pandas_kwargs": to_pandas_kwargs}
+    if dtype_backend is not None:
+        options["dtype_backend"] = dtype_backend
+    return arrow_table_to_pandas(table, **options)
