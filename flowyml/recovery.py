@@ -32,7 +32,6 @@ from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from . import tasks
 from .exceptions import StepFailed, WorkerDiedError
 from .tasks import CONTINUE, FAILED, FinalizeTask, SourceTask, StepTask, _TaskBase
 
@@ -49,7 +48,8 @@ class WorkerSlots:
     """Shared memory where each worker of one pool writes what it is running.
 
     Created on the driver with the pool and passed to the pool's initializer;
-    each worker claims a slot and, through ``tasks.ON_ATTEMPT``, writes
+    each worker claims a slot, and the recorder :meth:`claim` returns becomes
+    its :attr:`~flowyml.tasks.WorkerSettings.on_attempt` hook, which writes
     ``pid, step, partition, attempt`` as each attempt starts (a copy of a few
     bytes, no system call).
     """
@@ -59,13 +59,13 @@ class WorkerSlots:
         self.array = context.RawArray(ctypes.c_char, count * _SLOT_BYTES)
         self.next_slot = context.Value("i", 0)
 
-    def install(self) -> None:
-        """In a worker: claim a slot and record every attempt there."""
+    def claim(self) -> Callable[[str, int | None, int], None] | None:
+        """In a worker: claim a slot; the hook that records each attempt there (None: no slot left)."""
         with self.next_slot.get_lock():
             index = self.next_slot.value
             self.next_slot.value += 1
         if index >= self.count:  # a replacement worker: nothing to claim
-            return
+            return None
         array, base, pid = self.array, index * _SLOT_BYTES, os.getpid()
 
         def record(step: str, partition: int | None, attempt: int) -> None:
@@ -75,7 +75,7 @@ class WorkerSlots:
             array[base: base + 2] = len(data).to_bytes(2, "big")
             array[base + 2: base + 2 + len(data)] = data
 
-        tasks.ON_ATTEMPT = record
+        return record
 
     def records(self) -> dict[int, tuple[str, int | None, int]]:
         """pid -> (step, partition, attempt) of the last attempt each worker started."""

@@ -4,8 +4,15 @@ Every task in a compiled graph is ``(callable, *dependency_keys)``; the
 callables here hold the step and its params as attributes, so Dask never
 mistakes a param for a key. Under ``Pipeline.run`` a task returns an
 :class:`Outcome`, the value plus what the driver needs for the report
-(attempts, timing, worker); under ``to_delayed`` it returns the bare value. These objects are pickled to worker processes: keep
-them small and free of driver state.
+(attempts, timing, worker); under ``to_delayed`` it returns the bare value.
+These objects are pickled to worker processes: keep them small and free of
+driver state.
+
+What differs between backends on the worker side is one
+:class:`WorkerSettings` object per process, installed with
+:func:`install_worker_settings` (the process backend's pool initializer does
+so in each worker); without it a process has the ``sync``/``thread``
+defaults. Backends never assign this module's globals.
 """
 
 from __future__ import annotations
@@ -14,12 +21,23 @@ import os
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from .context import TaskContext, _current, running
 from .exceptions import FlowymlError, StepFailed, StepTimeoutError
 
-__all__ = ["Outcome", "StepSpec", "StepTask", "SourceTask", "ValueTask", "FinalizeTask"]
+__all__ = [
+    "FinalizeTask",
+    "Outcome",
+    "SourceTask",
+    "StepSpec",
+    "StepTask",
+    "ValueTask",
+    "WorkerSettings",
+    "install_worker_settings",
+    "worker_settings",
+]
 
 SUCCEEDED, FAILED, SKIPPED, CACHED = "succeeded", "failed", "skipped", "cached"
 
@@ -68,13 +86,64 @@ class _Lane(threading.local):
 
 _local = _Lane()
 _now = time.time
-#: Set by the process backend's pool initializer: an attempt with a timeout may
-#: then run in a child process that is killed when it overruns.
-KILLABLE_TIMEOUTS = False
-#: Set in process-pool workers (``recovery.WorkerSlots``): called with (step,
-#: partition, attempt) as each attempt starts, so that if the process dies the
-#: driver knows which attempt killed it.
-ON_ATTEMPT: Callable[[str, int | None, int], None] | None = None
+
+
+# -- how this process runs tasks ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """How tasks behave in one process: what a backend tells its workers.
+
+    The defaults are those of the ``sync``, ``thread`` and ``distributed``
+    backends; the ``process`` backend's pool initializer installs its own in
+    each worker process (see :func:`install_worker_settings`).
+
+    Attributes
+    ----------
+    killable_timeouts : bool
+        An attempt with a ``timeout`` runs in a child process that is killed
+        when it overruns (:mod:`flowyml.timeouts`), instead of in a thread
+        that is abandoned.
+    on_attempt : callable, optional
+        Called with ``(step, partition, attempt)`` as each attempt starts, so
+        that if the process dies the driver knows which attempt killed it
+        (:class:`flowyml.recovery.WorkerSlots`).
+    """
+
+    killable_timeouts: bool = False
+    on_attempt: Callable[[str, int | None, int], None] | None = None
+
+
+_settings = WorkerSettings()
+# The hook on its own: every attempt reads it, and a module global is the
+# cheapest lookup there is. Written by install_worker_settings only.
+_on_attempt: Callable[[str, int | None, int], None] | None = None
+
+
+def install_worker_settings(settings: WorkerSettings) -> WorkerSettings:
+    """Make ``settings`` this process's, for every task it runs from now on; return the previous ones.
+
+    The one way to configure the worker side: the ``process`` backend's pool
+    initializer calls it once in each worker process. Other backends leave
+    the defaults, ``WorkerSettings()``.
+
+    Examples
+    --------
+    >>> previous = install_worker_settings(WorkerSettings(killable_timeouts=True))
+    >>> worker_settings().killable_timeouts
+    True
+    >>> _ = install_worker_settings(previous)
+    """
+    global _settings, _on_attempt
+    previous = _settings
+    _settings, _on_attempt = settings, settings.on_attempt
+    return previous
+
+
+def worker_settings() -> WorkerSettings:
+    """The settings tasks in this process run under."""
+    return _settings
 
 
 def worker_label() -> str:
@@ -305,8 +374,8 @@ class StepTask(_TaskBase):
         attempt = self.first_attempt
         while True:
             try:
-                if ON_ATTEMPT is not None:
-                    ON_ATTEMPT(spec.name, self.partition, attempt)
+                if _on_attempt is not None:
+                    _on_attempt(spec.name, self.partition, attempt)
                 if spec.timeout is None:
                     # ``running(...)`` inlined: its generator cost a microsecond a task.
                     token = _current.set((spec.name, self.partition, attempt, self.run_id))
@@ -371,10 +440,10 @@ def call_with_timeout(func, args, kwargs, timeout: float, context: TaskContext) 
     In a thread (sync, thread, distributed backends) an overrunning attempt is
     abandoned: it is reported as failed (and retried) at once, but Python cannot
     stop a thread, so it runs on to its end in the background. Where the
-    process backend allows (``KILLABLE_TIMEOUTS``), the attempt runs in a child
-    process that is killed instead.
+    process backend allows (:attr:`WorkerSettings.killable_timeouts`), the
+    attempt runs in a child process that is killed instead.
     """
-    if KILLABLE_TIMEOUTS:
+    if _settings.killable_timeouts:
         from .timeouts import call_in_child  # process backend only
 
         return call_in_child(func, args, kwargs, timeout, context)
@@ -420,8 +489,8 @@ class SourceTask(_TaskBase):
 
     def __call__(self) -> Any:
         start = time.time()
-        if ON_ATTEMPT is not None:
-            ON_ATTEMPT(self.name, self.index, 1)
+        if _on_attempt is not None:
+            _on_attempt(self.name, self.index, 1)
         try:
             with running(TaskContext(self.name, self.index, 1, self.run_id)):
                 value = self.partition.load()
@@ -469,8 +538,8 @@ class FinalizeTask(_TaskBase):
             values = [_unwrap(part) for part in parts]
         except _Upstream:
             return self._report(None, self.name, None, SKIPPED, 0, start)
-        if ON_ATTEMPT is not None:
-            ON_ATTEMPT(self.name, None, 1)
+        if _on_attempt is not None:
+            _on_attempt(self.name, None, 1)
         try:
             with running(TaskContext(self.name, None, 1, self.run_id)):
                 value = self.finalize(values)

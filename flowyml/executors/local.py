@@ -15,6 +15,7 @@ import sys
 import threading
 from collections.abc import Hashable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from typing import Any
 
@@ -23,6 +24,7 @@ import dask.local
 import dask.multiprocessing
 import dask.threaded
 
+from ..tasks import WorkerSettings, install_worker_settings
 from .base import Backend, RunHooks, register
 
 __all__ = ["ProcessBackend", "SyncBackend", "ThreadBackend"]
@@ -150,13 +152,19 @@ class ThreadBackend(_PoolBackend):
 
 
 def initialize_worker(
-    ready: Any = None, log_queue: Any = None, log_level: int = 0, slots: Any = None,
-    die_with_parent: bool = False,
+    ready: Any = None, settings: WorkerSettings | None = None, log_queue: Any = None, log_level: int = 0,
+    slots: Any = None, die_with_parent: bool = False,
 ) -> None:
-    """Runs once in each worker process of the process backend."""
-    from .. import logs, tasks
+    """Runs once in each worker process of the process backend.
 
-    tasks.KILLABLE_TIMEOUTS = True
+    ``settings`` are the ones the backend gives every worker; this process's
+    slot in ``slots`` adds the hook that records each attempt, to name it if
+    this process dies. They are installed with
+    :func:`~flowyml.tasks.install_worker_settings`, the one way the worker
+    side is configured.
+    """
+    from .. import logs
+
     if log_queue is not None:  # what steps log or print reaches the driver's log
         logs.worker_setup(log_queue, log_level)
     # The driver decides what Ctrl-C means (it stops the pool): a worker hit by
@@ -166,8 +174,10 @@ def initialize_worker(
         from ..timeouts import die_with_parent as arrange
 
         arrange()
+    settings = settings if settings is not None else WorkerSettings()
     if slots is not None:
-        slots.install()  # record each attempt, to name it if this process dies
+        settings = replace(settings, on_attempt=slots.claim())
+    install_worker_settings(settings)
     if ready is not None:
         ready.put(None)  # tell the parent this process is up
 
@@ -258,9 +268,11 @@ class ProcessBackend(_PoolBackend):
         # only ask for it when that thread is the main one, which lives as long as
         # the driver does.
         main = threading.current_thread() is threading.main_thread()
+        # An overrunning attempt runs in a child process that is killed (timeouts.py).
+        settings = WorkerSettings(killable_timeouts=True)
         pool = ProcessPoolExecutor(
             self.max_workers, mp_context=context, initializer=initialize_worker,
-            initargs=(ready, *self._logs.initargs, self._slots, main),
+            initargs=(ready, settings, *self._logs.initargs, self._slots, main),
         )
         # Processes start on demand; start them all now and wait until each has
         # run its initializer, so that inside ``with executor:`` no run pays the
