@@ -52,6 +52,7 @@ from typing import Any
 
 from distributed.diagnostics.plugin import WorkerPlugin
 
+from .._compat import drop_topics, graph_expression, topic_events
 from ..exceptions import BackendError, StepFailed, WorkerDiedError
 from ..logs import LOG_TOPIC, forwarding_level, install_forwarding, replay
 from .base import Backend, RunHooks, register
@@ -272,15 +273,10 @@ def _graph(dsk: Mapping, run_id: str) -> Any:
     """
     from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 
-    try:
-        from dask._expr import HLGExpr, LLGExpr
-    except ImportError:  # a Dask whose expressions moved: client.get takes the graph as is
-        HLGExpr = LLGExpr = None
-
     dsk = dsk if isinstance(dsk, dict) else dict(dsk)
     restricted = _resources_by_key(dsk)
     if not restricted:
-        return dsk if LLGExpr is None else LLGExpr(dsk, _determ_token=f"flowyml-{run_id}")
+        return graph_expression(dsk, f"flowyml-{run_id}")
 
     layers: dict[str, MaterializedLayer] = {}
     groups: dict[tuple, dict] = {}
@@ -297,7 +293,7 @@ def _graph(dsk: Mapping, run_id: str) -> Any:
             tasks, annotations={"resources": dict(resources)}
         )
     hlg = HighLevelGraph(layers, {name: set() for name in layers})
-    return hlg if HLGExpr is None else HLGExpr(dsk=hlg, _determ_token=f"flowyml-{run_id}")
+    return graph_expression(hlg, f"flowyml-{run_id}")
 
 
 def _reporting_tasks(dsk: Mapping) -> int:
@@ -503,19 +499,16 @@ def _after_run(
     dask_scheduler: Any, topics: list[str], received: int, suffix: str, since: float
 ) -> dict[str, list]:
     """On the scheduler: the run's missed outcome events, its lost tasks; drops its topics."""
-    broker = dask_scheduler._broker
-    outcomes = broker._topics.get(topics[0])
-    missed = [msg for _, msg in outcomes.events] if outcomes is not None and outcomes.count > received else []
-    for topic in topics:
-        broker._topics.pop(topic, None)
+    count, events = topic_events(dask_scheduler, topics[0])
+    missed = [msg for _, msg in events] if count > received else []
+    drop_topics(dask_scheduler, topics)
 
     def ours(key: Any) -> bool:
         name = key[0] if isinstance(key, tuple) else key
         return isinstance(name, str) and name.endswith(suffix)
 
     lost = []
-    everything = broker._topics.get("all")
-    for stamp, msg in reversed(everything.events if everything is not None else ()):
+    for stamp, msg in reversed(topic_events(dask_scheduler, "all")[1]):
         if stamp < since:
             break
         if isinstance(msg, dict) and msg.get("action") == "remove-worker":

@@ -24,6 +24,13 @@ import dask.local
 import dask.multiprocessing
 import dask.threaded
 
+from .._compat import (
+    convert_legacy_graph,
+    multiprocessing_get_id,
+    pool_is_broken,
+    pool_processes,
+    wait_until_readable,
+)
 from ..tasks import WorkerSettings, install_worker_settings
 from .base import Backend, RunHooks, register
 
@@ -280,8 +287,8 @@ class ProcessBackend(_PoolBackend):
         with _main_module_hidden():
             futures = [pool.submit(_ready) for _ in range(self.max_workers)]
         for _ in range(self.max_workers):
-            while not ready._reader.poll(0.5):  # a worker that dies while starting must not hang us
-                if pool._broken:
+            while not wait_until_readable(ready, 0.5):  # a worker that dies while starting must not hang us
+                if pool_is_broken(pool, futures):
                     pool.shutdown(wait=True, cancel_futures=True)
                     from ..exceptions import BackendError
 
@@ -292,7 +299,7 @@ class ProcessBackend(_PoolBackend):
                     )
             ready.get()
         wait(futures)
-        self._processes = dict(pool._processes)  # kept: a broken pool forgets them
+        self._processes = pool_processes(pool)  # kept: a broken pool forgets them
         return pool
 
     def close(self) -> None:
@@ -313,16 +320,14 @@ class ProcessBackend(_PoolBackend):
             settling = _SettlingPool(self._pool)
             self._settling = settling
             if cache:  # results given in ``cache`` must be read as keys, not as literal tuples
-                from dask._task_spec import convert_legacy_graph
-
-                graph = convert_legacy_graph(graph, all_keys=set(graph) | set(cache))
+                graph = convert_legacy_graph(graph, set(graph) | set(cache))
             return dask.local.get_async(
                 settling.submit,
                 self.max_workers,
                 graph,
                 wanted,
                 cache=cache,
-                get_id=dask.multiprocessing._process_get_id,
+                get_id=multiprocessing_get_id(),
                 dumps=dumps,
                 loads=cloudpickle.loads,
                 pack_exception=dask.multiprocessing.pack_exception,

@@ -13,6 +13,7 @@ from typing import Any
 import pandas as pd
 from dask.base import tokenize
 
+from flowyml._compat import arrow_to_pandas
 from flowyml.exceptions import DataError, OptionError
 from flowyml.io.filesystem import display_path, filesystem_for, full_path, stat_file
 from flowyml.io.sources import Partition, Source, check_same_columns, resolve_files, with_order
@@ -171,7 +172,7 @@ def _read_row_group(path: str, row_group: int, kwargs: dict[str, Any]) -> pd.Dat
             name for name in (table.schema.pandas_metadata or {}).get("index_columns", []) if isinstance(name, str)
         ]
         table = table.select([*columns, *[name for name in index_columns if name not in columns]])
-    return _arrow_to_pandas(table, kwargs.get("dtype_backend"), kwargs.get("to_pandas_kwargs"))
+    return arrow_to_pandas(table, kwargs.get("dtype_backend"), kwargs.get("to_pandas_kwargs"))
 
 
 def _filter_columns(filters: Any) -> list[str] | None:
@@ -180,14 +181,3 @@ def _filter_columns(filters: Any) -> list[str] | None:
         return None
     groups = filters if filters and isinstance(filters[0], list) else [filters]
     return [condition[0] for group in groups for condition in group]
-
-
-def _arrow_to_pandas(table: Any, dtype_backend: Any, to_pandas_kwargs: Any) -> pd.DataFrame:
-    try:  # the helper pandas.read_parquet itself uses (pandas >= 2.2): same dtypes
-        from pandas.io._util import arrow_table_to_pandas
-    except ImportError:  # pragma: no cover - older pandas
-        return table.to_pandas(**(to_pandas_kwargs or {}))
-    options: dict[str, Any] = {"to_pandas_kwargs": to_pandas_kwargs}
-    if dtype_backend is not None:
-        options["dtype_backend"] = dtype_backend
-    return arrow_table_to_pandas(table, **options)

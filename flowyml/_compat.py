@@ -1,0 +1,201 @@
+"""Every private API of dask, distributed, pandas and the standard library flowyml relies on.
+
+Each use of another project's private name (a leading underscore, or an
+underscored module) is wrapped here in one small function with a fallback for
+when a release removes it, and each has a test in ``tests/test_compat.py``
+that exercises it against the installed versions. A new release then breaks
+one named function here, not a run.
+
+- :func:`graph_expression`: ``dask._expr.LLGExpr`` and ``HLGExpr`` with their
+  ``_determ_token``; without them, the graph as is (``client.get`` then
+  hashes every task to name it).
+- :func:`convert_legacy_graph`: ``dask._task_spec.convert_legacy_graph``;
+  without it, the graph as is.
+- :func:`multiprocessing_get_id`: ``dask.multiprocessing._process_get_id``;
+  without it, the same function, written here.
+- :func:`pool_is_broken`: ``ProcessPoolExecutor._broken``; without it, a
+  start-up future that failed.
+- :func:`pool_processes`: ``ProcessPoolExecutor._processes``; without it, no
+  process is known (a dead one is not named, none is killed on Ctrl-C).
+- :func:`wait_until_readable`: ``multiprocessing.SimpleQueue._reader``;
+  without it, polling ``SimpleQueue.empty()``.
+- :func:`topic_events` and :func:`drop_topics`: the distributed scheduler's
+  ``_broker._topics``; without them, ``Scheduler.get_events``, and the run's
+  events stay on the scheduler (a bounded number per topic).
+- :func:`arrow_to_pandas`: ``pandas.io._util.arrow_table_to_pandas``; without
+  it, ``pyarrow.Table.to_pandas``.
+
+Imports happen inside the functions: this module is imported by the
+distributed backend on a scheduler, and by the Parquet reader on workers, and
+must cost nothing there.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+from collections.abc import Callable, Container, Iterable, Mapping, Sequence
+from typing import Any
+
+__all__ = [
+    "arrow_to_pandas",
+    "convert_legacy_graph",
+    "drop_topics",
+    "graph_expression",
+    "multiprocessing_get_id",
+    "pool_is_broken",
+    "pool_processes",
+    "topic_events",
+    "wait_until_readable",
+]
+
+
+# -- dask ------------------------------------------------------------------------------
+
+
+def graph_expression(graph: Any, token: str) -> Any:
+    """``graph`` (a dict or a ``HighLevelGraph``) as the expression ``client.get`` takes, named ``token``.
+
+    Named by the token, the graph is not tokenized: ``client.get`` would
+    otherwise hash every task (pickling each of flowyml's task objects) just
+    to name the graph. Where Dask has no such expressions, ``client.get``
+    takes the graph as is.
+    """
+    try:
+        from dask._expr import HLGExpr, LLGExpr
+        from dask.highlevelgraph import HighLevelGraph
+    except ImportError:
+        return graph
+    try:
+        if isinstance(graph, HighLevelGraph):
+            return HLGExpr(dsk=graph, _determ_token=token)
+        return LLGExpr(graph, _determ_token=token)
+    except TypeError:  # the token's keyword is gone: let Dask name it
+        return graph
+
+
+def convert_legacy_graph(graph: Mapping, all_keys: Container) -> Mapping:
+    """A graph of task tuples in Dask's task-spec form, reading every name in ``all_keys`` as a key.
+
+    Needed when the graph is run with results given in ``cache=`` (a process
+    pool rebuilt after a worker died): without ``all_keys`` a reference to a
+    finished task would read as a literal tuple. A Dask without task specs
+    reads the tuples itself.
+    """
+    try:
+        from dask._task_spec import convert_legacy_graph as convert
+    except ImportError:
+        return graph
+    return convert(graph, all_keys=all_keys)
+
+
+def multiprocessing_get_id() -> Callable[[], Any]:
+    """The ``get_id`` that ``dask.multiprocessing.get`` gives ``dask.local.get_async``.
+
+    It names the worker process a task ran in; the fallback does what Dask's
+    does. Returned rather than called: ``get_async`` sends it to the workers.
+    """
+    import dask.multiprocessing
+
+    return getattr(dask.multiprocessing, "_process_get_id", _process_id)
+
+
+def _process_id() -> Any:
+    return multiprocessing.current_process().ident
+
+
+# -- the standard library's process pools ------------------------------------------------
+
+
+def pool_is_broken(pool: Any, started: Iterable[Any] = ()) -> bool:
+    """True once a worker of the ``ProcessPoolExecutor`` died: the pool runs nothing more.
+
+    ``started`` are futures submitted to the pool; where the pool no longer
+    says it is broken, one of them that failed says so.
+    """
+    broken = getattr(pool, "_broken", None)
+    if broken is not None:
+        return bool(broken)
+    return any(future.done() and not future.cancelled() and future.exception() is not None
+               for future in started)
+
+
+def pool_processes(pool: Any) -> dict[int, Any]:
+    """pid -> ``multiprocessing.Process`` of the pool's workers, a copy (a broken pool forgets them).
+
+    Empty where the pool does not say: the backend then cannot name the
+    process that died nor kill the workers on Ctrl-C, and a pool that keeps
+    breaking fails the run after a few restarts.
+    """
+    return dict(getattr(pool, "_processes", None) or {})
+
+
+def wait_until_readable(queue: Any, timeout: float) -> bool:
+    """True once ``queue`` (a ``multiprocessing.SimpleQueue``) has an item, False after ``timeout`` s.
+
+    A ``SimpleQueue`` has no ``get`` with a timeout; its reading end does.
+    """
+    reader = getattr(queue, "_reader", None)
+    if reader is not None:
+        return reader.poll(timeout)
+    deadline = time.monotonic() + timeout
+    while queue.empty():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+# -- distributed's scheduler --------------------------------------------------------------
+
+
+def _broker_topics(scheduler: Any) -> Any:
+    """The scheduler's event topics (name -> topic with ``events`` and ``count``), or None."""
+    broker = getattr(scheduler, "_broker", None)
+    return getattr(broker, "_topics", None)
+
+
+def topic_events(scheduler: Any, topic: str) -> tuple[int, Sequence[tuple[float, Any]]]:
+    """On the scheduler: how many events ``topic`` ever got, and the ``(time, message)`` it still holds.
+
+    The count tells whether a subscriber missed some. Where the scheduler's
+    broker is out of reach, the count is that of the events it holds.
+    """
+    topics = _broker_topics(scheduler)
+    if topics is None:
+        events = tuple(scheduler.get_events(topic))
+        return len(events), events
+    found = topics.get(topic)  # get, not []: the topics are a defaultdict
+    return (found.count, found.events) if found is not None else (0, ())
+
+
+def drop_topics(scheduler: Any, names: Iterable[str]) -> None:
+    """On the scheduler: forget these topics and their events (a long-lived one keeps every run's).
+
+    Where the broker is out of reach, the events stay; the scheduler keeps a
+    bounded number per topic.
+    """
+    topics = _broker_topics(scheduler)
+    if topics is None:
+        return
+    for name in names:
+        topics.pop(name, None)
+
+
+# -- pandas ---------------------------------------------------------------------------------
+
+
+def arrow_to_pandas(table: Any, dtype_backend: Any = None, to_pandas_kwargs: Any = None) -> Any:
+    """A ``pyarrow.Table`` as a DataFrame, converted the way ``pandas.read_parquet`` converts a file.
+
+    pandas' own helper gives the same dtypes as ``read_parquet`` (string
+    columns, ``dtype_backend``); without it, ``Table.to_pandas``.
+    """
+    try:
+        from pandas.io._util import arrow_table_to_pandas
+    except ImportError:
+        return table.to_pandas(**(to_pandas_kwargs or {}))
+    options: dict[str, Any] = {"to_pandas_kwargs": to_pandas_kwargs}
+    if dtype_backend is not None:
+        options["dtype_backend"] = dtype_backend
+    return arrow_table_to_pandas(table, **options)
