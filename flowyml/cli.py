@@ -19,6 +19,7 @@ import click
 from . import __version__
 from .exceptions import FlowymlError, StepFailed
 from .interrupts import exit_code, exit_now, interruptible
+from .status import OnFailure
 
 __all__ = ["load_pipeline", "main"]
 
@@ -201,7 +202,7 @@ def _executor(backend, workers, address):
               help="Set a step parameter (JSON where it parses, else a string).")
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
               help="Cache task results here (default: FLOWYML_CACHE_DIR).")
-@click.option("--on-failure", type=click.Choice(["raise", "continue"]), default="raise",
+@click.option("--on-failure", type=click.Choice([mode.value for mode in OnFailure]), default="raise",
               help="continue: finish independent branches, skip dependents.")
 @click.option("--report", type=click.Path(dir_okay=False), default=None,
               help="Write the run report: out.json or out.html.")

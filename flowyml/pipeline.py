@@ -21,6 +21,7 @@ from .step import Binding, Step, step as make_step
 if TYPE_CHECKING:
     from .executors import ParallelExecutor
     from .result import PipelineResult
+    from .status import OnFailure
 
 __all__ = ["Pipeline"]
 
@@ -190,7 +191,7 @@ class Pipeline:
         *,
         executor: ParallelExecutor | None = None,
         outputs: Iterable[str] | None = None,
-        on_failure: str = "raise",
+        on_failure: OnFailure | str = "raise",
         progress: bool | None = None,
     ) -> PipelineResult:
         """Run the pipeline and return a :class:`~flowyml.result.PipelineResult`.
@@ -203,7 +204,7 @@ class Pipeline:
             Where to run; default ``ParallelExecutor()`` (``FLOWYML_BACKEND`` or ``process``).
         outputs : list of str, optional
             Assets to return; only the steps they need run. Default: every leaf asset.
-        on_failure : {"raise", "continue"}
+        on_failure : {"raise", "continue"} or OnFailure
             ``raise``: a failing step raises :class:`~flowyml.exceptions.StepFailed`.
             ``continue``: independent branches finish, dependents are skipped, and
             the result lists the failures.

@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Mapping, TextIO
 
+from .status import Status
+
 __all__ = ["Progress"]
 
 logger = logging.getLogger("flowyml")
@@ -116,14 +118,14 @@ class _StepTally:
     skipped: int = 0
     logged: bool = False
 
-    def status(self) -> str:
+    def status(self) -> Status:
         if self.failed:
-            return "failed"
+            return Status.FAILED
         if self.done and self.skipped == self.done:
-            return "skipped"
+            return Status.SKIPPED
         if self.done and self.cached == self.done:
-            return "cached"
-        return "succeeded"
+            return Status.CACHED
+        return Status.SUCCEEDED
 
 
 def _plural(count: int, expected: int | None) -> str:
@@ -136,8 +138,8 @@ def _step_message(step: str, tally: _StepTally, expected: int | None) -> str:
     details = [f"{n} {word}" for n, word in ((tally.failed, "failed"), (tally.cached, "cached")) if n]
     if tally.skipped and tally.skipped != tally.done:
         details.append(f"{tally.skipped} skipped")
-    extra = f" ({', '.join(details)})" if details and tally.status() not in ("cached", "skipped") else ""
-    verdict = tally.status() if expected is None or tally.done >= expected else "stopped"
+    extra = f" ({', '.join(details)})" if details and tally.status() not in (Status.CACHED, Status.SKIPPED) else ""
+    verdict = tally.status() if expected is None or tally.done >= expected else Status.STOPPED
     seconds = tally.last_seen - tally.first_seen
     return f"step {step!r} {verdict}: {_plural(tally.done, expected)}{extra} in {seconds:.2f}s"
 

@@ -11,8 +11,13 @@ from typing import Any
 
 from .bulk import no_gc_passes
 from .exceptions import OutputNotFoundError, StepFailed
+from .status import Status
 
 __all__ = ["PipelineResult", "StepResult", "TaskRecord"]
+
+# Read once: a member looked up on its enum class costs more than the
+# comparisons below, which run once per task when a report is folded.
+_FAILED, _SKIPPED, _CACHED = Status.FAILED, Status.SKIPPED, Status.CACHED
 
 
 @dataclass(frozen=True)
@@ -22,7 +27,7 @@ class TaskRecord:
     key: str
     step: str
     partition: int | None
-    status: str
+    status: Status
     attempts: int
     start: float
     stop: float
@@ -30,14 +35,17 @@ class TaskRecord:
     error: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        record = dict(self.__dict__)
+        record["status"] = str(self.status)  # the plain string: a record is plain data
+        return record
 
 
 @dataclass(slots=True)
 class StepResult:
     """How one step went.
 
-    ``status`` is ``succeeded``, ``failed``, ``skipped`` (an input failed),
+    ``status`` is a :class:`~flowyml.status.Status` (it equals its plain
+    string): ``succeeded``, ``failed``, ``skipped`` (an input failed),
     ``cached`` (none of its tasks had to run) or, in the result of a run that
     raised (``StepFailed.result``), ``stopped`` (the run ended before it did).
     ``attempts`` is the most any of its partitions took; ``error`` is the
@@ -45,7 +53,7 @@ class StepResult:
     """
 
     name: str
-    status: str
+    status: Status
     duration_s: float = 0.0
     attempts: int = 0
     partitions: int | None = None
@@ -62,7 +70,7 @@ class StepResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "status": self.status,
+            "status": str(self.status),
             "duration_s": round(self.duration_s, 6),
             "attempts": self.attempts,
             "partitions": self.partitions,
@@ -140,7 +148,7 @@ class PipelineResult:
         """True when no step failed or was skipped."""
         if self._success is not None:
             return self._success
-        return all(s.status != "failed" and s.status != "skipped" for s in self.steps.values())
+        return all(s.status != _FAILED and s.status != _SKIPPED for s in self.steps.values())
 
     @property
     def failures(self) -> dict[str, StepFailed]:
@@ -150,7 +158,7 @@ class PipelineResult:
     @property
     def skipped(self) -> list[str]:
         """Steps that did not run because an input failed."""
-        return [name for name, s in self.steps.items() if s.status == "skipped"]
+        return [name for name, s in self.steps.items() if s.status == _SKIPPED]
 
     def __getitem__(self, name: str) -> Any:
         try:
@@ -239,13 +247,13 @@ def step_results(
         first_failure = None
         for t in tasks:
             status = t.status
-            if status == "failed":
+            if status == _FAILED:
                 failed = True
                 if first_failure is None or t.start < first_failure.start:
                     first_failure = t
-            elif status == "skipped":
+            elif status == _SKIPPED:
                 skipped = True
-            elif status == "cached":
+            elif status == _CACHED:
                 cached += 1
                 if t.partition is not None or not partitioned:  # not a sink's commit task
                     cached_partitions += 1
@@ -257,15 +265,15 @@ def step_results(
                 stop = t.stop
         error = first_failure.error if first_failure is not None else None
         if failed:
-            status = "failed"
+            status = Status.FAILED
         elif expected is not None and len(tasks) < expected.get(name, 0):
-            status = "stopped"
+            status = Status.STOPPED
         elif skipped:
-            status = "skipped"
+            status = Status.SKIPPED
         elif tasks and cached == len(tasks):
-            status = "cached"
+            status = Status.CACHED
         else:
-            status = "succeeded"
+            status = Status.SUCCEEDED
         out[name] = StepResult(
             name=name,
             status=status,

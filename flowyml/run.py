@@ -19,7 +19,8 @@ from .cache import open_cache, plan_cached_run, warn_stale
 from .compile import CompiledGraph, compile_plan, is_source
 from .exceptions import PipelineError, StaleCacheEntry, StepFailed
 from .result import PipelineResult, StepResult, TaskRecord, step_results
-from .tasks import CONTINUE, RAISE, Outcome
+from .status import OnFailure, Status
+from .tasks import CACHED, CONTINUE, FAILED, RAISE, SKIPPED, Outcome
 
 if TYPE_CHECKING:
     from .executors import ParallelExecutor
@@ -29,40 +30,42 @@ __all__ = ["run_plan", "run_settings"]
 
 log = logging.getLogger("flowyml")
 
-ON_FAILURE = ("raise", "continue")
 #: How many times a run starts over after a cache entry failed its check as it was loaded.
 MAX_CACHE_ROUNDS = 3
 
 
 def run_settings(
-    on_failure: str, executor: ParallelExecutor | None
-) -> tuple[str, ParallelExecutor]:
+    on_failure: OnFailure | str, executor: ParallelExecutor | None
+) -> tuple[OnFailure, ParallelExecutor]:
     """What a run checks before it is planned: ``on_failure``, and the executor to use.
 
-    Returns ``on_failure`` and ``executor``, else a ``ParallelExecutor()``
+    Returns ``on_failure`` as an :class:`~flowyml.status.OnFailure`, and
+    ``executor``, else a ``ParallelExecutor()``
     (whose backend comes from ``FLOWYML_BACKEND``); both checks raise before
     any planning, so a typo costs nothing.
     """
     from .executors import ParallelExecutor
 
-    if on_failure not in ON_FAILURE:
+    try:
+        mode = OnFailure(on_failure)
+    except ValueError:
         raise PipelineError(
-            f"on_failure={on_failure!r} is not one of {', '.join(map(repr, ON_FAILURE))}"
-        )
-    return on_failure, executor if executor is not None else ParallelExecutor()
+            f"on_failure={on_failure!r} is not one of {', '.join(repr(m.value) for m in OnFailure)}"
+        ) from None
+    return mode, executor if executor is not None else ParallelExecutor()
 
 
 def run_plan(
     plan: Plan,
     *,
     executor: ParallelExecutor | None = None,
-    on_failure: str = "raise",
+    on_failure: OnFailure | str = OnFailure.RAISE,
     progress: bool | None = None,
 ) -> PipelineResult:
     """Run ``plan``; see :meth:`Pipeline.run` for the parameters."""
     on_failure, executor = run_settings(on_failure, executor)
     run_id = uuid.uuid4().hex[:8]
-    mode = CONTINUE if on_failure == "continue" else RAISE
+    mode = CONTINUE if on_failure == OnFailure.CONTINUE else RAISE
     started_at = datetime.now(timezone.utc)
     start = time.perf_counter()
     # Checked before a pool or cluster starts: a typo'd glob or an unpicklable
@@ -148,7 +151,7 @@ def _stopped_result(error: StepFailed, plan, executor, graph, recorder, run_id, 
     key = recorder.key_of(error.step, error.partition)
     if key is not None and key not in recorder.records():
         now = time.time()
-        recorder.add_missing({key: Outcome(None, error.step, error.partition, "failed", error.attempt, now, now,
+        recorder.add_missing({key: Outcome(None, error.step, error.partition, FAILED, error.attempt, now, now,
                                            "unknown", error)})
     return _result(plan, executor, graph, recorder, run_id, started_at, start, dashboard_link,
                    outputs={}, success=False, stopped=True)
@@ -315,7 +318,7 @@ class RunRecorder:
     def keep_earlier(self, earlier: RunRecorder) -> None:
         """Start from what an earlier round of this run recorded (it ran; now it is cached)."""
         for key, outcome in earlier._records.items():
-            if outcome.status != "cached":
+            if outcome.status != CACHED:
                 self._records[key] = outcome
         self._report_html[:0] = earlier._report_html
 
@@ -330,7 +333,7 @@ class RunRecorder:
         return self._records
 
     def unsuccessful_keys(self) -> set[Hashable]:
-        return {key for key, o in self._records.items() if o.status in ("failed", "skipped")}
+        return {key for key, o in self._records.items() if o.status == FAILED or o.status == SKIPPED}
 
     def task_records(self) -> list[TaskRecord]:
         """One record per task, in start order."""
@@ -348,9 +351,12 @@ def task_records(outcomes: Mapping[Hashable, Outcome]) -> list[TaskRecord]:
     return [_task_record(key, outcome) for key, outcome in ordered]
 
 
+_status_of = Status.of  # read once: called once per task of the report
+
+
 def _task_record(key: Hashable, o: Outcome) -> TaskRecord:
     return TaskRecord(
-        str(key), o.step, o.partition, o.status, o.attempts, o.start, o.stop, o.worker, _error_text(o.error)
+        str(key), o.step, o.partition, _status_of(o.status), o.attempts, o.start, o.stop, o.worker, _error_text(o.error)
     )
 
 

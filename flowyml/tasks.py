@@ -26,6 +26,7 @@ from typing import Any
 
 from .context import TaskContext, _current, running
 from .exceptions import FlowymlError, StepFailed, StepTimeoutError
+from .status import Status
 
 __all__ = [
     "FinalizeTask",
@@ -39,7 +40,13 @@ __all__ = [
     "worker_settings",
 ]
 
-SUCCEEDED, FAILED, SKIPPED, CACHED = "succeeded", "failed", "skipped", "cached"
+#: A task's status as it reports it: the plain string of a :class:`~flowyml.status.Status`.
+#: An Outcome crosses a process boundary with every task, where a member
+#: would pickle as a class lookup and a call, dearer than the rest of it; the
+#: run's result turns them into members (``Status.of``).
+SUCCEEDED, FAILED, SKIPPED, CACHED = (
+    Status.SUCCEEDED.value, Status.FAILED.value, Status.SKIPPED.value, Status.CACHED.value
+)
 
 #: Task modes. PLAIN (``to_delayed``): bare values, a failure raises StepFailed.
 #: RAISE (``run``): Outcome objects, a failure raises. CONTINUE
@@ -49,7 +56,7 @@ PLAIN, RAISE, CONTINUE = 0, 1, 2
 
 
 class Outcome:
-    """A task's value and its report line; ``status`` is one of succeeded/failed/skipped/cached."""
+    """A task's value and its report line; ``status`` is ``SUCCEEDED``, ``FAILED``, ``SKIPPED`` or ``CACHED``."""
 
     __slots__ = ("value", "step", "partition", "status", "attempts", "start", "stop", "worker", "error", "inner")
 
