@@ -3,8 +3,8 @@
 Planning, compiling and folding a run's report allocate one or a few small
 objects per task and create no reference cycles. CPython's collector runs a
 pass every 700 allocations and, as objects survive, full passes over the
-whole heap: in a notebook holding large data, compiling a 10,000-step
-pipeline spent more time in those passes than in compiling. Inside
+whole heap: in a notebook holding large data, compiling a pipeline of many
+thousands of steps spent more time in those passes than in compiling. Inside
 :func:`no_gc_passes` the collector waits; it runs as usual right after, once.
 Never used around user code (steps run with the collector on).
 """

@@ -1,7 +1,7 @@
 """Plan -> Dask task graph. Pure: it imports no executor and starts nothing.
 
-The graph is a plain dict (Dask's own format), built in one pass at well
-under a microsecond a task, where ``dask.delayed`` would cost hundreds:
+The graph is a plain dict (Dask's own format), built in one pass at a small
+fraction of what ``dask.delayed`` would cost a task:
 
 - a whole step is one task keyed by its name: ``"chunk_0"``;
 - partition *i* of a per-partition step or of a source is ``("clean", i)``;
@@ -37,7 +37,7 @@ class AssetRef:
 
     ``keys`` holds one key for a whole asset, or one per partition; ``selector``
     picks one output of a multi-output step. Not ``frozen``: a frozen
-    dataclass costs 4x more to build, and compiling builds one per asset per run.
+    dataclass costs several times more to build, and compiling builds one per asset per run.
     """
 
     step: str
@@ -108,7 +108,7 @@ def compile_plan(
     The graph's shape (keys, wiring, each step's :class:`~flowyml.tasks.StepSpec`)
     depends on the plan, the key suffix and the sources' partition counts only:
     it is laid out once and kept with the pipeline's plan, so running the same
-    pipeline again only creates this run's task objects (about 0.4 us a task).
+    pipeline again only creates this run's task objects.
 
     Parameters
     ----------
@@ -205,7 +205,7 @@ class _Layout:
         assets = self.assets
         name = s.name + suffix
         resources = s.resources and dict(s.resources)
-        if not s.inputs:  # a first step: nothing to wire (comprehensions cost ~0.2 us each, even empty)
+        if not s.inputs:  # a first step: nothing to wire (a comprehension costs, even an empty one)
             refs: list[AssetRef] = []
             driver = None
             spec = StepSpec(s.name, s.func, dict(s.params), (), (), (), (), s.outputs, s.retries,

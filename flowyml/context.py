@@ -30,7 +30,7 @@ class TaskContext(NamedTuple):
 
 #: The running task, as a TaskContext or, set by the task wrappers on every
 #: call, as the plain tuple ``(step, partition, attempt, run_id)``: a tuple
-#: costs a tenth of a TaskContext, and most tasks never ask.
+#: costs far less to make than a TaskContext, and most tasks never ask.
 _current: contextvars.ContextVar[tuple | None] = contextvars.ContextVar("flowyml_task", default=None)
 
 

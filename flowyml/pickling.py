@@ -20,8 +20,8 @@ def check_picklable(plan: Plan) -> None:
     Functions from ``__main__``, notebooks and files loaded by the CLI pickle by
     value (cloudpickle), so they run on process and distributed workers.
     """
-    # Each object is checked once: one function added as 10,000 steps is pickled
-    # once, not 10,000 times (this runs before every process/distributed run).
+    # Each object is checked once: one function added as many steps is pickled
+    # once, not once per step (this runs before every process/distributed run).
     seen: set[int] = set()
     for name, value in plan.inputs.items():
         _check(value, f"input {name!r}", "pass it as a file source or build it inside a step", seen)

@@ -59,7 +59,7 @@ class Pipeline:
         self._sources: dict[str, Any] = {}
         self._bindings: dict[str, Binding] = {}
         # asset -> producing step, kept up to date by add_step: rebuilding it for
-        # every added step made building N steps O(N^2) (17 s for 10,000).
+        # every added step made building a pipeline quadratic in its steps.
         self._producers: dict[str, str] = {}
         # Remembers the shapes of recent plans; every change makes it forget them.
         self._planner = Planner(self._steps, self._bindings, self._producers)

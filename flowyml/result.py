@@ -95,8 +95,8 @@ class PipelineResult:
     :class:`StepResult` in the order they ran; ``success`` is False when any step
     failed (only possible with ``on_failure="continue"``). ``tasks`` lists one
     :class:`TaskRecord` per task in start order. ``steps`` and ``tasks`` are
-    folded from the run's task records when first read (a few microseconds a
-    task that a run nobody inspects does not pay).
+    folded from the run's task records when first read (a cost per task that
+    a run nobody inspects does not pay).
     """
 
     def __init__(
@@ -228,8 +228,8 @@ def step_results(
     task count) is given for a run that stopped at a failure: a step with
     fewer records than tasks, and none failed, is ``stopped``.
     """
-    # Plain loops, no generators: this runs for every step of every run (on the
-    # sync backend a no-op step costs Dask about 20 us, this under 1 us a task).
+    # Plain loops, no generators: this runs over every task of every run that is
+    # inspected, and must stay small next to what Dask itself spends on a task.
     by_step: dict[str, list[Any]] = {}
     for record in records:
         group = by_step.get(record.step)

@@ -239,7 +239,7 @@ class RunRecorder:
 
     Its hooks run on the driver once per task, in the scheduler's own loop, so
     each is O(1) and allocates at most one small object: on the sync backend
-    Dask itself spends only about 20 us a task.
+    Dask's own work per task is small, and the hooks add to it.
     """
 
     def __init__(self, graph: CompiledGraph, progress: bool | None, name: str) -> None:

@@ -74,7 +74,7 @@ class Outcome:
         self.inner = inner
 
     def __reduce__(self):
-        # Spelled out: a generator over __slots__ cost 3x more, once per task each way.
+        # Spelled out: a generator over __slots__ costs several times more, once per task each way.
         return (Outcome, (self.value, self.step, self.partition, self.status, self.attempts,
                           self.start, self.stop, self.worker, self.error, self.inner))
 
@@ -220,8 +220,8 @@ class StepSpec:
 
     Read-only by convention. A slotted class with a positional ``__reduce__``
     rather than a frozen dataclass: one is built per step per run and pickled
-    with every task on the process backend, where a dataclass cost about ten
-    times more to build and to pickle.
+    with every task on the process backend, where a dataclass cost many times
+    more to build and to pickle.
     """
 
     __slots__ = ("name", "func", "params", "positional", "keyword", "varargs", "args", "outputs",
@@ -352,7 +352,7 @@ class StepTask(_TaskBase):
     def __call__(self, *raw: Any) -> Any:
         # The hot path of every run: one call per task. Kept flat (no helper
         # calls on success, the context a plain tuple) because on the sync
-        # backend Dask itself spends only about 20 us a task.
+        # backend Dask's own work per task is small, and this adds to it.
         spec = self.spec
         start = _now()
         if raw:
@@ -384,7 +384,7 @@ class StepTask(_TaskBase):
                 if _on_attempt is not None:
                     _on_attempt(spec.name, self.partition, attempt)
                 if spec.timeout is None:
-                    # ``running(...)`` inlined: its generator cost a microsecond a task.
+                    # ``running(...)`` inlined: its generator cost more than the rest of this loop.
                     token = _current.set((spec.name, self.partition, attempt, self.run_id))
                     try:
                         value = spec.func(*args, **kwargs) if kwargs else spec.func(*args)

@@ -56,8 +56,8 @@ class _SettlingPool:
     """Wraps the process pool so a failed run waits for its running tasks to end.
 
     As :func:`_drain` does for threads, where tasks cannot wait for each other
-    across processes: it tracks every future, which costs about a microsecond a
-    task (a process pool's task costs 150).
+    across processes: it tracks every future, a cost per task that vanishes
+    next to what the process pool itself spends on each.
     """
 
     def __init__(self, pool: Executor) -> None:
@@ -223,7 +223,7 @@ def dumps(value: Any) -> bytes:
 
     Dask's multiprocessing scheduler uses cloudpickle for everything, whose
     Python-level hook runs for every object and looks up every class and
-    function by name: about half the pickling cost of a small task. Plain
+    function by name: much of the pickling cost of a small task. Plain
     ``pickle`` is right whenever everything is importable by the workers; what
     is not (functions or classes from ``__main__``, a notebook, a module
     registered with ``cloudpickle.register_pickle_by_value``, lambdas, closures)
@@ -248,9 +248,9 @@ def _names_by_value_module(data: bytes) -> bool:
 class ProcessBackend(_PoolBackend):
     """Dask's multiprocessing scheduler on a reused pool of spawned processes.
 
-    Dask's own ``multiprocessing.get`` starts a new pool per call (about 0.9 s
-    here) and batches 6 tasks per submission; this keeps one pool for the
-    executor's life and submits one task at a time.
+    Dask's own ``multiprocessing.get`` starts a new pool per call, paying its
+    start-up on every run, and batches several tasks per submission; this
+    keeps one pool for the executor's life and submits one task at a time.
     """
 
     name = "process"
@@ -283,7 +283,7 @@ class ProcessBackend(_PoolBackend):
         )
         # Processes start on demand; start them all now and wait until each has
         # run its initializer, so that inside ``with executor:`` no run pays the
-        # start-up (about 0.5 s a process) and the first tasks spread over all.
+        # processes' start-up and the first tasks spread over all.
         with _main_module_hidden():
             futures = [pool.submit(_ready) for _ in range(self.max_workers)]
         for _ in range(self.max_workers):

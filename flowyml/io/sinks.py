@@ -90,7 +90,7 @@ def commit_output(directory: str | os.PathLike[str], run_id: str, written: Seque
     same directory take turns and the last one wins whole), renames the old
     output aside, renames the staging directory into place and removes the
     old output; if the second rename fails, the old output is renamed back.
-    Between the two renames (microseconds) ``directory`` does not exist; a
+    Between the two renames, for an instant, ``directory`` does not exist; a
     process killed exactly there leaves the old output in
     ``.<name>.flowyml-old-<run_id>``. Staging and set-aside directories of
     other runs older than a day (killed runs) are removed too.

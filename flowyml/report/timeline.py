@@ -267,7 +267,7 @@ def draw_timeline(run: Run, colours: Mapping[str, str]) -> Timeline:
             bar_y = y + row_index * (row_h + row_gap)
             for bar in next(row_iter):
                 x = plot_x + (bar.start - t0) * px
-                # A failed task stays at least 3 px wide: it must be findable among 10,000.
+                # A failed task stays at least 3 px wide: it must be findable among thousands of bars.
                 w = max(3.0 if bar.state == "failed" else 1.0, (bar.stop - bar.start) * px)
                 classes = ["bar", step_class.get(next(iter(bar.steps)), "mixed") if len(bar.steps) == 1 else "mixed"]
                 if bar.state != "ok":
