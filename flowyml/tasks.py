@@ -13,6 +13,12 @@ What differs between backends on the worker side is one
 :func:`install_worker_settings` (the process backend's pool initializer does
 so in each worker); without it a process has the ``sync``/``thread``
 defaults. Backends never assign this module's globals.
+
+Why this module is longer than most: :meth:`StepTask.__call__` is the hot
+path of every run, and what it reads for every task (the ``Outcome`` class,
+the statuses, the attempt hook, the lane it runs in) are globals of this
+module, one dictionary lookup away. Moving any of them out would add a
+module attribute lookup to every task.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .context import TaskContext, _current, running
-from .exceptions import FlowymlError, StepFailed, StepTimeoutError
+from .exceptions import FlowymlError, StepFailed
 from .status import Status
 
 __all__ = [
@@ -391,8 +397,11 @@ class StepTask(_TaskBase):
                     finally:
                         _current.reset(token)
                 else:
+                    from .timeouts import call_with_timeout
+
                     context = TaskContext(spec.name, self.partition, attempt, self.run_id)
-                    value = call_with_timeout(spec.func, list(args), dict(kwargs), spec.timeout, context)
+                    value = call_with_timeout(spec.func, list(args), dict(kwargs), spec.timeout, context,
+                                              killable=_settings.killable_timeouts)
                 if not spec.whole:
                     value = _split_outputs(spec, value)
             except Exception as exc:  # the user's code failed: retry or report
@@ -439,41 +448,6 @@ def _step_failed(step: str, partition: int | None, attempt: int, exc: BaseExcept
     error = StepFailed(step, partition, attempt, message)
     error.__cause__ = exc
     return error
-
-
-def call_with_timeout(func, args, kwargs, timeout: float, context: TaskContext) -> Any:
-    """Run one attempt for at most ``timeout`` seconds.
-
-    In a thread (sync, thread, distributed backends) an overrunning attempt is
-    abandoned: it is reported as failed (and retried) at once, but Python cannot
-    stop a thread, so it runs on to its end in the background. Where the
-    process backend allows (:attr:`WorkerSettings.killable_timeouts`), the
-    attempt runs in a child process that is killed instead.
-    """
-    if _settings.killable_timeouts:
-        from .timeouts import call_in_child  # process backend only
-
-        return call_in_child(func, args, kwargs, timeout, context)
-    box: dict[str, Any] = {}
-
-    def target() -> None:
-        with running(context):
-            try:
-                box["value"] = func(*args, **kwargs)
-            except BaseException as exc:  # handed to the waiting thread
-                box["error"] = exc
-
-    thread = threading.Thread(target=target, name=f"flowyml-{context.step}", daemon=True)
-    thread.start()
-    thread.join(timeout)
-    if thread.is_alive():
-        raise StepTimeoutError(
-            f"step {context.step!r} attempt {context.attempt} ran past its timeout of "
-            f"{timeout:g}s (its thread cannot be stopped and runs on in the background)"
-        )
-    if "error" in box:
-        raise box["error"]
-    return box["value"]
 
 
 class SourceTask(_TaskBase):

@@ -1,22 +1,28 @@
-"""Killable timeouts: run one attempt of a step in a child process of the worker.
+"""Timeouts: run one attempt of a step for at most ``timeout`` seconds.
 
-On the ``process`` backend a step with ``timeout=`` runs each attempt in a
-child forked from the pool worker. The worker waits for the child's result
-for at most ``timeout`` seconds; a child that overruns is killed (with its
-process group, so anything it started dies too) and the attempt fails with
+:func:`call_with_timeout` runs the attempt in a thread where the worker
+settings say so (the ``sync``, ``thread`` and ``distributed`` backends): an
+overrunning attempt is abandoned, reported as failed and retried at once, but
+Python cannot stop a thread, so it runs on to its end in the background.
+
+Killable timeouts (:func:`call_in_child`): on the ``process`` backend a step
+with ``timeout=`` runs each attempt in a child forked from the pool worker.
+The worker waits for the child's result for at most ``timeout`` seconds; a
+child that overruns is killed (with its process group, so anything it
+started dies too) and the attempt fails with
 :class:`~flowyml.exceptions.StepTimeoutError`, to be retried like any other
 failure. A child that dies (segfault, ``os._exit``, out of memory) fails the
 attempt with :class:`~flowyml.exceptions.WorkerDiedError`; the pool worker
 itself lives on.
 
 Why fork: the child shares the worker's memory, so the step's inputs (often
-a large DataFrame) reach it without being copied or pickled, and starting it
-takes milliseconds. A pool worker runs one task at a time in its main thread,
-so at the Python level it is single-threaded when it forks; the native
-thread pools of NumPy (OpenBLAS) and pyarrow register fork handlers. Where
-other Python threads are running (a step that started some), the attempt
-runs in a freshly spawned process instead, its function and arguments sent
-by cloudpickle. Either way a child that hung after the fork would only ever
+a large DataFrame) reach it without being copied or pickled, and it starts
+quickly. A pool worker runs one task at a time in its main thread, so at the
+Python level it is single-threaded when it forks; the native thread pools of
+NumPy (OpenBLAS) and pyarrow register fork handlers. Where other Python
+threads are running (a step that started some), the attempt runs in a
+freshly spawned process instead, its function and arguments sent by
+cloudpickle. Either way a child that hung after the fork would only ever
 cost its timeout: it is killed like any overrunning attempt.
 
 Only the result (or the exception, with its traceback) travels back, through
@@ -39,9 +45,50 @@ import cloudpickle
 from .context import TaskContext, running
 from .exceptions import StepTimeoutError, WorkerDiedError
 
-__all__ = ["call_in_child", "die_with_parent", "exit_cause"]
+__all__ = ["call_in_child", "call_with_timeout", "die_with_parent", "exit_cause"]
 
 _OK, _ERROR = b"k", b"e"
+
+
+def call_with_timeout(
+    func: Callable[..., Any],
+    args: list[Any],
+    kwargs: dict[str, Any],
+    timeout: float,
+    context: TaskContext,
+    *,
+    killable: bool = False,
+) -> Any:
+    """Run one attempt for at most ``timeout`` seconds.
+
+    In a thread, an overrunning attempt is abandoned: it is reported as failed
+    (and retried) at once, but Python cannot stop a thread, so it runs on to
+    its end in the background. ``killable`` (the process backend's
+    :attr:`~flowyml.tasks.WorkerSettings.killable_timeouts`): the attempt runs
+    in a child process that is killed instead (:func:`call_in_child`).
+    """
+    if killable:
+        return call_in_child(func, args, kwargs, timeout, context)
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        with running(context):
+            try:
+                box["value"] = func(*args, **kwargs)
+            except BaseException as exc:  # handed to the waiting thread
+                box["error"] = exc
+
+    thread = threading.Thread(target=target, name=f"flowyml-{context.step}", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        raise StepTimeoutError(
+            f"step {context.step!r} attempt {context.attempt} ran past its timeout of "
+            f"{timeout:g}s (its thread cannot be stopped and runs on in the background)"
+        )
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
 
 
 def call_in_child(

@@ -36,6 +36,11 @@ scheduler: the tasks it was running are rescheduled on other workers up to
 ``distributed.scheduler.allowed-failures`` times (default 3), whatever their
 ``retries``; past that the run fails with :class:`~flowyml.StepFailed` caused
 by :class:`~flowyml.WorkerDiedError`.
+
+One backend, one file, as every backend: this one is the longest because
+Dask's distributed scheduler sends no task's report back to flowyml, so it
+also carries what reports them (the worker plugin, the run's event topics)
+and what tidies the scheduler after a run.
 """
 
 from __future__ import annotations
