@@ -97,14 +97,10 @@ class Planner:
         *,
         cache_dir: str | os.PathLike[str] | None = None,
     ) -> Plan:
-        """Check and order the steps that ``outputs`` need, given ``sources`` and run ``inputs``.
+        """The plan of pipeline ``name`` for these run ``inputs`` and ``outputs``.
 
-        Raises
-        ------
-        MissingInputError
-            A step needs an asset no step, source or run input provides.
-        CycleError
-            Steps depend on each other in a loop (the message shows the loop).
+        ``sources`` are the pipeline's; run ``inputs`` override them. Raises
+        what :meth:`flowyml.Pipeline.plan` documents.
         """
         given = {**sources, **dict(inputs or {})}
         if outputs is not None:

@@ -58,10 +58,7 @@ class LoadTask(_TaskBase):
         try:
             value = self.cache.load(self.key)
         except CacheError as exc:
-            raise StaleCacheEntry(
-                f"cache entry of step {self.step!r}{partition_text(self.partition)} failed its check "
-                f"when loaded ({exc})", self.key, self.step,
-            ) from None
+            raise _stale(self, "cache entry", "failed its check when loaded", exc) from None
         return self._report(value, self.step, self.partition, CACHED, 0, start)
 
 
@@ -84,11 +81,15 @@ class RestageTask(_TaskBase):
         try:
             path = restage_partition(self.path, self.run_id)
         except OSError as exc:
-            raise StaleCacheEntry(
-                f"the committed file {self.path} of step {self.step!r}{partition_text(self.partition)} "
-                f"vanished ({exc})", self.key, self.step,
-            ) from None
+            raise _stale(self, f"the committed file {self.path}", "vanished", exc) from None
         return self._report(path, self.step, self.partition, CACHED, 0, start)
+
+
+def _stale(task: LoadTask | RestageTask, what: str, happened: str, exc: Exception) -> StaleCacheEntry:
+    """What a load or restage task raises when its entry no longer holds: the run discards it and plans again."""
+    return StaleCacheEntry(
+        f"{what} of step {task.step!r}{partition_text(task.partition)} {happened} ({exc})", task.key, task.step
+    )
 
 
 class StoreTask:

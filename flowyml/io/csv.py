@@ -11,7 +11,7 @@ concatenated).
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
@@ -37,16 +37,12 @@ class CsvPartition(Partition):
 
     ``prefix`` is the file's header line, prepended to every block but the
     first; ``read_kwargs`` are the pandas options for this block (``skiprows``,
-    ``header`` and ``skipfooter`` adjusted the way dask's ``read_csv`` does);
-    ``columns`` reorders the result when this file lists the source's columns
-    in another order.
+    ``header`` and ``skipfooter`` adjusted the way dask's ``read_csv`` does).
     """
 
     offset: int | None = None
     length: int | None = None
     prefix: bytes = b""
-    read_kwargs: dict[str, Any] = field(default_factory=dict, hash=False, repr=False)  # may hold credentials
-    columns: tuple | None = None
 
     def _read(self) -> pd.DataFrame:
         if self.offset is None:
@@ -56,7 +52,7 @@ class CsvPartition(Partition):
             with fs.open(path, "rb") as file:
                 block = read_block(file, self.offset, self.length)
             frame = pd.read_csv(io.BytesIO(self.prefix + block), **self.read_kwargs)
-        return frame if self.columns is None else frame[list(self.columns)]
+        return frame
 
     def _range(self) -> tuple:
         if self.offset is None:

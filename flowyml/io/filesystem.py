@@ -15,16 +15,8 @@ from typing import Any
 
 from fsspec.core import url_to_fs
 
-__all__ = [
-    "SECRET_OPTIONS",
-    "display_path",
-    "filesystem_for",
-    "full_path",
-    "is_local",
-    "is_url",
-    "redact_option",
-    "stat_file",
-]
+__all__ = ["SECRET_OPTIONS", "display_path", "filesystem_for", "full_path", "is_local", "is_url",
+           "redact_option", "stat_file"]
 
 
 def filesystem_for(path: str) -> tuple[Any, str]:

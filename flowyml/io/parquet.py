@@ -7,7 +7,7 @@ else; a row group is read and converted to pandas the way
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
@@ -29,15 +29,11 @@ class ParquetPartition(Partition):
     """A whole Parquet file (``row_group`` None) or one of its row groups."""
 
     row_group: int | None = None
-    read_kwargs: dict[str, Any] = field(default_factory=dict, hash=False, repr=False)  # may hold credentials
-    columns: tuple | None = None
 
     def _read(self) -> pd.DataFrame:
         if self.row_group is None:
-            frame = pd.read_parquet(self.path, **self.read_kwargs)
-        else:
-            frame = _read_row_group(self.path, self.row_group, self.read_kwargs)
-        return frame if self.columns is None else frame[list(self.columns)]
+            return pd.read_parquet(self.path, **self.read_kwargs)
+        return _read_row_group(self.path, self.row_group, self.read_kwargs)
 
     def _range(self) -> tuple:
         if self.row_group is None:

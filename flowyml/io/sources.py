@@ -58,6 +58,12 @@ class Partition:
     options_token : str
         A hash of the reader options (``usecols=``, ``columns=``...), so that
         changing them changes :meth:`identity`.
+    read_kwargs : dict
+        The reader's options for this partition (never shown: they may hold
+        credentials).
+    columns : tuple or None
+        The source's column order, when this file lists its columns in
+        another: the frame read is reordered to it.
     """
 
     index: int
@@ -66,6 +72,8 @@ class Partition:
     mtime_ns: int | str
     source: str = field(default="source", compare=False)
     options_token: str = ""
+    read_kwargs: dict[str, Any] = field(default_factory=dict, hash=False, repr=False)
+    columns: tuple | None = None
 
     def load(self) -> pd.DataFrame:
         """Read exactly this partition's rows.
@@ -78,7 +86,8 @@ class Partition:
         """
         self._check_unchanged()
         try:
-            return self._read()
+            frame = self._read()
+            return frame if self.columns is None else frame[list(self.columns)]
         except Exception as exc:
             raise DataError(
                 f"source {self.source!r}: cannot read partition {self.index}, "
@@ -95,6 +104,7 @@ class Partition:
 
     # -- for subclasses
     def _read(self) -> pd.DataFrame:
+        """The partition's rows as the file has them (``load`` reorders the columns)."""
         raise NotImplementedError
 
     def _range(self) -> tuple:
