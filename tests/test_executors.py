@@ -43,6 +43,21 @@ def test_max_workers_must_be_positive():
         ParallelExecutor(max_workers=0)
 
 
+def _killable_timeouts() -> bool:
+    from flowyml.tasks import worker_settings
+
+    return worker_settings().killable_timeouts
+
+
+def test_only_the_process_backend_gives_its_workers_killable_timeouts(executor):
+    from flowyml.tasks import WorkerSettings, worker_settings
+
+    pipeline = Pipeline("settings").add_step(_killable_timeouts, name="killable")
+    result = pipeline.run(executor=executor, progress=False)
+    assert result["killable"] is (executor.backend == "process")
+    assert worker_settings() == WorkerSettings(), "a backend never changes the driver's own settings"
+
+
 def _worker_pids(executor) -> set[int]:
     @step
     def pid():

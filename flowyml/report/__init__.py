@@ -12,7 +12,7 @@ later from a saved ``.json`` file::
 - :mod:`~flowyml.report.page`: the HTML page (its CSS and JavaScript are the
   package data files ``static/report.css`` and ``static/report.js``) and the
   notebook view;
-- :mod:`~flowyml.report.format`: how numbers, times and text are shown.
+- :mod:`~flowyml.report.formatting`: how numbers, times and text are shown.
 """
 
 from __future__ import annotations

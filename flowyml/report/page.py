@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Mapping
 
 from flowyml.exceptions import OptionError
-from flowyml.report.format import Run, esc, fmt_count, fmt_seconds, fmt_started_at, one_line
+from flowyml.report.formatting import Run, esc, fmt_count, fmt_seconds, fmt_started_at, one_line
 from flowyml.report.summary import StepRow, step_rows
 from flowyml.report.timeline import MIXED_COLOUR, Timeline, draw_timeline, step_colours, task_state
 

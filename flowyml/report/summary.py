@@ -6,7 +6,7 @@ import statistics
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from flowyml.report.format import Run, fmt_count, fmt_seconds, one_line, task_seconds
+from flowyml.report.formatting import Run, fmt_count, fmt_seconds, one_line, task_seconds
 
 __all__ = ["StepRow", "format_summary", "step_rows"]
 

@@ -12,7 +12,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from flowyml.report.format import Run, esc, fmt_seconds, natural_key, one_line, parse_started_at, task_seconds
+from flowyml.report.formatting import Run, esc, fmt_seconds, natural_key, one_line, parse_started_at, task_seconds
 
 __all__ = ["MAX_BARS", "MAX_ROWS_PER_LANE", "MIXED_COLOUR", "Timeline", "draw_timeline", "step_colours", "task_state"]
 
