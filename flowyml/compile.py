@@ -303,4 +303,3 @@ class _Collect:
 
     def __call__(self, raw: Any) -> Any:
         return _argument(raw, self.spec)
-

@@ -365,4 +365,3 @@ def _error_text(error: BaseException | None) -> str | None:
         return None
     cause = error.__cause__ or error
     return f"{type(cause).__name__}: {cause}"
-

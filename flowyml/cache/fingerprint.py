@@ -11,8 +11,9 @@ What a fingerprint covers
   without line numbers. For functions with no source (a REPL, ``python -c``,
   ``exec``) and for lambdas (several lambdas can share one source line) this is the
   only code part. Docstrings are constants of the bytecode, so editing one counts;
-* its default arguments and closure values (any value :func:`task_key` accepts;
-  others, such as a lock or a connection, by their type only);
+* its default arguments and closure values (any value
+  :func:`~flowyml.cache.keys.task_key` accepts; others, such as a lock or a
+  connection, by their type only);
 * the module globals it (or a nested function) references, when they are plain data
   (numbers, strings, bytes, None, enums, dates, paths, tuples/lists/dicts/sets of
   those, dataclasses of those), numpy arrays or pandas objects (by content), or
@@ -493,4 +494,3 @@ def _is_user_module(module_name: str) -> bool:
         return True
     filename = getattr(sys.modules.get(module_name), "__file__", None)
     return filename is not None and _is_user_code(filename)
-

@@ -3,8 +3,9 @@
 Keys
 ----
 ``task_key`` is a SHA-256 hex digest over a canonical text encoding of the
-fingerprint, each param (by name) and each input. Params are encoded by value:
-plain data as above (dict order kept, set order not), numpy/pandas objects through
+fingerprint, each param (by name) and each input. Params are encoded by value
+(:func:`~flowyml.cache.fingerprint.canonical`): plain data as for fingerprints
+(dict order kept, set order not), numpy/pandas objects through
 ``dask.tokenize`` (with ``ensure_deterministic``), functions by their fingerprint,
 other objects through their pickle recipe (``__reduce_ex__``), whose parts must be
 encodable in turn. A param that cannot be encoded raises ``CacheError`` naming it.
@@ -95,5 +96,3 @@ def _encode_input(position: int, item: Any) -> tuple:
         f"input {position} of the task is a {type_name(item)}; expected an upstream "
         f"task key (str) or a partition identity tuple (path, size, mtime_ns, offset, length)."
     )
-
-

@@ -326,7 +326,6 @@ def _is_entry(entry: Any, kind: str) -> bool:
     return isinstance(entry, tuple) and len(entry) >= 1 and entry[0] == kind
 
 
-
 def _is_key(value: Any, dsk: Mapping[Key, Any]) -> bool:
     try:
         return value in dsk

@@ -1,6 +1,6 @@
 """Cache payloads: how a task's value becomes the bytes of an entry, and back.
 
-Payloads: a ``pandas.DataFrame`` is stored as Parquet (pyarrow) when Parquet keeps it
+A ``pandas.DataFrame`` is stored as Parquet (pyarrow) when Parquet keeps it
 exactly (dtypes, index, column labels, ``attrs``): frames with ``object`` columns or
 an ``object`` index go to pickle, and every other frame is first round-tripped on its
 first rows; any difference sends it to pickle too. Everything else, Series included,

@@ -71,7 +71,6 @@ class CsvPartition(Partition):
         return ""
 
 
-
 class CsvSource(Source):
     """CSV files: one partition per file, or per block of about ``blocksize`` bytes.
 
@@ -130,7 +129,6 @@ class CsvSource(Source):
         return specs
 
 
-
 def read_csv(paths: Any, *, blocksize: int | str | None = None, **pandas_kwargs: Any) -> CsvSource:
     """Declare CSV input: one partition per file, or per ``blocksize`` bytes of a file.
 
@@ -161,7 +159,6 @@ def read_csv(paths: Any, *, blocksize: int | str | None = None, **pandas_kwargs:
     read_csv('data/trips/trips_*.csv', blocksize=64000000, parse_dates=['pickup_at'])
     """
     return CsvSource(paths, blocksize, pandas_kwargs)
-
 
 
 def _parse_blocksize(blocksize: int | str | None, source: str) -> int | None:

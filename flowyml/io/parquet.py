@@ -45,7 +45,6 @@ class ParquetPartition(Partition):
         return where if self.row_group is None else f"{where} (row group {self.row_group})"
 
 
-
 class ParquetSource(Source):
     """Parquet files: one partition per file, or per row group with ``split_row_groups``.
 
@@ -105,7 +104,6 @@ class ParquetSource(Source):
         return parts
 
 
-
 def read_parquet(path: Any, *, split_row_groups: bool = False, **pandas_kwargs: Any) -> ParquetSource:
     """Declare Parquet input: one partition per file, or per row group.
 
@@ -127,7 +125,6 @@ def read_parquet(path: Any, *, split_row_groups: bool = False, **pandas_kwargs: 
     read_parquet('data/trips_parquet', columns=['fare', 'tip'])
     """
     return ParquetSource(path, split_row_groups, pandas_kwargs)
-
 
 
 def _parquet_columns(metadata: Any, wanted: Any, path: str, label: str) -> tuple:

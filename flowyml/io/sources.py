@@ -133,7 +133,6 @@ class Partition:
             )
 
 
-
 class Source:
     """A partitioned input: what to read, resolved into partitions at run time.
 
@@ -181,7 +180,6 @@ class Source:
         return f"{self.reader}({shown!r}{self._options_repr()})"
 
 
-
 def _as_path_list(paths: Any, reader: str) -> tuple[str, ...]:
     try:
         items = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
@@ -190,7 +188,6 @@ def _as_path_list(paths: Any, reader: str) -> tuple[str, ...]:
     if not items or not all(isinstance(item, (str, os.PathLike)) for item in items):
         raise OptionError(f"{reader}() takes a path, a glob or a list of them, not {paths!r}")
     return tuple(os.fspath(item) for item in items)
-
 
 
 def resolve_files(patterns: Sequence[str], suffixes: tuple[str, ...], label: str) -> list[tuple[Any, str]]:
