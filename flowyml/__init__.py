@@ -24,6 +24,7 @@ from .context import TaskContext, current_task
 from .io import read_csv, read_parquet, write_csv, write_parquet
 from .exceptions import (
     BackendError,
+    CommitConflictError,
     CycleError,
     DataError,
     DuplicateNameError,
@@ -36,6 +37,7 @@ from .exceptions import (
     PipelineError,
     StepFailed,
     StepTimeoutError,
+    StorageError,
     WorkerDiedError,
 )
 from .executors import ParallelExecutor
@@ -50,6 +52,7 @@ logging.getLogger("flowyml").addHandler(logging.NullHandler())
 
 __all__ = [
     "BackendError",
+    "CommitConflictError",
     "CycleError",
     "DataError",
     "DuplicateNameError",
@@ -67,6 +70,7 @@ __all__ = [
     "StepFailed",
     "StepResult",
     "StepTimeoutError",
+    "StorageError",
     "TaskContext",
     "TaskRecord",
     "WorkerDiedError",

@@ -197,11 +197,11 @@ def _executor(backend, workers, address):
 @click.argument("target", metavar="FILE.py[:VAR]")
 @_executor_options
 @click.option("--input", "inputs", multiple=True, metavar="NAME=PATH_OR_GLOB",
-              help="Replace a source for this run (CSV by suffix, else Parquet).")
+              help="Replace a source for this run: a path, glob or URL (CSV by suffix, else Parquet).")
 @click.option("--param", "params", multiple=True, metavar="STEP.KEY=VALUE",
               help="Set a step parameter (JSON where it parses, else a string).")
-@click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
-              help="Cache task results here (default: FLOWYML_CACHE_DIR).")
+@click.option("--cache-dir", default=None, metavar="PATH_OR_URL",
+              help="Cache task results here: a folder or a URL (default: FLOWYML_CACHE_DIR).")
 @click.option("--on-failure", type=click.Choice([mode.value for mode in OnFailure]), default="raise",
               help="continue: finish independent branches, skip dependents.")
 @click.option("--report", type=click.Path(dir_okay=False), default=None,
@@ -326,11 +326,15 @@ def _cache_for(cache_dir):
     directory = default_cache_dir(cache_dir)
     if directory is None:
         raise _Usage("no cache directory: pass --cache-dir or set FLOWYML_CACHE_DIR")
-    return Cache(directory)
+    try:
+        return Cache(directory)
+    except FlowymlError as exc:  # a missing bucket, denied access...
+        raise _Usage(str(exc)) from exc
 
 
 @cache.command("info")
-@click.option("--cache-dir", type=click.Path(file_okay=False), default=None)
+@click.option("--cache-dir", default=None, metavar="PATH_OR_URL",
+              help="a folder or a URL (s3://bucket/cache); default FLOWYML_CACHE_DIR")
 def cache_info(cache_dir) -> None:
     """Entries and size of the cache."""
     info = _cache_for(cache_dir).info()
@@ -339,7 +343,8 @@ def cache_info(cache_dir) -> None:
 
 
 @cache.command("clear")
-@click.option("--cache-dir", type=click.Path(file_okay=False), default=None)
+@click.option("--cache-dir", default=None, metavar="PATH_OR_URL",
+              help="a folder or a URL (s3://bucket/cache); default FLOWYML_CACHE_DIR")
 def cache_clear(cache_dir) -> None:
     """Remove every entry of the cache."""
     removed = _cache_for(cache_dir).clear()

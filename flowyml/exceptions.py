@@ -12,7 +12,9 @@
     │   └── NotPicklableError       a step, param or input cannot be sent to a worker
     ├── OptionError                 an argument flowyml cannot use (also a ValueError and a TypeError)
     ├── OutputNotFoundError         ``result[name]`` of an asset the run did not return (also a KeyError)
-    ├── DataError                   a source matches no file, or a file cannot be read
+    ├── DataError                   a source matches no file, or a file cannot be read or written
+    │   ├── StorageError            a URL flowyml cannot use: unknown scheme, package missing, no bucket, access denied
+    │   └── CommitConflictError     another run is committing to the same output right now
     ├── CacheError                  a cache entry is corrupt or unreadable (recomputed, not raised to users)
     │   └── StaleCacheEntry         an entry failed its full check as it was loaded: the run discards it and plans again
     ├── StepTimeoutError            one attempt of a step ran past its ``timeout``
@@ -31,6 +33,7 @@ __all__ = [
     "BackendError",
     "CacheError",
     "CacheWarning",
+    "CommitConflictError",
     "CycleError",
     "DataError",
     "DuplicateNameError",
@@ -44,6 +47,7 @@ __all__ = [
     "StaleCacheEntry",
     "StepFailed",
     "StepTimeoutError",
+    "StorageError",
     "WorkerDiedError",
 ]
 
@@ -102,6 +106,16 @@ class OutputNotFoundError(FlowymlError, KeyError):
 
 class DataError(FlowymlError):
     """A data source matches no file, or one of its files cannot be read."""
+
+
+class StorageError(DataError):
+    """A path or URL flowyml cannot use: an unknown scheme, a filesystem package not
+    installed, a missing bucket, denied access. Names the source, sink or cache and
+    the URL (without its secrets)."""
+
+
+class CommitConflictError(DataError):
+    """Another run is committing to the same output; this run's output was not committed."""
 
 
 class CacheError(FlowymlError):

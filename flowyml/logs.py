@@ -38,6 +38,7 @@ from collections.abc import Callable
 from typing import Any, TextIO
 
 from .context import TaskContext, current_task
+from .secrets import scrub
 
 __all__ = [
     "LOG_TOPIC",
@@ -110,8 +111,8 @@ def payload(record: logging.LogRecord, context: TaskContext, worker: str) -> Pay
         "worker": worker,
         "origin": record.name,
         "levelno": record.levelno,
-        "msg": record.getMessage(),
-        "exc_text": exc_text,
+        "msg": scrub(record.getMessage()),
+        "exc_text": scrub(exc_text) if exc_text else exc_text,
         "created": record.created,
         "pathname": record.pathname,
         "lineno": record.lineno,

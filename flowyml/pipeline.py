@@ -33,8 +33,13 @@ class Pipeline:
     ----------
     name : str
         Shown in logs, reports and the dashboard.
-    cache_dir : path, optional
-        Where task results are cached between runs (default: ``FLOWYML_CACHE_DIR``).
+    cache_dir : path or URL, optional
+        Where task results are cached between runs (default: ``FLOWYML_CACHE_DIR``):
+        a local folder, or an fsspec URL (``s3://bucket/cache``) that every worker
+        reaches, for clusters whose workers share no disk.
+    cache_storage_options : dict, optional
+        ``storage_options`` for a ``cache_dir`` URL's filesystem (credentials,
+        endpoint), as in pandas; the environment's credentials work without.
 
     Examples
     --------
@@ -50,11 +55,13 @@ class Pipeline:
     'processed_2'
     """
 
-    def __init__(self, name: str, *, cache_dir: str | os.PathLike[str] | None = None) -> None:
+    def __init__(self, name: str, *, cache_dir: str | os.PathLike[str] | None = None,
+                 cache_storage_options: dict[str, Any] | None = None) -> None:
         if not isinstance(name, str) or not name:
             raise PipelineError(f"a pipeline name must be a non-empty string, got {name!r}")
         self.name = name
         self.cache_dir = cache_dir
+        self.cache_storage_options = cache_storage_options
         self._steps: dict[str, Step] = {}
         self._sources: dict[str, Any] = {}
         self._bindings: dict[str, Binding] = {}
@@ -181,7 +188,8 @@ class Pipeline:
         CycleError
             Steps depend on each other in a loop (the message shows the loop).
         """
-        return self._planner.plan(self.name, self._sources, inputs, outputs, cache_dir=self.cache_dir)
+        return self._planner.plan(self.name, self._sources, inputs, outputs, cache_dir=self.cache_dir,
+                                  cache_storage_options=self.cache_storage_options)
 
     # -- running --------------------------------------------------------------------
 

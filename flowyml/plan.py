@@ -34,8 +34,9 @@ class Plan:
     ``steps`` are in dependency order and include only those the requested
     ``outputs`` need; ``producer`` maps each asset to the step (or input)
     that makes it; ``bindings`` say how each step's inputs reach its function.
-    ``pipeline`` and ``cache_dir`` are the pipeline's name and cache directory
-    as they were when it was planned: all a run needs of the pipeline.
+    ``pipeline``, ``cache_dir`` and ``cache_storage_options`` are the
+    pipeline's name and cache as they were when it was planned: all a run
+    needs of the pipeline.
     """
 
     pipeline: str
@@ -45,6 +46,7 @@ class Plan:
     inputs: Mapping[str, Any]  # asset name -> value or source, for run inputs and sources
     outputs: tuple[str, ...]
     cache_dir: str | os.PathLike[str] | None = None
+    cache_storage_options: dict[str, Any] | None = field(default=None, repr=False)  # credentials: never shown
     # Compiled layouts of this plan's graph, shared by the plans the pipeline
     # remembers until it changes (see flowyml.compile); not part of the plan's value.
     layouts: dict = field(default_factory=dict, compare=False, repr=False)
@@ -96,6 +98,7 @@ class Planner:
         outputs: Iterable[str] | None = None,
         *,
         cache_dir: str | os.PathLike[str] | None = None,
+        cache_storage_options: dict[str, Any] | None = None,
     ) -> Plan:
         """The plan of pipeline ``name`` for these run ``inputs`` and ``outputs``.
 
@@ -125,6 +128,7 @@ class Planner:
             inputs={a: given[a] for a in shape.needed},
             outputs=shape.outputs,
             cache_dir=cache_dir,
+            cache_storage_options=cache_storage_options,
             layouts=shape.layouts,
         )
 

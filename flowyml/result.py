@@ -10,6 +10,7 @@ from datetime import datetime
 from typing import Any
 
 from .bulk import no_gc_passes
+from .secrets import scrub
 from .exceptions import OutputNotFoundError, StepFailed
 from .status import Status
 
@@ -66,7 +67,7 @@ class StepResult:
         """The failure's full text, the user's traceback included."""
         if self.error is None:
             return None
-        return "".join(traceback.format_exception(self.error))
+        return scrub("".join(traceback.format_exception(self.error)))
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -76,16 +77,17 @@ class StepResult:
             "partitions": self.partitions,
             "cached_partitions": self.cached_partitions,
             "per_partition": self.per_partition,
-            "error": _error_line(self.error),
+            "error": error_line(self.error),
             "traceback": self.traceback,
         }
 
 
-def _error_line(error: BaseException | None) -> str | None:
+def error_line(error: BaseException | None) -> str | None:
+    """``"ValueError: bad fare"``: the user's exception of a failure, in one line, without secrets."""
     if error is None:
         return None
     cause = error.__cause__ or error
-    return f"{type(cause).__name__}: {cause}"
+    return scrub(f"{type(cause).__name__}: {cause}")
 
 
 class PipelineResult:

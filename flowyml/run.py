@@ -8,6 +8,7 @@ live here and only here, so every way of running a pipeline behaves the same.
 from __future__ import annotations
 
 import logging
+import os
 import time
 import uuid
 from functools import partial
@@ -18,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from .cache import open_cache, plan_cached_run, warn_stale
 from .compile import CompiledGraph, compile_plan, is_source
 from .exceptions import PipelineError, StaleCacheEntry, StepFailed
-from .result import PipelineResult, StepResult, TaskRecord, step_results
+from .result import PipelineResult, StepResult, TaskRecord, error_line, step_results
 from .status import OnFailure, Status
 from .tasks import CACHED, CONTINUE, FAILED, RAISE, SKIPPED, Outcome
 
@@ -84,7 +85,8 @@ def run_plan(
         key_suffix=impl.key_suffix(run_id),
         source_partitions=source_partitions,
     )
-    cache = open_cache(plan.cache_dir)
+    cache = open_cache(plan.cache_dir, plan.cache_storage_options)
+    local_paths = _local_paths(plan, source_partitions, cache)
     recorder: RunRecorder | None = None
     dashboard_link = None
     for round_number in range(MAX_CACHE_ROUNDS + 1):
@@ -100,10 +102,12 @@ def run_plan(
         try:
             with recorder:
                 if cached is not None and cached.loads_only:
-                    log.info("pipeline %r run %s: everything cached in %s", plan.pipeline, run_id, cache.directory)
+                    log.info("pipeline %r run %s: everything cached in %s", plan.pipeline, run_id, cache.shown)
                     values = _load_here(dsk, graph.output_keys, recorder)
                 else:
-                    values, dashboard_link = _execute(executor, plan.pipeline, run_id, dsk, graph, recorder, cached)
+                    _begin_sinks(plan, graph, dsk, run_id)
+                    values, dashboard_link = _execute(executor, plan.pipeline, run_id, dsk, graph, recorder, cached,
+                                                      local_paths)
         except StaleCacheEntry as exc:
             if round_number == MAX_CACHE_ROUNDS:
                 _abort_sinks(plan, run_id)
@@ -180,9 +184,10 @@ def _result(plan, executor, graph, recorder, run_id, started_at, start, dashboar
     )
 
 
-def _execute(executor, name, run_id, dsk, graph, recorder, cached) -> tuple[list[Any], str | None]:
+def _execute(executor, name, run_id, dsk, graph, recorder, cached, local_paths) -> tuple[list[Any], str | None]:
     """Run ``dsk`` on the executor's backend; the values of the output keys and the dashboard."""
     with executor.session() as backend:
+        backend.check_local_paths(local_paths)
         log.info(
             "pipeline %r run %s: %d tasks on backend %r with %d workers%s%s",
             name,
@@ -218,6 +223,38 @@ def _resolve_sources(plan: Plan) -> dict[str, list[Any]]:
                 value.name = name  # a source passed to run(inputs=...): errors name the asset
             resolved[name] = value.partitions()
     return resolved
+
+
+def _begin_sinks(plan: Plan, graph: CompiledGraph, dsk: Mapping[Hashable, Any], run_id: str) -> None:
+    """Sinks that will commit in this run check their output first: a missing bucket or a
+    folder nobody may write fails here, before any task starts."""
+    from .cache.tasks import LoadTask
+
+    for s in plan.steps:
+        if s.begin is not None:
+            task = dsk.get(graph.step_keys[s.name][-1])  # the sink's commit
+            if task is not None and not isinstance(task[0], LoadTask):
+                s.begin(run_id)
+
+
+def _local_paths(plan: Plan, source_partitions: Mapping[str, list[Any]], cache: Any) -> list[Any]:
+    """The local paths this run reads or writes: a cluster's workers must see them too."""
+    from .io.shared import LocalPath
+    from .io.filesystem import is_url
+
+    paths = []
+    for s in plan.steps:
+        output = getattr(s.finalize, "output", None)
+        if output is not None and output.local:
+            paths.append(LocalPath("folder", f"sink {s.name!r}", output.root, probe_in=os.path.dirname(output.root)))
+    if cache is not None and cache.local:
+        paths.append(LocalPath("folder", "the cache", str(cache.directory)))
+    for name, parts in source_partitions.items():
+        first = parts[0] if parts else None
+        path = getattr(first, "path", None)
+        if isinstance(path, str) and not is_url(path) and getattr(first, "size", None) is not None:
+            paths.append(LocalPath("file", f"source {name!r}", path.removeprefix("file://"), first.size))
+    return paths
 
 
 def _abort_sinks(plan: Plan, run_id: str) -> None:
@@ -356,12 +393,6 @@ _status_of = Status.of  # read once: called once per task of the report
 
 def _task_record(key: Hashable, o: Outcome) -> TaskRecord:
     return TaskRecord(
-        str(key), o.step, o.partition, _status_of(o.status), o.attempts, o.start, o.stop, o.worker, _error_text(o.error)
+        str(key), o.step, o.partition, _status_of(o.status), o.attempts, o.start, o.stop, o.worker,
+        error_line(o.error),
     )
-
-
-def _error_text(error: BaseException | None) -> str | None:
-    if error is None:
-        return None
-    cause = error.__cause__ or error
-    return f"{type(cause).__name__}: {cause}"

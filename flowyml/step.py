@@ -71,6 +71,10 @@ class Step:
     # Called on the driver with the run id when a run that includes this step
     # fails or is interrupted (sinks remove their staged, uncommitted files).
     abort: Callable[[str], None] | None = None
+    # Called on the driver with the run id before a run in which this step has
+    # tasks to run (sinks check that their output can be written, and record
+    # who stages there), so a missing bucket fails before any task starts.
+    begin: Callable[[str], None] | None = None
 
     def __post_init__(self) -> None:
         _check_options(self)

@@ -32,6 +32,7 @@ from typing import Any
 
 from .context import TaskContext, _current, running
 from .exceptions import FlowymlError, StepFailed
+from .secrets import scrub
 from .status import Status
 
 __all__ = [
@@ -444,7 +445,7 @@ def _split_outputs(spec: StepSpec, value: Any) -> Any:
 
 
 def _step_failed(step: str, partition: int | None, attempt: int, exc: BaseException) -> StepFailed:
-    message = f"{type(exc).__name__}: {exc}"
+    message = scrub(f"{type(exc).__name__}: {exc}")
     error = StepFailed(step, partition, attempt, message)
     error.__cause__ = exc
     return error

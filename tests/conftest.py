@@ -7,9 +7,28 @@ inside ``with ParallelExecutor(...)``.
 
 from __future__ import annotations
 
+import os
+import uuid
+
 import pytest
 
 from flowyml import ParallelExecutor
+
+from .services import S3Server, free_port
+
+# The S3 API server's address and credentials are in the environment from the
+# start, as on a machine configured for AWS: every pool and cluster the tests
+# start inherits them, and code that passes no storage_options finds them as
+# pandas and s3fs would. The server itself starts with the first test that needs it.
+S3_ENDPOINT = f"http://127.0.0.1:{free_port()}"
+os.environ.update(
+    AWS_ENDPOINT_URL=S3_ENDPOINT,
+    AWS_ACCESS_KEY_ID="flowyml-test-key",
+    AWS_SECRET_ACCESS_KEY="flowyml-test-secret",
+    AWS_DEFAULT_REGION="us-east-1",
+)
+for _variable in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE"):
+    os.environ.pop(_variable, None)
 
 BACKENDS = ["sync", "thread", "process", "distributed"]
 
@@ -56,3 +75,22 @@ def process_executor(_executors) -> ParallelExecutor:
 @pytest.fixture
 def backend(executor) -> str:
     return executor.backend
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """moto's S3 API server on 127.0.0.1, for the whole session (see ``S3_ENDPOINT``)."""
+    server = S3Server(int(S3_ENDPOINT.rsplit(":", 1)[1]), tmp_path_factory.mktemp("s3") / "moto.log")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def bucket(s3_server) -> str:
+    """A new, empty bucket on the S3 server; its URL, ``s3://<name>``."""
+    import s3fs
+
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    s3fs.S3FileSystem(skip_instance_cache=True).mkdir(name)
+    return f"s3://{name}"

@@ -39,7 +39,6 @@ The tasks the rewritten graph runs (load, restage, store) are in
 from __future__ import annotations
 
 import logging
-import os
 import time
 import warnings
 from collections.abc import Hashable, Mapping
@@ -56,10 +55,10 @@ from flowyml.cache.tasks import (
     LoadTask,
     RestageTask,
     StoreTask,
-    file_stat,
     partition_text,
+    sink_output,
 )
-from flowyml.exceptions import CacheError, CacheWarning, StaleCacheEntry
+from flowyml.exceptions import CacheError, CacheWarning, OptionError, StaleCacheEntry
 from flowyml.tasks import CACHED, FinalizeTask, Outcome, SourceTask, StepTask, ValueTask
 
 if TYPE_CHECKING:
@@ -208,6 +207,16 @@ class _Planner:
         self.out: dict[Key, Any] = {}
         self.computed = 0
         self.loaded = 0
+        self._present: set[str] | None = None  # an object store's entries, listed once per run
+
+    def _has(self, cache_key: str) -> bool:
+        """Whether ``cache_key`` has an entry: a ``stat`` locally; on an object store, one
+        listing per shard for the whole run instead of a request per task."""
+        if self.cache.local:
+            return self.cache.contains(cache_key)
+        if self._present is None:
+            self._present = self.cache.present(key for key in self.keys.values() if isinstance(key, str))
+        return cache_key in self._present
 
     def visit(self, root: Key) -> None:
         stack = [root]
@@ -237,21 +246,22 @@ class _Planner:
             return None
         step, partition = self._where(key)
         if isinstance(func, FinalizeTask):
-            paths = self._committed_output(cache_key)
+            paths = self._committed_output(cache_key, sink_output(func))
             if paths is None:
                 return None
             return (LoadTask(step, partition, None, cache_key, self.run_id, self.mode, paths),)
         if step in self.sinks:
-            path = self._committed_partition(cache_key)
+            output = sink_output(func)
+            path = self._committed_partition(cache_key, output)
             if path is None:
                 return None
-            return (RestageTask(step, partition, path, cache_key, self.run_id, self.mode),)
-        if not self.cache.contains(cache_key):
+            return (RestageTask(step, partition, path, cache_key, self.run_id, self.mode, output),)
+        if not self._has(cache_key):
             return None
         try:
             if self.verify:
                 self.cache.verify(cache_key)
-            else:
+            elif self.cache.local:  # on an object store the load checks it in full
                 self.cache.check_header(cache_key)
         except CacheError as exc:
             self.cache.discard(cache_key)
@@ -274,7 +284,7 @@ class _Planner:
         return task  # a sink partition: its entry is written after the commit
 
     def _load_small(self, cache_key: str) -> Any:
-        if not self.cache.contains(cache_key):
+        if not self._has(cache_key):
             return None
         try:
             return self.cache.load(cache_key)
@@ -283,28 +293,27 @@ class _Planner:
             _warn(f"{exc}; discarded, the sink is written again")
             return None
 
-    def _committed_partition(self, cache_key: str) -> str | None:
+    def _committed_partition(self, cache_key: str, output: Any) -> str | None:
         entry = self._load_small(cache_key)
-        if not _is_entry(entry, SINK_ENTRY):
+        if output is None or not _is_entry(entry, SINK_ENTRY):
             return None
-        _, path, size, mtime_ns = entry
-        return path if file_stat(path) == (size, mtime_ns) else None
-
-    def _committed_output(self, cache_key: str) -> list[str] | None:
-        entry = self._load_small(cache_key)
-        if not _is_entry(entry, SINK_COMMIT):
-            return None
-        _, directory, files = entry
+        _, path, size, version = entry
         try:
-            present = set(os.listdir(directory))
-        except OSError:
+            return path if output.version(path) == (size, version) else None
+        except OptionError:  # written for another output (the sink's path changed)
             return None
-        if present != {name for name, _, _ in files}:
+
+    def _committed_output(self, cache_key: str, output: Any) -> list[str] | None:
+        entry = self._load_small(cache_key)
+        if output is None or not _is_entry(entry, SINK_COMMIT):
+            return None
+        _, location, files = entry
+        if location != output.url or output.files() != {name for name, _, _ in files}:
             return None  # files were removed or added since: write the output again
-        for name, size, mtime_ns in files:
-            if file_stat(os.path.join(directory, name)) != (size, mtime_ns):
+        for name, size, version in files:
+            if output.version(output.final_path(name)) != (size, version):
                 return None
-        return sorted(os.path.join(directory, name) for name, _, _ in files)
+        return sorted(output.final_path(name) for name, _, _ in files)
 
     def _where(self, key: Key) -> tuple[str, int | None]:
         return self.step_of[key], key[1] if isinstance(key, tuple) else None

@@ -1,8 +1,13 @@
 """The cache store: a directory of entries, written atomically and verified when read.
 
-On-disk layout
---------------
-One file per entry, sharded by the first two characters of the key::
+The directory is a local folder or an fsspec URL (``s3://bucket/cache``,
+``gs://...``, with ``storage_options``): on clusters whose workers share no
+disk, every worker writes the entries it computes there, and a rerun from any
+machine finds them.
+
+Layout
+------
+One file (or object) per entry, sharded by the first two characters of the key::
 
     <directory>/CACHEDIR.TAG            marks the directory as a cache for backup tools
     <directory>/ab/abcdef....entry      one entry
@@ -18,6 +23,12 @@ it over the entry, so concurrent writers of one key never corrupt it (the last o
 wins) and a reader sees the old entry or the new one, whole. ``.tmp`` leftovers of
 killed writers are ignored by every reader and removed by ``clear``. ``load``
 re-checks the size, the checksum and the key recorded in the header.
+
+On an object store an entry is one object written by one upload, which
+appears whole when it completes: no temporary object is needed. Planning a
+run lists the shards it needs (one request per shard, not per task) and
+trusts nothing more; every entry is checked in full as it loads, and a bad one
+is discarded and recomputed.
 
 What an entry's payload holds is :mod:`flowyml.cache.serialization`'s business.
 
@@ -37,6 +48,7 @@ import platform
 import re
 import secrets
 import struct
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import pandas as pd
@@ -45,6 +57,7 @@ import pyarrow
 from flowyml.cache.fingerprint import type_name
 from flowyml.cache.serialization import FORMATS, deserialize, serialize
 from flowyml.exceptions import CacheError
+from flowyml.io.filesystem import filesystem_for, is_url, redact_url, storage_error
 
 __all__ = ["CACHE_DIR_ENV", "Cache", "default_cache_dir", "open_cache"]
 
@@ -64,38 +77,48 @@ _CACHEDIR_TAG = (
 )
 
 
-def default_cache_dir(explicit: str | os.PathLike[str] | None = None) -> pathlib.Path | None:
+def default_cache_dir(explicit: str | os.PathLike[str] | None = None) -> pathlib.Path | str | None:
     """The cache directory to use: ``explicit``, else ``$FLOWYML_CACHE_DIR``, else None.
 
-    ``~`` is expanded; nothing is created.
+    ``~`` is expanded in local paths; URLs (``s3://...``) are returned as they
+    are; nothing is created.
 
     Examples
     --------
     >>> default_cache_dir("~/cache") == pathlib.Path.home() / "cache"
     True
+    >>> default_cache_dir("s3://bucket/cache")
+    's3://bucket/cache'
     """
     if explicit is not None:
-        return pathlib.Path(os.fspath(explicit)).expanduser()
-    from_env = os.environ.get(CACHE_DIR_ENV, "").strip()
-    if from_env:
-        return pathlib.Path(from_env).expanduser()
-    return None
+        text = os.fspath(explicit)
+    else:
+        text = os.environ.get(CACHE_DIR_ENV, "").strip()
+        if not text:
+            return None
+    return text if is_url(text) else pathlib.Path(text).expanduser()
 
 
-def open_cache(cache_dir: str | os.PathLike[str] | None) -> Cache | None:
+def open_cache(cache_dir: str | os.PathLike[str] | None,
+               storage_options: dict[str, Any] | None = None) -> Cache | None:
     """The pipeline's cache: ``cache_dir``, else ``FLOWYML_CACHE_DIR``, else None (no caching)."""
     directory = default_cache_dir(cache_dir)
-    return Cache(directory) if directory is not None else None
+    return Cache(directory, storage_options) if directory is not None else None
 
 
 class Cache:
-    """A directory of cache entries, shared safely by processes on one filesystem.
+    """A directory of cache entries, shared safely by processes on one filesystem or object store.
 
     Parameters
     ----------
     directory : str or os.PathLike
-        Created (with parents) if missing. Stored as an absolute path, so a pickled
-        ``Cache`` means the same directory in a worker process.
+        A local folder, created (with parents) if missing and stored as an
+        absolute path, so a pickled ``Cache`` means the same folder in a worker
+        process; or an fsspec URL (``s3://bucket/cache``) that every worker
+        reaches.
+    storage_options : dict, optional
+        For a URL's filesystem (credentials, endpoint), as in pandas. Travels
+        to the workers with the cache; never shown.
 
     Examples
     --------
@@ -112,8 +135,18 @@ class Cache:
     1
     """
 
-    def __init__(self, directory: str | os.PathLike[str]) -> None:
-        expanded = pathlib.Path(os.fspath(directory)).expanduser()
+    def __init__(self, directory: str | os.PathLike[str],
+                 storage_options: dict[str, Any] | None = None) -> None:
+        text = os.fspath(directory)
+        self.storage_options = storage_options
+        self.fs: Any = None
+        if is_url(text):
+            self.fs, root = filesystem_for(text, storage_options, who="the cache")
+            self._root = root.rstrip("/")
+            self.directory: pathlib.Path | str = self.fs.unstrip_protocol(self._root)
+            self._tag_directory()
+            return
+        expanded = pathlib.Path(text).expanduser()
         self.directory = pathlib.Path(os.path.abspath(expanded))
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
@@ -128,8 +161,18 @@ class Cache:
             ) from exc
         self._tag_directory()
 
+    @property
+    def local(self) -> bool:
+        """The cache is a folder of this machine (else a URL)."""
+        return self.fs is None
+
+    @property
+    def shown(self) -> str:
+        """The cache's place as messages show it (without secrets)."""
+        return str(self.directory) if self.local else redact_url(str(self.directory))
+
     def __repr__(self) -> str:
-        return f"Cache({str(self.directory)!r})"
+        return f"Cache({self.shown!r})"
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Cache) and other.directory == self.directory
@@ -138,17 +181,29 @@ class Cache:
         return hash(self.directory)
 
     def __reduce__(self) -> tuple:
-        # Sent to workers: only the directory travels.
-        return (Cache, (str(self.directory),))
+        # Sent to workers: only the directory (and how to reach it) travels.
+        return (Cache, (str(self.directory), self.storage_options))
 
     # -- paths
 
-    def entry_path(self, key: str) -> pathlib.Path:
-        """The file that holds (or would hold) the entry for ``key``."""
+    def entry_path(self, key: str) -> Any:
+        """The file (a ``Path``) or object (its path on the filesystem) that holds the entry for ``key``."""
         _check_key(key)
-        return self.directory / key[:2] / f"{key}{_ENTRY_SUFFIX}"
+        if self.local:
+            return self.directory / key[:2] / f"{key}{_ENTRY_SUFFIX}"
+        return f"{self._root}/{key[:2]}/{key}{_ENTRY_SUFFIX}"
 
     def _tag_directory(self) -> None:
+        if not self.local:
+            # Also the first touch of the bucket: a missing one or denied access
+            # fails here, naming the cache, before any task runs.
+            tag = f"{self._root}/CACHEDIR.TAG"
+            try:
+                if not self.fs.exists(tag):
+                    self.fs.pipe_file(tag, _CACHEDIR_TAG.encode("ascii"))
+            except OSError as exc:
+                raise storage_error(exc, "the cache", str(self.directory)) from exc
+            return
         tag = self.directory / "CACHEDIR.TAG"
         if tag.exists():
             return
@@ -162,7 +217,29 @@ class Cache:
 
     def contains(self, key: str) -> bool:
         """True if a complete entry for ``key`` exists (one ``stat``; not verified)."""
-        return self.entry_path(key).is_file()
+        if self.local:
+            return self.entry_path(key).is_file()
+        return bool(self.present([key]))
+
+    def present(self, keys: Iterable[str]) -> set[str]:
+        """Which of ``keys`` have an entry: locally a ``stat`` each; on an object store one
+        listing per shard the keys fall in, however many keys."""
+        keys = list(keys)
+        if self.local:
+            return {key for key in keys if self.entry_path(key).is_file()}
+        for key in keys:
+            _check_key(key)
+        found: set[str] = set()
+        for shard in sorted({key[:2] for key in keys}):
+            try:
+                names = self.fs.ls(f"{self._root}/{shard}", detail=False, refresh=True)
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                raise CacheError(f"cannot list the cache {self.shown}: {exc}") from exc
+            found.update(name.rsplit("/", 1)[-1][: -len(_ENTRY_SUFFIX)] for name in names
+                         if name.endswith(_ENTRY_SUFFIX))
+        return found.intersection(keys)
 
     def load(self, key: str) -> Any:
         """The value stored under ``key``, after checking size, checksum and key.
@@ -178,7 +255,7 @@ class Cache:
             return deserialize(header["format"], payload)
         except Exception as exc:
             raise CacheError(
-                f"cache entry {path} ({header['format']}, a {header.get('type', '?')}) "
+                f"cache entry {self._shown_path(path)} ({header['format']}, a {header.get('type', '?')}) "
                 f"cannot be decoded: {type(exc).__name__}: {exc}; it will be recomputed"
             ) from exc
 
@@ -188,8 +265,11 @@ class Cache:
         Reads the header only (a few hundred bytes) and compares the file's size
         with the one the header records, which catches truncated and garbled
         entries without reading the payload; :meth:`load` still verifies the
-        checksum. Raises :class:`CacheError` as ``load`` does.
+        checksum. On an object store the whole entry is checked instead (as
+        :meth:`verify`). Raises :class:`CacheError` as ``load`` does.
         """
+        if not self.local:
+            return self.verify(key)
         path = self.entry_path(key)
         prefix = len(_MAGIC) + _HEADER_LENGTH.size
         try:
@@ -222,22 +302,26 @@ class Cache:
         """
         return self._read(key)[1]
 
-    def _read(self, key: str) -> tuple[pathlib.Path, dict[str, Any], bytes]:
+    def _read(self, key: str) -> tuple[Any, dict[str, Any], bytes]:
         """The entry's path, checked header and payload; CacheError when missing or damaged."""
         path = self.entry_path(key)
         try:
-            data = path.read_bytes()
+            data = path.read_bytes() if self.local else self.fs.cat_file(path)
         except FileNotFoundError:
-            raise CacheError(f"no cache entry for key {key} in {self.directory}") from None
+            raise CacheError(f"no cache entry for key {key} in {self.shown}") from None
         except OSError as exc:
-            raise CacheError(f"cache entry {path} cannot be read: {exc}") from exc
-        header, payload = _parse_entry(data, path, key)
+            raise CacheError(f"cache entry {self._shown_path(path)} cannot be read: {exc}") from exc
+        header, payload = _parse_entry(data, self._shown_path(path), key)
         return path, header, payload
+
+    def _shown_path(self, path: Any) -> Any:
+        return path if self.local else redact_url(self.fs.unstrip_protocol(path))
 
     # -- updates
 
     def store(self, key: str, value: Any) -> None:
-        """Write ``value`` under ``key`` atomically (temp file, fsync, ``os.replace``).
+        """Write ``value`` under ``key`` atomically (temp file, fsync, ``os.replace``; one upload
+        on an object store).
 
         Raises
         ------
@@ -262,14 +346,20 @@ class Cache:
         header_bytes = json.dumps(header, sort_keys=True).encode("utf-8")
         parts = (_MAGIC, _HEADER_LENGTH.pack(len(header_bytes)), header_bytes, payload)
         try:
-            _write_atomically(final, parts)
+            if self.local:
+                _write_atomically(final, parts)
+            else:
+                self.fs.pipe_file(final, b"".join(parts))
         except OSError as exc:
-            raise CacheError(f"cannot write cache entry {final}: {exc}") from exc
+            raise CacheError(f"cannot write cache entry {self._shown_path(final)}: {exc}") from exc
 
     def discard(self, key: str) -> None:
         """Remove the entry for ``key``, if any."""
         try:
-            self.entry_path(key).unlink()
+            if self.local:
+                self.entry_path(key).unlink()
+            else:
+                self.fs.rm_file(self.entry_path(key))
         except FileNotFoundError:
             pass
 
@@ -279,22 +369,19 @@ class Cache:
         ``temporary_files`` (writes in progress or left by killed writers)."""
         entries = total = temporary = 0
         times: list[float] = []
-        for path in self._files(_ENTRY_SUFFIX):
-            try:
-                stat = path.stat()
-            except FileNotFoundError:
-                continue  # discarded meanwhile
+        for size, modified in self._entries(_ENTRY_SUFFIX):
             entries += 1
-            total += stat.st_size
-            times.append(stat.st_mtime)
-        for _ in self._files(_TMP_SUFFIX):
+            total += size
+            if modified is not None:
+                times.append(modified)
+        for _ in self._entries(_TMP_SUFFIX):
             temporary += 1
 
         def as_datetime(stamp: float | None) -> _dt.datetime | None:
             return None if stamp is None else _dt.datetime.fromtimestamp(stamp, _dt.timezone.utc)
 
         return {
-            "directory": str(self.directory),
+            "directory": self.shown,
             "entries": entries,
             "total_bytes": total,
             "oldest": as_datetime(min(times, default=None)),
@@ -308,6 +395,11 @@ class Cache:
         Only files this class writes are touched. A ``store`` running concurrently
         may then fail with ``CacheError`` (its temp file is gone); nothing is corrupted.
         """
+        if not self.local:
+            paths = [path for path in self._remote_files() if _is_entry_name(path.rsplit("/", 1)[-1])]
+            if paths:
+                self.fs.rm(paths)
+            return sum(path.endswith(_ENTRY_SUFFIX) for path in paths)
         removed = 0
         for suffix in (_ENTRY_SUFFIX, _TMP_SUFFIX):
             for path in self._files(suffix):
@@ -322,6 +414,29 @@ class Cache:
             except OSError:
                 pass
         return removed
+
+    def _entries(self, suffix: str) -> Iterator[tuple[int, float | None]]:
+        """``(size, modified)`` of each file with ``suffix``."""
+        if not self.local:
+            for path, info in self._remote_files(detail=True).items():
+                name = path.rsplit("/", 1)[-1]
+                if name.endswith(suffix) and _is_entry_name(name):
+                    modified = info.get("LastModified") or info.get("mtime") or info.get("created")
+                    stamp = modified.timestamp() if hasattr(modified, "timestamp") else modified
+                    yield int(info.get("size") or 0), stamp
+            return
+        for path in self._files(suffix):
+            try:
+                stat = path.stat()
+            except FileNotFoundError:
+                continue  # discarded meanwhile
+            yield stat.st_size, stat.st_mtime
+
+    def _remote_files(self, detail: bool = False) -> Any:
+        try:
+            return self.fs.find(self._root, detail=detail)
+        except FileNotFoundError:
+            return {} if detail else []
 
     def _shards(self) -> list[pathlib.Path]:
         try:
@@ -340,6 +455,10 @@ class Cache:
             found.extend(shard / name for name in names
                          if name.endswith(suffix) and _KEY_PATTERN.fullmatch(name.split(".", 1)[0]))
         return found
+
+
+def _is_entry_name(name: str) -> bool:
+    return name.endswith((_ENTRY_SUFFIX, _TMP_SUFFIX)) and bool(_KEY_PATTERN.fullmatch(name.split(".", 1)[0]))
 
 
 def _check_key(key: str) -> None:
@@ -385,7 +504,7 @@ def _fsync_directory(directory: pathlib.Path) -> None:
         os.close(descriptor)
 
 
-def _parse_entry(data: bytes, path: pathlib.Path, key: str) -> tuple[dict[str, Any], memoryview]:
+def _parse_entry(data: bytes, path: Any, key: str) -> tuple[dict[str, Any], memoryview]:
     """Split and verify an entry file; CacheError for anything unexpected."""
     prefix = len(_MAGIC) + _HEADER_LENGTH.size
     if len(data) < prefix or not data.startswith(_MAGIC):
@@ -421,7 +540,7 @@ def _parse_entry(data: bytes, path: pathlib.Path, key: str) -> tuple[dict[str, A
     return header, payload
 
 
-def _check_pickle_versions(header: dict[str, Any], path: pathlib.Path) -> None:
+def _check_pickle_versions(header: dict[str, Any], path: Any) -> None:
     # Unpickling across minor versions can "work" and yield subtly broken objects.
     for name, current in (("python", platform.python_version()), ("pandas", pd.__version__)):
         written = str(header.get(name, ""))

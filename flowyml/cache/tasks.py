@@ -3,15 +3,16 @@
 :mod:`flowyml.cache.rewrite` puts them in the graph on the driver; they run
 on the workers, where a computed result is stored by the worker that computed
 it. Sink entries record committed files: one per partition
-(``SINK_ENTRY``: its path, size and modification time) and one per sink
-(``SINK_COMMIT``: the output directory and its files), written once the
-commit succeeded.
+(``SINK_ENTRY``: its path, size and version, the modification time locally
+or the object's ETag) and one per sink (``SINK_COMMIT``: the output and its
+files), written once the commit succeeded. The sink's
+:class:`~flowyml.io.sinks.Output` reads and restages them, locally or on an
+object store alike.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import time
 from typing import Any
 
@@ -26,8 +27,8 @@ __all__ = [
     "LoadTask",
     "RestageTask",
     "StoreTask",
-    "file_stat",
     "partition_text",
+    "sink_output",
 ]
 
 log = logging.getLogger("flowyml")
@@ -65,21 +66,19 @@ class LoadTask(_TaskBase):
 class RestageTask(_TaskBase):
     """A sink partition already committed unchanged: link its file into this run's commit."""
 
-    __slots__ = ("step", "partition", "path", "key", "run_id", "mode")
+    __slots__ = ("step", "partition", "path", "key", "run_id", "mode", "output")
 
-    def __init__(self, step, partition, path, key, run_id, mode) -> None:
+    def __init__(self, step, partition, path, key, run_id, mode, output) -> None:
         self.step, self.partition, self.path, self.key = step, partition, path, key
-        self.run_id, self.mode = run_id, mode
+        self.run_id, self.mode, self.output = run_id, mode, output
 
     def __reduce__(self):
-        return (RestageTask, (self.step, self.partition, self.path, self.key, self.run_id, self.mode))
+        return (RestageTask, (self.step, self.partition, self.path, self.key, self.run_id, self.mode, self.output))
 
     def __call__(self) -> Any:
-        from flowyml.io.sinks import restage_partition
-
         start = time.time()
         try:
-            path = restage_partition(self.path, self.run_id)
+            path = self.output.restage(self.path, self.run_id)
         except OSError as exc:
             raise _stale(self, f"the committed file {self.path}", "vanished", exc) from None
         return self._report(path, self.step, self.partition, CACHED, 0, start)
@@ -140,23 +139,24 @@ class CommitStoreTask(StoreTask):
         outcome = self.task(parts)
         if type(outcome) is not Outcome or outcome.status != SUCCEEDED:
             return outcome
+        output = sink_output(self.task)
         files = []
         for writer, part in zip(self.writers, parts):
             path = part.value if type(part) is Outcome else part
-            stat = file_stat(path)
-            if stat is None:
+            version = output.version(path)
+            if version is None:
                 return outcome  # changed under us: leave it uncached
-            _store(self.cache, writer, (SINK_ENTRY, path, *stat), outcome.step)
-            files.append((os.path.basename(path), *stat))
-        directory = os.path.dirname(parts_path(parts)) if parts else None
-        if directory is not None:
-            _store(self.cache, self.key, (SINK_COMMIT, directory, files), outcome.step)
+            _store(self.cache, writer, (SINK_ENTRY, path, *version), outcome.step)
+            files.append((output.name_of(path), *version))
+        if parts:
+            _store(self.cache, self.key, (SINK_COMMIT, output.url, files), outcome.step)
         return outcome
 
 
-def parts_path(parts: list[Any]) -> str:
-    first = parts[0]
-    return first.value if type(first) is Outcome else first
+def sink_output(task: Any) -> Any:
+    """The :class:`~flowyml.io.sinks.Output` a sink's partition or commit task writes (None: not a sink)."""
+    function = getattr(task, "finalize", None) or getattr(getattr(task, "spec", None), "func", None)
+    return getattr(function, "output", None)
 
 
 def _store(cache: Cache, key: str, value: Any, step: str) -> None:
@@ -164,15 +164,6 @@ def _store(cache: Cache, key: str, value: Any, step: str) -> None:
         cache.store(key, value)
     except CacheError as exc:  # the run goes on; the next one recomputes this task
         log.warning("step %r: result not cached: %s", step, exc)
-
-
-def file_stat(path: str) -> tuple[int, int] | None:
-    """``(size, mtime_ns)`` of a committed file, or None when it is gone."""
-    try:
-        stat = os.stat(path)
-    except OSError:
-        return None
-    return stat.st_size, stat.st_mtime_ns
 
 
 def partition_text(partition: int | None) -> str:

@@ -63,6 +63,13 @@ class Backend:
     def key_suffix(self, run_id: str) -> str:
         return ""
 
+    def check_local_paths(self, paths: Sequence[Any]) -> None:
+        """Raise unless the workers see these local paths (:class:`flowyml.io.shared.LocalPath`).
+
+        Called once the backend is open, before a run's tasks are sent. Workers
+        of the local backends share this machine's disk: nothing to check.
+        """
+
     def execute(self, dsk: Mapping, keys: Sequence[Hashable], hooks: RunHooks) -> list[Any]:
         raise NotImplementedError
 

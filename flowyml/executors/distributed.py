@@ -244,6 +244,13 @@ class DistributedBackend(Backend):
     def key_suffix(self, run_id: str) -> str:
         return f"-{run_id}"
 
+    def check_local_paths(self, paths: Sequence[Any]) -> None:
+        if self._cluster is not None or not paths:  # flowyml's own LocalCluster runs on this machine
+            return
+        from ..io.shared import check_workers_see
+
+        check_workers_see(self._client, list(paths))
+
     # -- one run ----------------------------------------------------------------------
 
     def execute(self, dsk: Mapping, keys: Sequence[Hashable], hooks: RunHooks) -> list[Any]:

@@ -20,7 +20,7 @@ from dask.utils import parse_bytes
 from fsspec.utils import infer_compression, read_block, seek_delimiter
 
 from flowyml.exceptions import DataError, OptionError
-from flowyml.io.filesystem import display_path, filesystem_for, full_path, stat_file
+from flowyml.io.filesystem import display_path, file_version, full_path, is_url
 from flowyml.io.sources import Partition, Source, check_same_columns, resolve_files, with_order
 
 __all__ = ["CsvPartition", "CsvSource", "read_csv"]
@@ -46,13 +46,11 @@ class CsvPartition(Partition):
 
     def _read(self) -> pd.DataFrame:
         if self.offset is None:
-            frame = pd.read_csv(self.path, **self.read_kwargs)
-        else:
-            fs, path = filesystem_for(self.path)
-            with fs.open(path, "rb") as file:
-                block = read_block(file, self.offset, self.length)
-            frame = pd.read_csv(io.BytesIO(self.prefix + block), **self.read_kwargs)
-        return frame
+            return pd.read_csv(self.path, **self.pandas_storage(), **self.read_kwargs)
+        fs, path = self.filesystem()
+        with fs.open(path, "rb") as file:
+            block = read_block(file, self.offset, self.length)
+        return pd.read_csv(io.BytesIO(self.prefix + block), **self.read_kwargs)
 
     def _range(self) -> tuple:
         if self.offset is None:
@@ -98,15 +96,17 @@ class CsvSource(Source):
         return size + super()._options_repr()
 
     def partitions(self) -> list[Partition]:
-        files = resolve_files(self.paths, (".csv", ".tsv", ".txt"), self.label)
-        columns = [_csv_columns(fs, path, self.pandas_kwargs, self.label) for fs, path in files]
-        orders = check_same_columns([path for _, path in files], columns, self.label)
+        files = resolve_files(self.paths, (".csv", ".tsv", ".txt"), self.label, self.storage_options)
+        columns = [_csv_columns(fs, path, self.pandas_kwargs, self.storage_options, self.label)
+                   for fs, path, _ in files]
+        orders = check_same_columns([full_path(fs, path) for fs, path, _ in files], columns, self.label)
         token = tokenize("csv", self.pandas_kwargs)
         parts: list[Partition] = []
-        for (fs, path), order in zip(files, orders):
-            size, version = stat_file(fs, path)
+        for (fs, path, info), order in zip(files, orders):
+            size, version = file_version(fs, path, info)
             common = dict(path=full_path(fs, path), size=size, mtime_ns=version, source=self.label,
-                          options_token=with_order(token, order), columns=order)
+                          options_token=with_order(token, order), columns=order,
+                          storage_options=self.storage_options)
             for spec in self._plan_file(fs, path, size):
                 parts.append(CsvPartition(index=len(parts), **common, **spec))
         return parts
@@ -212,14 +212,17 @@ def _probe_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
     return probe
 
 
-def _csv_columns(fs: Any, path: str, kwargs: dict[str, Any], label: str) -> tuple:
+def _csv_columns(fs: Any, path: str, kwargs: dict[str, Any], storage_options: dict[str, Any] | None,
+                 label: str) -> tuple:
+    where = full_path(fs, path)
+    storage = {"storage_options": storage_options} if storage_options and is_url(where) else {}
     try:
         # pandas reads only the first buffer of the file for nrows=0, and
         # handles compression, encodings and URLs as it will for the data.
-        frame = pd.read_csv(full_path(fs, path), **_probe_kwargs(kwargs))
+        frame = pd.read_csv(where, **storage, **_probe_kwargs(kwargs))
     except Exception as exc:
         raise DataError(
-            f"source {label!r}: cannot read the header of {display_path(path)}: "
+            f"source {label!r}: cannot read the header of {display_path(where)}: "
             f"{type(exc).__name__}: {exc}"
         ) from exc
     return tuple(frame.columns)
@@ -251,7 +254,7 @@ def _csv_header_line(fs: Any, path: str, kwargs: dict[str, Any], label: str) -> 
         while seen < header_row:
             line = file.readline()
             if not line:
-                raise DataError(f"source {label!r}: {display_path(path)} ends before its header line")
+                raise DataError(f"source {label!r}: {display_path(full_path(fs, path))} ends before its header line")
             stripped = line.strip()
             if (skip_blank and not stripped) or (comment_bytes and stripped.startswith(comment_bytes)):
                 continue

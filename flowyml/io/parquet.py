@@ -15,7 +15,7 @@ from dask.base import tokenize
 
 from flowyml._compat import arrow_to_pandas
 from flowyml.exceptions import DataError, OptionError
-from flowyml.io.filesystem import display_path, filesystem_for, full_path, stat_file
+from flowyml.io.filesystem import display_path, file_version, full_path
 from flowyml.io.sources import Partition, Source, check_same_columns, resolve_files, with_order
 
 __all__ = ["ParquetPartition", "ParquetSource", "read_parquet"]
@@ -32,8 +32,8 @@ class ParquetPartition(Partition):
 
     def _read(self) -> pd.DataFrame:
         if self.row_group is None:
-            return pd.read_parquet(self.path, **self.read_kwargs)
-        return _read_row_group(self.path, self.row_group, self.read_kwargs)
+            return pd.read_parquet(self.path, **self.pandas_storage(), **self.read_kwargs)
+        return _read_row_group(*self.filesystem(), self.row_group, self.read_kwargs)
 
     def _range(self) -> tuple:
         if self.row_group is None:
@@ -73,25 +73,25 @@ class ParquetSource(Source):
     def partitions(self) -> list[Partition]:
         import pyarrow.parquet as pq
 
-        files = resolve_files(self.paths, (".parquet", ".parq", ".pq"), self.label)
+        files = resolve_files(self.paths, (".parquet", ".parq", ".pq"), self.label, self.storage_options)
         wanted = self.pandas_kwargs.get("columns")
         footers, columns = [], []
-        for fs, path in files:
+        for fs, path, _ in files:
             try:
                 with fs.open(path, "rb") as file:
                     metadata = pq.ParquetFile(file).metadata
             except Exception as exc:
                 raise DataError(
-                    f"source {self.label!r}: {display_path(path)} is not a readable Parquet file: "
+                    f"source {self.label!r}: {display_path(full_path(fs, path))} is not a readable Parquet file: "
                     f"{type(exc).__name__}: {exc}"
                 ) from exc
             footers.append(metadata)
-            columns.append(_parquet_columns(metadata, wanted, path, self.label))
-        orders = check_same_columns([path for _, path in files], columns, self.label)
+            columns.append(_parquet_columns(metadata, wanted, full_path(fs, path), self.label))
+        orders = check_same_columns([full_path(fs, path) for fs, path, _ in files], columns, self.label)
         token = tokenize("parquet", self.pandas_kwargs)
         parts: list[Partition] = []
-        for (fs, path), metadata, order in zip(files, footers, orders):
-            size, version = stat_file(fs, path)
+        for (fs, path, info), metadata, order in zip(files, footers, orders):
+            size, version = file_version(fs, path, info)
             groups: list[int | None] = [None]
             if self.split_row_groups and metadata.num_row_groups > 0:
                 groups = list(range(metadata.num_row_groups))
@@ -99,7 +99,7 @@ class ParquetSource(Source):
                 parts.append(ParquetPartition(
                     index=len(parts), path=full_path(fs, path), size=size, mtime_ns=version,
                     source=self.label, options_token=with_order(token, order), row_group=group,
-                    read_kwargs=self.pandas_kwargs, columns=order,
+                    read_kwargs=self.pandas_kwargs, columns=order, storage_options=self.storage_options,
                 ))
         return parts
 
@@ -144,7 +144,7 @@ def _parquet_columns(metadata: Any, wanted: Any, path: str, label: str) -> tuple
     return tuple(wanted)
 
 
-def _read_row_group(path: str, row_group: int, kwargs: dict[str, Any]) -> pd.DataFrame:
+def _read_row_group(fs: Any, inner: str, row_group: int, kwargs: dict[str, Any]) -> pd.DataFrame:
     """One row group, converted to pandas the way ``pandas.read_parquet`` converts a file."""
     import pyarrow.parquet as pq
 
@@ -155,7 +155,6 @@ def _read_row_group(path: str, row_group: int, kwargs: dict[str, Any]) -> pd.Dat
         # Filter columns need not be among the selected ones, as in pandas.read_parquet.
         needed = _filter_columns(filters)
         read_columns = None if needed is None else list(dict.fromkeys([*columns, *needed]))
-    fs, inner = filesystem_for(path)
     with fs.open(inner, "rb") as file:
         table = pq.ParquetFile(file).read_row_group(row_group, columns=read_columns, use_pandas_metadata=True)
     if filters is not None:

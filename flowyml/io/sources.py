@@ -31,8 +31,18 @@ import pandas as pd
 from dask.base import tokenize
 from fsspec.utils import infer_compression
 
-from flowyml.exceptions import DataError, OptionError
-from flowyml.io.filesystem import display_path, filesystem_for, is_url, redact_option
+from flowyml.exceptions import DataError, OptionError, StorageError
+from flowyml.io.filesystem import (
+    display_path,
+    file_version,
+    filesystem_for,
+    full_path,
+    is_local,
+    is_url,
+    redact_option,
+    redact_url,
+    storage_error,
+)
 
 __all__ = ["Partition", "Source", "check_same_columns", "resolve_files", "with_order"]
 
@@ -51,19 +61,24 @@ class Partition:
     size : int
         File size in bytes when planned.
     mtime_ns : int or str
-        Modification time in nanoseconds when planned (local files); on other
-        fsspec filesystems, the filesystem's version key (``fs.ukey``).
+        Modification time in nanoseconds when planned (local files); on object
+        stores, the object's version (``ETag=...``, ``generation=...``; see
+        :func:`~flowyml.io.filesystem.file_version`).
     source : str
         The source's name, for error messages.
     options_token : str
         A hash of the reader options (``usecols=``, ``columns=``...), so that
-        changing them changes :meth:`identity`.
+        changing them changes :meth:`identity`. Never of ``storage_options``:
+        new credentials read the same data.
     read_kwargs : dict
         The reader's options for this partition (never shown: they may hold
         credentials).
     columns : tuple or None
         The source's column order, when this file lists its columns in
         another: the frame read is reordered to it.
+    storage_options : dict or None
+        How to reach ``path`` (credentials, endpoint); travels to the worker
+        with the partition, never shown.
     """
 
     index: int
@@ -74,6 +89,7 @@ class Partition:
     options_token: str = ""
     read_kwargs: dict[str, Any] = field(default_factory=dict, hash=False, repr=False)
     columns: tuple | None = None
+    storage_options: dict[str, Any] | None = field(default=None, compare=False, repr=False)
 
     def load(self) -> pd.DataFrame:
         """Read exactly this partition's rows.
@@ -95,8 +111,16 @@ class Partition:
             ) from exc
 
     def identity(self) -> tuple:
-        """What the data of this partition depends on: the cache key (never the index)."""
-        return (self.path, self.size, self.mtime_ns, *self._range(), self.options_token)
+        """What the data of this partition depends on: the cache key (never the index, never a secret)."""
+        return (redact_url(self.path), self.size, self.mtime_ns, *self._range(), self.options_token)
+
+    def pandas_storage(self) -> dict[str, Any]:
+        """``storage_options=`` for pandas readers of this partition's URL (nothing for a local file)."""
+        return {"storage_options": self.storage_options} if self.storage_options and is_url(self.path) else {}
+
+    def filesystem(self) -> tuple[Any, str]:
+        """The partition's filesystem and its path there (fsspec reuses one instance per process)."""
+        return filesystem_for(self.path, self.storage_options, who=f"source {self.source!r}")
 
     def describe(self) -> str:
         """A short human description, e.g. ``data/trips_03.csv (bytes 0-1048576)``."""
@@ -115,18 +139,22 @@ class Partition:
 
     def _check_unchanged(self) -> None:
         # The byte ranges and the cache key were computed from this size and
-        # mtime; reading a rewritten file under them would return (and cache)
-        # rows that do not match the key.
-        if is_url(self.path):
-            return
+        # version; reading a rewritten file under them would return (and cache)
+        # rows that do not match the key. On an object store this costs one HEAD.
         try:
-            stat = os.stat(self.path)
+            if is_url(self.path):
+                now = file_version(*self.filesystem())
+            else:
+                stat = os.stat(self.path)
+                now = (stat.st_size, stat.st_mtime_ns)
+        except StorageError:
+            raise
         except OSError as exc:
             raise DataError(
                 f"source {self.source!r}: cannot read partition {self.index}, "
-                f"{self.describe()}: the file is gone ({exc.strerror})"
+                f"{self.describe()}: the file is gone ({exc.strerror or exc})"
             ) from exc
-        if (stat.st_size, stat.st_mtime_ns) != (self.size, self.mtime_ns):
+        if now != (self.size, self.mtime_ns):
             raise DataError(
                 f"source {self.source!r}: {display_path(self.path)} changed while the run "
                 f"was planned or running (partition {self.index}); run the pipeline again"
@@ -149,6 +177,9 @@ class Source:
     def __init__(self, paths: Any, pandas_kwargs: dict[str, Any]) -> None:
         self.paths = _as_path_list(paths, self.reader)
         self.pandas_kwargs = dict(pandas_kwargs)
+        # Kept apart from the reader options: used for every touch of the files
+        # (planning and loading), never part of the options' hash or a message.
+        self.storage_options = _storage_options(self.pandas_kwargs.pop("storage_options", None), self._declared())
         self.name: str | None = None
 
     def partitions(self) -> list[Partition]:
@@ -164,8 +195,8 @@ class Source:
 
     def _declared(self) -> str:
         """``read_csv('data/*.csv')``: how errors about its options name the source."""
-        shown = self.paths[0] if len(self.paths) == 1 else list(self.paths)
-        return f"{self.reader}({shown!r})"
+        shown = [redact_url(path) for path in self.paths]
+        return f"{self.reader}({shown[0] if len(shown) == 1 else shown!r})"
 
     @property
     def label(self) -> str:
@@ -173,11 +204,14 @@ class Source:
         return self.name or repr(self)
 
     def _options_repr(self) -> str:
-        return "".join(f", {key}={redact_option(key, value)!r}" for key, value in self.pandas_kwargs.items())
+        options = dict(self.pandas_kwargs)
+        if self.storage_options is not None:
+            options["storage_options"] = self.storage_options
+        return "".join(f", {key}={redact_option(key, value)!r}" for key, value in options.items())
 
     def __repr__(self) -> str:
-        shown = self.paths[0] if len(self.paths) == 1 else list(self.paths)
-        return f"{self.reader}({shown!r}{self._options_repr()})"
+        shown = [redact_url(path) for path in self.paths]
+        return f"{self.reader}({shown[0] if len(shown) == 1 else shown!r}{self._options_repr()})"
 
 
 def _as_path_list(paths: Any, reader: str) -> tuple[str, ...]:
@@ -190,34 +224,79 @@ def _as_path_list(paths: Any, reader: str) -> tuple[str, ...]:
     return tuple(os.fspath(item) for item in items)
 
 
-def resolve_files(patterns: Sequence[str], suffixes: tuple[str, ...], label: str) -> list[tuple[Any, str]]:
-    """Expand paths, globs and directories into (filesystem, path) pairs, in order."""
-    found: dict[str, Any] = {}
+
+def resolve_files(
+    patterns: Sequence[str],
+    suffixes: tuple[str, ...],
+    label: str,
+    storage_options: dict[str, Any] | None = None,
+) -> list[tuple[Any, str, dict[str, Any] | None]]:
+    """Expand paths, globs and directories into ``(filesystem, path, info)``, in order.
+
+    ``info`` is what the listing said of the file (size, ETag...; None when
+    the path was named directly), so planning need not ask again. In a
+    directory, files and folders whose names start with ``.`` or ``_``
+    (``_SUCCESS``, ``_metadata``, flowyml's own ``_flowyml/``) are skipped, as
+    pyarrow skips them.
+    """
+    found: dict[str, tuple[Any, dict[str, Any] | None]] = {}
+    who = f"source {label!r}"
     for pattern in patterns:
-        fs, root = filesystem_for(pattern)
-        if _glob.has_magic(root):
-            matches = sorted(path for path, info in fs.glob(root, detail=True).items() if info["type"] == "file")
-            if not matches:
-                raise DataError(
-                    f"source {label!r}: the glob {pattern!r} matched no file "
-                    f"(searched {_glob_base(root)}); check the path and the working directory"
-                )
-        elif fs.isdir(root):
-            matches = sorted(
-                path for path, info in fs.find(root, detail=True).items()
-                if info["type"] == "file" and _is_data_file(path, suffixes)
-            )
-            if not matches:
-                raise DataError(
-                    f"source {label!r}: the directory {pattern!r} holds no {'/'.join(suffixes)} file"
-                )
-        elif fs.isfile(root):
-            matches = [root]
-        else:
-            raise DataError(f"source {label!r}: {pattern!r} does not exist; check the path and the working directory")
-        for path in matches:
-            found.setdefault(path, fs)
-    return [(fs, path) for path, fs in found.items()]
+        fs, root = filesystem_for(pattern, storage_options, who=who)
+        shown = redact_url(pattern)
+        try:
+            matches = _matches(fs, root, suffixes)
+        except (PermissionError, FileNotFoundError) as exc:
+            raise storage_error(exc, who, pattern) from exc
+        if matches is None or not matches:
+            missing = _missing_container(fs, root)
+            if missing is not None:
+                raise StorageError(f"{who}: cannot read {shown}: the bucket or container "
+                                   f"{fs.unstrip_protocol(missing)} does not exist")
+        if matches is None:
+            raise DataError(f"{who}: {shown!r} does not exist; check the path and the working directory")
+        if not matches:
+            if _glob.has_magic(root):
+                raise DataError(f"{who}: the glob {shown!r} matched no file "
+                                f"(searched {display_path(full_path(fs, _glob_base(root)))}); check the path and the working "
+                                f"directory")
+            raise DataError(f"{who}: the directory {shown!r} holds no {'/'.join(suffixes)} file")
+        for path, info in matches:
+            found.setdefault(path, (fs, info))
+    return [(fs, path, info) for path, (fs, info) in found.items()]
+
+
+def _matches(fs: Any, root: str, suffixes: tuple[str, ...]) -> list[tuple[str, dict | None]] | None:
+    """The files ``root`` names (a glob, a directory or a file), sorted; None when nothing is there."""
+    if _glob.has_magic(root):
+        return sorted((path, info) for path, info in fs.glob(root, detail=True).items() if info["type"] == "file")
+    if fs.isdir(root):
+        base = root.rstrip("/") + "/"
+        return sorted(
+            (path, info) for path, info in fs.find(root, detail=True).items()
+            if info["type"] == "file" and _is_data_file(path[len(base):] if path.startswith(base) else path,
+                                                        suffixes)
+        )
+    if fs.isfile(root):
+        return [(root, None)]
+    return None
+
+
+def _missing_container(fs: Any, root: str) -> str | None:
+    """The bucket (container) of ``root`` when the filesystem has buckets and that one does not exist."""
+    if is_local(fs) or "memory" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+        return None
+    bucket = root.strip("/").split("/", 1)[0]
+    try:
+        return None if fs.exists(bucket) else bucket
+    except OSError:
+        return None
+
+
+def _storage_options(value: Any, source: str) -> dict[str, Any] | None:
+    if value is None or isinstance(value, dict):
+        return value
+    raise OptionError(f"{source}: storage_options must be a dict (as for pandas), got {type(value).__name__}")
 
 
 def _glob_base(pattern: str) -> str:
@@ -227,10 +306,12 @@ def _glob_base(pattern: str) -> str:
     return head or "."
 
 
-def _is_data_file(path: str, suffixes: tuple[str, ...]) -> bool:
-    name = path.rstrip("/").rsplit("/", 1)[-1]
-    if name.startswith((".", "_")):  # _SUCCESS, _metadata, editors' and our own temporary files
+def _is_data_file(relative: str, suffixes: tuple[str, ...]) -> bool:
+    """A data file of a directory source: ``relative`` is its path below the directory."""
+    parts = relative.strip("/").split("/")
+    if any(part.startswith((".", "_")) for part in parts):  # _SUCCESS, _metadata, _flowyml/, temporary files
         return False
+    name = parts[-1]
     stem = name
     if infer_compression(name):
         stem = name.rsplit(".", 1)[0]
