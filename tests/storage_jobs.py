@@ -51,6 +51,11 @@ def clean(trips: pd.DataFrame, signals: str = "") -> pd.DataFrame:
         fs, root = fsspec.core.url_to_fs(signals)
         month = str(trips["trip_id"].iloc[0])[:7]
         if fs.exists(f"{root}/hold-{month}"):
+            from distributed import secede
+
+            # Give this worker's thread back while waiting: the partitions queued
+            # behind this one on the same worker then run (and are staged) meanwhile.
+            secede()
             fs.pipe_file(f"{root}/held-{month}", b"")
             deadline = time.monotonic() + 120
             while not fs.exists(f"{root}/release") and time.monotonic() < deadline:
