@@ -43,6 +43,27 @@ def dask_callbacks(hooks: RunHooks) -> list[tuple]:
     return [(None, None, pretask if getattr(hooks, "watches_starts", True) else None, posttask, None)]
 
 
+def _seeded_graph(graph: Mapping, cache: dict) -> tuple[dict, dict | None]:
+    """``graph`` and ``cache=`` for ``get_async`` on a graph seeded with finished results.
+
+    The results go into the graph itself, as ``DataNode`` entries that every
+    Dask since 2024.12 loads into its cache before running anything. Given only
+    as ``cache=``, they are lost on dask 2024.12: its ``get_async`` finds a
+    task's inputs with ``get_dependencies(dsk, key)``, which keeps only keys of
+    the graph, and the task fails with "Not enough arguments provided" (later
+    releases read the inputs from the scheduler state instead). Converting with
+    the results' keys in ``all_keys`` makes the tasks read them as keys, not as
+    literal tuples.
+    """
+    try:
+        from dask._task_spec import DataNode, convert_legacy_graph
+    except ImportError:  # private API gone: hand the results over as cache=, as documented
+        return dict(graph), cache
+    seeded = dict(convert_legacy_graph(graph, all_keys=set(graph) | set(cache)))
+    seeded.update((key, DataNode(key, value)) for key, value in cache.items())
+    return seeded, None
+
+
 class _SettlingPool:
     """Wraps the process pool so a failed run waits for its running tasks to end.
 
@@ -300,10 +321,8 @@ class ProcessBackend(_PoolBackend):
             # step names).
             settling = _SettlingPool(self._pool)
             self._settling = settling
-            if cache:  # results given in ``cache`` must be read as keys, not as literal tuples
-                from dask._task_spec import convert_legacy_graph
-
-                graph = convert_legacy_graph(graph, all_keys=set(graph) | set(cache))
+            if cache:
+                graph, cache = _seeded_graph(graph, cache)
             return dask.local.get_async(
                 settling.submit,
                 self.max_workers,
