@@ -100,7 +100,12 @@ def make_csv_dataset(directory: str | os.PathLike[str], total_bytes: int | str, 
 
     # pyarrow's CSV writer is about 4x faster than DataFrame.to_csv; timestamps
     # cast to seconds print as "2024-01-01 00:32:38" like the bundled files.
-    options = pacsv.WriteOptions(quoting_style="none", quoting_header="none")
+    # The header line is written here, unquoted: pyarrow 14 (the oldest
+    # supported) has no WriteOptions(quoting_header=...) and quotes it.
+    options = pacsv.WriteOptions(include_header=False, quoting_style="none")
+
+    def header(table):
+        return (",".join(table.schema.names) + "\n").encode()
 
     def to_table(frame):
         table = pa.Table.from_pandas(frame, preserve_index=False)
@@ -114,13 +119,16 @@ def make_csv_dataset(directory: str | os.PathLike[str], total_bytes: int | str, 
             for frame in chunks:
                 table = to_table(frame)
                 if writer is None:
+                    sink.write(header(table))
                     writer = pacsv.CSVWriter(sink, table.schema, write_options=options)
                 writer.write_table(table)
             if writer is not None:
                 writer.close()
 
     def write_sample(frame, buffer):
-        pacsv.write_csv(to_table(frame), buffer, write_options=options)
+        table = to_table(frame)
+        buffer.write(header(table))
+        pacsv.write_csv(table, buffer, write_options=options)
 
     return _make_dataset(directory, total_bytes, files, seed, ".csv", write_sample, write_file)
 

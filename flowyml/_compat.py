@@ -9,8 +9,8 @@ one named function here, not a run.
 - :func:`graph_expression`: ``dask._expr.LLGExpr`` and ``HLGExpr`` with their
   ``_determ_token``; without them, the graph as is (``client.get`` then
   hashes every task to name it).
-- :func:`convert_legacy_graph`: ``dask._task_spec.convert_legacy_graph``;
-  without it, the graph as is.
+- :func:`seeded_graph`: ``dask._task_spec.convert_legacy_graph`` and
+  ``DataNode``; without them, the graph as is and the results as ``cache=``.
 - :func:`multiprocessing_get_id`: ``dask.multiprocessing._process_get_id``;
   without it, the same function, written here.
 - :func:`pool_is_broken`: ``ProcessPoolExecutor._broken``; without it, a
@@ -39,7 +39,7 @@ from typing import Any
 
 __all__ = [
     "arrow_to_pandas",
-    "convert_legacy_graph",
+    "seeded_graph",
     "drop_topics",
     "graph_expression",
     "multiprocessing_get_id",
@@ -74,19 +74,25 @@ def graph_expression(graph: Any, token: str) -> Any:
         return graph
 
 
-def convert_legacy_graph(graph: Mapping, all_keys: Container) -> Mapping:
-    """A graph of task tuples in Dask's task-spec form, reading every name in ``all_keys`` as a key.
+def seeded_graph(graph: Mapping, finished: dict) -> tuple[Mapping, dict | None]:
+    """``graph`` and ``cache=`` for ``dask.local.get_async``, with ``finished`` results seeded in.
 
-    Needed when the graph is run with results given in ``cache=`` (a process
-    pool rebuilt after a worker died): without ``all_keys`` a reference to a
-    finished task would read as a literal tuple. A Dask without task specs
-    reads the tuples itself.
+    A process pool rebuilt after a worker died reruns the graph with what had
+    finished. The results go into the graph itself, as ``DataNode`` entries
+    that every Dask since 2024.12 loads before running anything: given only as
+    ``cache=``, dask 2024.12's ``get_async`` loses them (it finds a task's
+    inputs with ``get_dependencies(dsk, key)``, which keeps only keys of the
+    graph, and the task fails with "Not enough arguments provided"). The
+    conversion reads the results' names as keys, not as literal tuples. A
+    Dask without task specs takes the graph as is and the results as ``cache=``.
     """
     try:
-        from dask._task_spec import convert_legacy_graph as convert
+        from dask._task_spec import DataNode, convert_legacy_graph
     except ImportError:
-        return graph
-    return convert(graph, all_keys=all_keys)
+        return graph, finished
+    seeded = dict(convert_legacy_graph(graph, all_keys=set(graph) | set(finished)))
+    seeded.update((key, DataNode(key, value)) for key, value in finished.items())
+    return seeded, None
 
 
 def multiprocessing_get_id() -> Callable[[], Any]:

@@ -206,7 +206,9 @@ def _pack_cause(cause: BaseException | None) -> tuple[object, object]:
         pickle.loads(payload)
     except Exception:  # an exception that cannot cross processes: keep its text
         payload = cloudpickle.dumps(RuntimeError(f"{type(cause).__qualname__}: {cause}"))
-    tb = Traceback(cause.__traceback__).as_dict() if cause.__traceback__ else None
+    # to_dict, not as_dict: as_dict is tblib>=1.7 only (distributed allows 1.6);
+    # to_dict is the same method in every release since.
+    tb = Traceback(cause.__traceback__).to_dict() if cause.__traceback__ else None
     return payload, tb
 
 

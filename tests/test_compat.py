@@ -78,19 +78,19 @@ def test_graph_expression_without_dask_expressions_is_the_graph(monkeypatch):
     assert _compat.graph_expression(graph, "flowyml-r1") is graph
 
 
-def test_convert_legacy_graph_reads_names_of_given_results_as_keys():
-    # A graph rebuilt after a worker died: "a" finished, its result is given in cache=.
-    graph = {"b": (add, "a", 1)}
-    converted = _compat.convert_legacy_graph(graph, {"a", "b"})
-    assert dask.local.get_sync(converted, ["b"], cache={"a": 3}) == (4,)
+def test_seeded_graph_runs_the_rest_of_a_graph_from_finished_results():
+    # A graph rebuilt after a worker died: "a" finished, "b" is still to run.
+    graph = {"a": (add, 1, 2), "b": (add, "a", 1)}
+    seeded, cache = _compat.seeded_graph(graph, {"a": 30})
+    assert dask.local.get_sync(seeded, ["b"], cache=cache) == (31,)  # "a" is not computed again
     if must_have("dask"):
-        assert converted is not graph
+        assert cache is None  # the results travel in the graph, as dask 2024.12 needs
 
 
-def test_convert_legacy_graph_without_task_specs_is_the_graph(monkeypatch):
+def test_seeded_graph_without_task_specs_hands_the_results_over_as_cache(monkeypatch):
     hide(monkeypatch, "dask._task_spec")
     graph = {"b": (add, "a", 1)}
-    assert _compat.convert_legacy_graph(graph, {"a", "b"}) is graph
+    assert _compat.seeded_graph(graph, {"a": 3}) == (graph, {"a": 3})
 
 
 def test_multiprocessing_get_id_names_this_process_and_pickles_by_reference():

@@ -90,8 +90,19 @@ def _has_object_dtype(frame: pd.DataFrame) -> bool:
     levels = [level for index in indexes
               for level in (index.levels if isinstance(index, pd.MultiIndex) else [index])]
     return any(dtype == object for dtype in frame.dtypes) or any(
-        level.dtype == object for level in levels
+        level.dtype == object and not _all_strings(level) for level in levels
     )
+
+
+def _all_strings(level: pd.Index) -> bool:
+    """True for an object index of strings only, no missing value.
+
+    pandas < 3 gives string labels the object dtype (pandas 3 the str dtype),
+    so without this no frame with named columns would be stored as Parquet
+    there. Parquet brings every string of such an index back as the same type,
+    so the probe on the first rows answers for the whole index.
+    """
+    return pd.api.types.infer_dtype(level, skipna=False) == "string"
 
 
 def _identical(got: pd.DataFrame, want: pd.DataFrame) -> bool:

@@ -25,10 +25,10 @@ import dask.multiprocessing
 import dask.threaded
 
 from .._compat import (
-    convert_legacy_graph,
     multiprocessing_get_id,
     pool_is_broken,
     pool_processes,
+    seeded_graph,
     wait_until_readable,
 )
 from ..tasks import WorkerSettings, install_worker_settings
@@ -319,8 +319,8 @@ class ProcessBackend(_PoolBackend):
             # step names).
             settling = _SettlingPool(self._pool)
             self._settling = settling
-            if cache:  # results given in ``cache`` must be read as keys, not as literal tuples
-                graph = convert_legacy_graph(graph, set(graph) | set(cache))
+            if cache:  # the results of a run before a worker died
+                graph, cache = seeded_graph(graph, cache)
             return dask.local.get_async(
                 settling.submit,
                 self.max_workers,
