@@ -20,7 +20,8 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from flowyml.exceptions import CommitConflictError, DataError
+from flowyml import write_parquet
+from flowyml.exceptions import CommitConflictError, DataError, StorageError
 from flowyml.io import objectstore
 from flowyml.io.objectstore import Owner, abort, commit, stage_path, staging_prefix, write_owner
 
@@ -176,3 +177,12 @@ def test_owner_liveness():
     assert Owner.from_record(dead_owner()).is_dead(lease=1e9)
     assert Owner("elsewhere", 1, 0.0, time.time() - 100).is_dead(lease=10)
     assert not Owner("elsewhere", 1, 0.0, time.time() - 100).is_dead(lease=1000)
+
+
+def test_an_s3fs_whose_exclusive_writes_overwrite_is_refused(monkeypatch, s3_server):
+    # Before s3fs 2025.7.0 "xb" was a plain PUT: two commits would both claim the output.
+    monkeypatch.setattr(objectstore, "_installed_version", lambda package: (2025, 2, 0))
+    with pytest.raises(StorageError, match=r"sink 'write_parquet': .*s3fs makes from 2025\.7\.0 on; this is s3fs "
+                                           r"2025\.2\.0\. pip install \"s3fs>=2025\.7\.0\""):
+        write_parquet("s3://bucket/out", input="clean")
+    write_parquet("memory://out", input="clean")  # other filesystems are not concerned

@@ -1,8 +1,8 @@
 """A Dask cluster whose workers share no disk with the driver, and data on an S3 server.
 
 The ``dask scheduler`` and two ``dask worker`` processes run on 127.0.0.1; each
-worker runs under ``unshare --mount`` with an empty tmpfs over ``/tmp`` (where
-the driver's working folder, its temporary files and pytest's folders live):
+worker runs under ``unshare --mount`` with an empty tmpfs over pytest's
+temporary folders (where every test's working folder and files live):
 what a worker writes to local disk, the driver never sees, and the reverse.
 This is the setup of Kubernetes, a cloud Dask service or dask-jobqueue.
 Linux and root only (CI runs as root).
@@ -34,11 +34,13 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def isolated_cluster(tmp_path_factory, s3_server):
-    """An executor on a cluster whose workers see none of /tmp (their logs are opened before)."""
+    """An executor on a cluster whose workers see none of pytest's temporary folders, where every
+    test's files are (their logs are opened before the mount)."""
     processes = Processes()
+    hidden = str(tmp_path_factory.getbasetemp().parent)  # /tmp/pytest-of-<user>: every session's folders
     try:
         address = start_cluster(tmp_path_factory.mktemp("isolated"), processes,
-                                workers=[["--no-nanny"], ["--no-nanny"]], hide=["/tmp"])
+                                workers=[["--no-nanny"], ["--no-nanny"]], hide=[hidden])
         with ParallelExecutor(address=address) as executor:
             executor.client.wait_for_workers(2, timeout=60)
             yield executor

@@ -53,13 +53,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from flowyml.exceptions import CommitConflictError, DataError
+from flowyml.exceptions import CommitConflictError, DataError, StorageError
 
 __all__ = [
     "COMMIT_LEASE_S",
@@ -123,6 +124,37 @@ class Owner:
     def describe(self) -> str:
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.started_at))
         return f"process {self.pid} on {self.host}, since {since}"
+
+
+#: fsspec filesystems whose ``"xb"`` mode only became a create-only write in this release;
+#: before it, a second commit would silently overwrite the first's claim.
+EXCLUSIVE_WRITES_SINCE = {"s3fs": (2025, 7, 0)}
+
+
+def check_exclusive_writes(fs: Any, who: str) -> None:
+    """Raise unless ``fs`` makes ``"xb"`` writes create-only (a commit's claim depends on it)."""
+    package = type(fs).__module__.split(".", 1)[0]
+    minimum = EXCLUSIVE_WRITES_SINCE.get(package)
+    if minimum is None:
+        return
+    installed = _installed_version(package)
+    if installed is not None and installed < minimum:
+        wanted = ".".join(map(str, minimum))
+        raise StorageError(
+            f"{who}: committing to an object store needs create-only writes, which {package} makes "
+            f"from {wanted} on; this is {package} {'.'.join(map(str, installed))}. "
+            f'pip install "{package}>={wanted}"'
+        )
+
+
+def _installed_version(package: str) -> tuple[int, ...] | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        numbers = re.findall(r"\d+", version(package))
+    except PackageNotFoundError:
+        return None
+    return tuple(int(number) for number in numbers[:3])
 
 
 def control_prefix(target: str) -> str:

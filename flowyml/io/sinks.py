@@ -87,6 +87,7 @@ class Output:
         self.who = who
         if is_url(text):
             self.fs, root = filesystem_for(text, storage_options, who=who)
+            objectstore.check_exclusive_writes(self.fs, who)
             self.root = root.rstrip("/")
             self.url = self.fs.unstrip_protocol(self.root)
             self.local = False
