@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from .context import TaskContext, _current, running
-from .exceptions import FlowymlError, StepFailed, StepTimeoutError
+from .exceptions import FlowymlError, StepFailed, StepTimeoutError, _with_source_files
 
 __all__ = ["Outcome", "StepSpec", "StepTask", "SourceTask", "ValueTask", "FinalizeTask"]
 
@@ -361,7 +361,7 @@ def _split_outputs(spec: StepSpec, value: Any) -> Any:
 def _step_failed(step: str, partition: int | None, attempt: int, exc: BaseException) -> StepFailed:
     message = f"{type(exc).__name__}: {exc}"
     error = StepFailed(step, partition, attempt, message)
-    error.__cause__ = exc
+    error.__cause__ = _with_source_files(exc)
     return error
 
 
