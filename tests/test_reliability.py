@@ -220,31 +220,53 @@ def test_dead_worker_with_continue_skips_dependents(parts, tmp_path, process_exe
 # -- pickling ----------------------------------------------------------------------------------
 
 
-def test_unpicklable_step_param_or_input_is_named_before_anything_runs(executor, tmp_path):
-    lock = threading.Lock()
+@step(inputs=["numbers"], outputs=["guarded_total"])
+def guarded_total(numbers, lock=None):
+    """Sums under a lock it is given as a param or an input: something that cannot pickle."""
+    with lock:
+        return sum(numbers)
 
-    def locked_touch(path):
-        with lock:
-            Path(path).write_text("ran")
-        return path
 
+def unpicklable_case(what: str, lock, marker: Path) -> tuple[Pipeline, dict, str]:
+    """(pipeline, run inputs, asset) where ``what`` (function, param, input) holds ``lock``.
+
+    Each pipeline also has an independent step touching ``marker``: whether it
+    ran shows whether any task started.
+    """
+    pipeline = Pipeline(what).add_step(pipelines.touch, params={"path": str(marker)})
+    if what == "function":
+        def locked_total(numbers):
+            with lock:
+                return sum(numbers)
+
+        return pipeline.add_step(step(locked_total), inputs=["numbers"]), {}, "locked_total"
+    if what == "param":
+        return pipeline.add_step(guarded_total, params={"lock": lock}), {}, "guarded_total"
+    return pipeline.add_step(guarded_total, inputs=["numbers", "lock"]), {"lock": lock}, "guarded_total"
+
+
+@pytest.mark.parametrize("what", ["function", "param", "input"])
+def test_unpicklable_step_param_or_input_runs_where_nothing_is_pickled(in_process_executor, tmp_path, what):
     marker = tmp_path / "ran"
-    cases = {
-        "function": Pipeline("closure").add_step(step(locked_touch), params={"path": str(marker)}),
-        "param": Pipeline("param").add_step(pipelines.add, name="adder", params={"a": lock, "b": 1}),
-        "input": Pipeline("input").add_step(pipelines.total, inputs=["numbers"]),
-    }
-    for what, pipeline in cases.items():
-        inputs = {"numbers": lock} if what == "input" else None
-        if executor.backend in ("process", "distributed"):
-            with pytest.raises(NotPicklableError) as info:
-                pipeline.run(inputs, executor=executor, progress=False)
-            message = str(info.value)
-            expected = {"function": "step 'locked_touch'", "param": "param 'a'", "input": "input 'numbers'"}
-            assert expected[what] in message and "lock" in message
-            assert not marker.exists()  # checked before any task started
-        elif what == "function":  # sync and thread do not pickle: it just runs
-            assert pipeline.run(executor=executor, progress=False)["locked_touch"] == str(marker)
+    pipeline, inputs, asset = unpicklable_case(what, threading.Lock(), marker)
+    result = pipeline.run({"numbers": [1, 2, 3], **inputs}, executor=in_process_executor, progress=False)
+    assert result[asset] == 6
+    assert marker.read_text() == "ran"
+
+
+@pytest.mark.parametrize("what", ["function", "param", "input"])
+def test_unpicklable_step_param_or_input_is_named_before_anything_runs(worker_executor, tmp_path, what):
+    marker = tmp_path / "ran"
+    pipeline, inputs, _ = unpicklable_case(what, threading.Lock(), marker)
+    with pytest.raises(NotPicklableError) as info:
+        pipeline.run({"numbers": [1, 2, 3], **inputs}, executor=worker_executor, progress=False)
+    named = {"function": "step 'locked_total'", "param": "step 'guarded_total', param 'lock'",
+             "input": "input 'lock'"}[what]
+    message = str(info.value)
+    assert message.startswith(named), message  # what cannot be pickled
+    assert "cannot pickle '_thread.lock' object" in message  # and why
+    assert "backend='thread'" in message  # the way out
+    assert not marker.exists()  # checked before any task started
 
 
 # -- interrupts ----------------------------------------------------------------------------------
