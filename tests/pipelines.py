@@ -179,6 +179,13 @@ def calls(log_dir, name: str) -> int:
         return len(stream.read().splitlines())
 
 
+def pids(log_dir, name: str) -> list[int]:
+    """The process id of each ``record(log_dir, name)`` call, in order."""
+    path = os.path.join(log_dir, name)
+    with open(path) as stream:
+        return [int(line.split()[0]) for line in stream.read().splitlines()]
+
+
 def write_parts(folder, parts, rows: int = 3) -> None:
     """CSV files ``part_<i>.csv`` with columns part, value (one file per part)."""
     os.makedirs(folder, exist_ok=True)
