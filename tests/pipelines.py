@@ -79,9 +79,21 @@ def failing() -> Pipeline:
     )
 
 
-def sleeper(seconds: float, tag: int) -> float:
-    time.sleep(seconds)
-    return tag
+def meet_then_burn(n: int, marker_dir: str, tag: int, others: int = 1) -> int:
+    """Wait until ``others`` more of these calls are running at the same time, then burn(n).
+
+    Each call leaves a marker file; a call returns only once it has seen
+    ``others`` markers besides its own, so the first one proves that calls ran
+    at once (in other processes, when each process runs one call at a time).
+    """
+    mine = os.path.join(marker_dir, f"running-{tag}")
+    open(mine, "w").close()
+    deadline = time.monotonic() + 60
+    while len(os.listdir(marker_dir)) < 1 + others:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"call {tag} never ran at the same time as {others} other(s)")
+        time.sleep(0.005)
+    return burn(n)
 
 
 def burn(n: int) -> int:
