@@ -51,8 +51,9 @@ def test_run_logs_its_start_each_step_end_and_a_final_line(executor, caplog) -> 
     assert len(start) == 1, messages
     assert f"backend {executor.backend!r} with {executor.max_workers} workers" in start[0]
     assert result.run_id in start[0] and "'logged'" in start[0]
-    if executor.backend == "distributed":
-        assert re.search(r"dashboard http://127\.0\.0\.1:\d+", start[0]), start[0]
+    # Only the distributed backend has a dashboard; its link is in the first line.
+    dashboard = re.search(r"dashboard http://127\.0\.0\.1:\d+", start[0])
+    assert (dashboard is not None) == (executor.backend == "distributed"), start[0]
 
     for name, partitions in (("trips", 3), ("clean", 3)):
         lines = [m for m in messages if m.startswith(f"step {name!r} ")]
