@@ -221,7 +221,10 @@ def flaky_double(rows, log_dir="", fail_parts=(), failures=1):
 
 @step(inputs=["rows"], outputs=["waited"], per_partition=True)
 def overrun_first(rows, log_dir="", release=""):
-    """Attempt 1 overruns any timeout (until ``release`` exists); attempt 2 returns at once."""
+    """Attempt 1 overruns any timeout (until ``release`` exists); attempt 2 returns at once.
+
+    Attempt 1 writes its pid when it starts and ``overrun-ended-<part>`` when it ends.
+    """
     attempt = record(log_dir, f"overrun-{_part(rows)}")
     if attempt == 1:
         with open(os.path.join(log_dir, f"overrun-pid-{_part(rows)}"), "w") as stream:
@@ -229,6 +232,7 @@ def overrun_first(rows, log_dir="", release=""):
         deadline = time.time() + 60
         while not os.path.exists(release) and time.time() < deadline:
             time.sleep(0.02)
+        record(log_dir, f"overrun-ended-{_part(rows)}")
     return rows
 
 
@@ -277,20 +281,29 @@ def after_total(total):
     return total + 1
 
 
+def _wait_for(log_dir, name: str, what: str) -> None:
+    """Poll (60 s at most) until ``record(log_dir, name)`` has run."""
+    deadline = time.monotonic() + 60
+    while not calls(log_dir, name):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} never happened")
+        time.sleep(0.01)
+
+
 @step(outputs=["slow_done"])
 def slow_sibling(log_dir=""):
-    """Marks that it started, works a little, marks that it finished."""
+    """Marks that it started; once its sibling is failing, works half a second more, marks that it finished."""
     record(log_dir, "sibling-started")
-    time.sleep(0.5)
+    _wait_for(log_dir, "failing", "the sibling's failure")
+    time.sleep(0.5)  # the work still running when the failure comes
     record(log_dir, "sibling-done")
     return "done"
 
 
 @step(outputs=["doomed"])
 def fail_when_sibling_runs(log_dir=""):
-    deadline = time.time() + 30
-    while not calls(log_dir, "sibling-started") and time.time() < deadline:
-        time.sleep(0.01)
+    _wait_for(log_dir, "sibling-started", "the sibling's start")
+    record(log_dir, "failing")
     raise RuntimeError("failed while the sibling was running")
 
 
