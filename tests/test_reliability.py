@@ -39,6 +39,10 @@ def rows_pipeline(folder: Path, name: str = "job") -> Pipeline:
     return Pipeline(name).add_source("rows", read_csv(str(folder / "*.csv")))
 
 
+#: The line of pipelines.flaky_double that raises.
+FLAKY_RAISE = 'raise ConnectionError(f"part {_part(rows)}: attempt {attempt} lost its connection")'
+
+
 def expected_rows(folder: Path) -> pd.DataFrame:
     return pd.concat(pd.read_csv(path) for path in sorted(folder.glob("*.csv")))
 
@@ -71,7 +75,8 @@ def test_retries_exhausted_raise_with_the_last_attempt(executor, parts, tmp_path
     error = info.value
     assert (error.step, error.partition, error.attempt) == ("flaky_double", 2, 2)
     assert isinstance(error.__cause__, ConnectionError)
-    assert "flaky_double" in "".join(traceback.format_tb(error.__cause__.__traceback__))
+    raised_at = traceback.extract_tb(error.__cause__.__traceback__)[-1]  # the user's own raise
+    assert (raised_at.name, raised_at.filename, raised_at.line) == ("flaky_double", pipelines.__file__, FLAKY_RAISE)
     stamps = [float(line.split()[1]) for line in (tmp_path / "flaky-2").read_text().splitlines()]
     assert len(stamps) == 2 and stamps[1] - stamps[0] >= 0.2  # retry_delay was waited
 
@@ -147,8 +152,9 @@ def test_continue_reports_partial_failures_and_keeps_finished_outputs(executor, 
     assert result.outputs == {"side": len(expected_rows(parts))}
     failure = result.failures["flaky_double"]
     assert failure.partition == 1
-    assert "ConnectionError: part 1: attempt 1" in result.steps["flaky_double"].traceback
-    assert "flaky_double" in result.steps["flaky_double"].traceback
+    shown = result.steps["flaky_double"].traceback
+    assert "ConnectionError: part 1: attempt 1" in shown
+    assert f'File "{pipelines.__file__}"' in shown and FLAKY_RAISE in shown  # the user's frame, with its line
     statuses = {t.partition: t.status for t in result.tasks if t.step == "flaky_double"}
     assert statuses == {0: "succeeded", 1: "failed", 2: "succeeded"}
     skipped = {t.partition: t.status for t in result.tasks if t.step == "count_rows"}
