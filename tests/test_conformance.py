@@ -196,7 +196,8 @@ def test_a_run_that_raises_carries_its_report(executor, tmp_path):
     assert {name: s.status for name, s in stopped.steps.items()} == {
         "_extract": "succeeded", "_transform": "failed", "_load": "stopped",
     }
-    assert "ZeroDivisionError" in stopped.steps["_transform"].traceback
+    shown = stopped.steps["_transform"].traceback
+    assert "ZeroDivisionError" in shown and "return [row / 0 for row in rows]" in shown  # the user's line
     assert list(stopped.failures) == ["_transform"]
     assert [(t.step, t.status) for t in stopped.tasks] == [("_extract", "succeeded"), ("_transform", "failed")]
     record = stopped.to_dict()
