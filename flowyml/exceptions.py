@@ -226,3 +226,33 @@ def _rebuild_step_failed(step, partition, attempt, text, cause=None, tb=None):
             original = original.with_traceback(Traceback.from_dict(tb).as_traceback())
         error.__cause__ = original
     return error
+
+
+def _with_source_files(exc: BaseException) -> BaseException:
+    """``exc``, its traceback naming the user's files even where their code came by value.
+
+    On ``process`` and ``distributed`` workers a step's function is often rebuilt
+    by cloudpickle, whose code objects are all named ``<dynamic-code>``: left so,
+    the user's traceback would show neither their file nor the line that raised.
+    The function keeps its module's ``__file__``, so the frames are rebuilt under
+    that name. A traceback without such frames is returned untouched.
+    """
+    tb = exc.__traceback__
+    while tb is not None and not _came_by_value(tb.tb_frame):
+        tb = tb.tb_next
+    if tb is None:
+        return exc
+    from tblib import Traceback
+
+    record = Traceback(exc.__traceback__).to_dict()  # to_dict: tblib 1.6 has no as_dict
+    frame = record
+    while frame is not None:
+        code, names = frame["tb_frame"]["f_code"], frame["tb_frame"]["f_globals"]
+        if code["co_filename"].startswith("<dynamic") and isinstance(names.get("__file__"), str):
+            code["co_filename"] = names["__file__"]
+        frame = frame["tb_next"]
+    return exc.with_traceback(Traceback.from_dict(record).as_traceback())
+
+
+def _came_by_value(frame) -> bool:
+    return frame.f_code.co_filename.startswith("<dynamic") and isinstance(frame.f_globals.get("__file__"), str)

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .context import TaskContext, _current, running
-from .exceptions import FlowymlError, StepFailed
+from .exceptions import FlowymlError, StepFailed, _with_source_files
 from .secrets import scrub
 from .status import Status
 
@@ -447,7 +447,7 @@ def _split_outputs(spec: StepSpec, value: Any) -> Any:
 def _step_failed(step: str, partition: int | None, attempt: int, exc: BaseException) -> StepFailed:
     message = scrub(f"{type(exc).__name__}: {exc}")
     error = StepFailed(step, partition, attempt, message)
-    error.__cause__ = exc
+    error.__cause__ = _with_source_files(exc)
     return error
 
 

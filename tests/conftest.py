@@ -60,6 +60,12 @@ def pooled_executor(request, _executors) -> ParallelExecutor:
     return _open(request.param, _executors)
 
 
+@pytest.fixture(params=["sync", "thread"])
+def in_process_executor(request, _executors) -> ParallelExecutor:
+    """Backends whose steps run in the driver's own process: nothing is pickled."""
+    return _open(request.param, _executors)
+
+
 @pytest.fixture(params=["process", "distributed"])
 def worker_executor(request, _executors) -> ParallelExecutor:
     """Backends whose steps run in worker processes that can die on their own."""

@@ -79,9 +79,21 @@ def failing() -> Pipeline:
     )
 
 
-def sleeper(seconds: float, tag: int) -> float:
-    time.sleep(seconds)
-    return tag
+def meet_then_burn(n: int, marker_dir: str, tag: int, others: int = 1) -> int:
+    """Wait until ``others`` more of these calls are running at the same time, then burn(n).
+
+    Each call leaves a marker file; a call returns only once it has seen
+    ``others`` markers besides its own, so the first one proves that calls ran
+    at once (in other processes, when each process runs one call at a time).
+    """
+    mine = os.path.join(marker_dir, f"running-{tag}")
+    open(mine, "w").close()
+    deadline = time.monotonic() + 60
+    while len(os.listdir(marker_dir)) < 1 + others:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"call {tag} never ran at the same time as {others} other(s)")
+        time.sleep(0.005)
+    return burn(n)
 
 
 def burn(n: int) -> int:
@@ -179,6 +191,13 @@ def calls(log_dir, name: str) -> int:
         return len(stream.read().splitlines())
 
 
+def pids(log_dir, name: str) -> list[int]:
+    """The process id of each ``record(log_dir, name)`` call, in order."""
+    path = os.path.join(log_dir, name)
+    with open(path) as stream:
+        return [int(line.split()[0]) for line in stream.read().splitlines()]
+
+
 def write_parts(folder, parts, rows: int = 3) -> None:
     """CSV files ``part_<i>.csv`` with columns part, value (one file per part)."""
     os.makedirs(folder, exist_ok=True)
@@ -202,7 +221,10 @@ def flaky_double(rows, log_dir="", fail_parts=(), failures=1):
 
 @step(inputs=["rows"], outputs=["waited"], per_partition=True)
 def overrun_first(rows, log_dir="", release=""):
-    """Attempt 1 overruns any timeout (until ``release`` exists); attempt 2 returns at once."""
+    """Attempt 1 overruns any timeout (until ``release`` exists); attempt 2 returns at once.
+
+    Attempt 1 writes its pid when it starts and ``overrun-ended-<part>`` when it ends.
+    """
     attempt = record(log_dir, f"overrun-{_part(rows)}")
     if attempt == 1:
         with open(os.path.join(log_dir, f"overrun-pid-{_part(rows)}"), "w") as stream:
@@ -210,6 +232,7 @@ def overrun_first(rows, log_dir="", release=""):
         deadline = time.time() + 60
         while not os.path.exists(release) and time.time() < deadline:
             time.sleep(0.02)
+        record(log_dir, f"overrun-ended-{_part(rows)}")
     return rows
 
 
@@ -258,20 +281,29 @@ def after_total(total):
     return total + 1
 
 
+def _wait_for(log_dir, name: str, what: str) -> None:
+    """Poll (60 s at most) until ``record(log_dir, name)`` has run."""
+    deadline = time.monotonic() + 60
+    while not calls(log_dir, name):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} never happened")
+        time.sleep(0.01)
+
+
 @step(outputs=["slow_done"])
 def slow_sibling(log_dir=""):
-    """Marks that it started, works a little, marks that it finished."""
+    """Marks that it started; once its sibling is failing, works half a second more, marks that it finished."""
     record(log_dir, "sibling-started")
-    time.sleep(0.5)
+    _wait_for(log_dir, "failing", "the sibling's failure")
+    time.sleep(0.5)  # the work still running when the failure comes
     record(log_dir, "sibling-done")
     return "done"
 
 
 @step(outputs=["doomed"])
 def fail_when_sibling_runs(log_dir=""):
-    deadline = time.time() + 30
-    while not calls(log_dir, "sibling-started") and time.time() < deadline:
-        time.sleep(0.01)
+    _wait_for(log_dir, "sibling-started", "the sibling's start")
+    record(log_dir, "failing")
     raise RuntimeError("failed while the sibling was running")
 
 

@@ -162,6 +162,9 @@ def test_csv_blocks_concatenate_to_the_whole_file_read(csv_files, blocksize):
     options = {"parse_dates": ["pickup_at"], "dtype": {"payment_type": "str"}}
     source = read_csv(csv_files, blocksize=blocksize, **options)
     parts = source.partitions()
+    for path in csv_files:  # a file larger than a block really is split, a smaller one is not
+        blocks = sum(Path(part.path) == path for part in parts)
+        assert (blocks > 1) == (path.stat().st_size > source.blocksize), (path.name, blocks)
     expected = concat(pd.read_csv(path, **options) for path in csv_files)
     frames = [part.load() for part in parts]
     assert all(len(frame) > 0 for frame in frames)
@@ -173,7 +176,16 @@ def test_csv_blocks_infer_the_same_types_as_the_whole_file(blocksize):
     path = REPO / "data" / "trips" / "trips_2024-01.csv"
     source = read_csv(path, blocksize=blocksize, parse_dates=["pickup_at", "dropoff_at"])
     expected = pd.read_csv(path, parse_dates=["pickup_at", "dropoff_at"])
-    pd.testing.assert_frame_equal(load_all(source), expected)
+    parts = source.partitions()
+    # The file really is split, one block per blocksize bytes (lines are far shorter)...
+    assert len(parts) == math.ceil(path.stat().st_size / blocksize)
+    assert all(part.offset is not None for part in parts)
+    frames = [part.load() for part in parts]
+    # ...and each block on its own has the whole file's types (a concat would hide an
+    # int64 block among float64 ones).
+    for part, frame in zip(parts, frames):
+        pd.testing.assert_series_equal(frame.dtypes, expected.dtypes, obj=part.describe())
+    pd.testing.assert_frame_equal(concat(frames), expected)
 
 
 def test_csv_block_count_and_byte_ranges(csv_files, monkeypatch):

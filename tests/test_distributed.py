@@ -427,8 +427,12 @@ def test_ten_thousand_partitions_submit_and_stay_on_the_workers(on_cluster):
     result = pipeline.run(executor=on_cluster, progress=False)
     assert result["count"] == 10_000  # a partition gathered here would have failed to unpickle
     assert len(result.tasks) == 10_001
-    first_start = min(t.start for t in result.tasks)
-    assert first_start - start < 10, f"the first task started {first_start - start:.1f}s after run()"
+    # Preparing and sending the graph is not most of the run: the first task starts in its
+    # first half (bench/distributed.py compares the whole run with Dask by hand).
+    first_start, last_stop = min(t.start for t in result.tasks), max(t.stop for t in result.tasks)
+    assert first_start - start < 0.5 * (last_stop - start), (
+        f"the first task started {first_start - start:.1f}s after run(), the last ended at {last_stop - start:.1f}s"
+    )
 
 
 def test_resources_restrict_a_step_to_workers_that_have_them(cluster, on_cluster):

@@ -102,12 +102,22 @@ def test_nothing_left_running_outside_with(backend):
 
 
 def test_distributed_local_cluster_is_local_and_has_a_dashboard():
+    import urllib.request
+
     with ParallelExecutor(max_workers=2, backend="distributed") as executor:
         link = executor.dashboard_link
         assert link.startswith("http://127.0.0.1:")
+        with urllib.request.urlopen(link, timeout=60) as page:  # the link is a live dashboard
+            assert page.status == 200 and b"Dask" in page.read()
+        # max_workers single-threaded worker processes, all on 127.0.0.1, and the tasks ran on them.
+        workers = executor.client.scheduler_info()["workers"]
+        assert executor.client.scheduler.address.startswith("tcp://127.0.0.1:")
+        assert sorted(w["nthreads"] for w in workers.values()) == [1, 1]
+        assert all(address.startswith("tcp://127.0.0.1:") for address in workers)
+        pids = executor.client.run(os.getpid)
+        assert set(pids) == set(workers) and len(set(pids.values()) | {os.getpid()}) == 3  # processes
         result = pipelines.parallel_processing(2).run(executor=executor, progress=False)
-        assert all(t.worker.startswith("tcp://127.0.0.1:") for t in result.tasks)
-        assert len({t.worker for t in result.tasks}) >= 1
+        assert len(result.tasks) == 2 and {t.worker for t in result.tasks} <= set(workers)
 
 
 SCRIPT = """

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from flowyml import ParallelExecutor, Pipeline, read_csv, step
+from flowyml import Pipeline, read_csv, step
 
 REPO = Path(__file__).resolve().parent.parent
 TRIPS = [str(REPO / "data" / "trips" / f"trips_2024-0{month}.csv") for month in (1, 2, 3)]
@@ -51,8 +51,9 @@ def test_run_logs_its_start_each_step_end_and_a_final_line(executor, caplog) -> 
     assert len(start) == 1, messages
     assert f"backend {executor.backend!r} with {executor.max_workers} workers" in start[0]
     assert result.run_id in start[0] and "'logged'" in start[0]
-    if executor.backend == "distributed":
-        assert re.search(r"dashboard http://127\.0\.0\.1:\d+", start[0]), start[0]
+    # Only the distributed backend has a dashboard; its link is in the first line.
+    dashboard = re.search(r"dashboard http://127\.0\.0\.1:\d+", start[0])
+    assert (dashboard is not None) == (executor.backend == "distributed"), start[0]
 
     for name, partitions in (("trips", 3), ("clean", 3)):
         lines = [m for m in messages if m.startswith(f"step {name!r} ")]
@@ -65,20 +66,18 @@ def test_run_logs_its_start_each_step_end_and_a_final_line(executor, caplog) -> 
     assert messages.index(start[0]) < len(messages) - 1
 
 
-def test_a_failed_step_and_the_failed_run_are_logged(caplog) -> None:
+def test_a_failed_step_and_the_failed_run_are_logged(executor, caplog) -> None:
     caplog.set_level(logging.INFO, logger="flowyml")
-    result = _pipeline(failing=True).run(
-        executor=ParallelExecutor(backend="thread", max_workers=2), on_failure="continue", progress=False
-    )
+    result = _pipeline(failing=True).run(executor=executor, on_failure="continue", progress=False)
     messages = _flowyml_messages(caplog)
     assert not result.success
     assert any(m.startswith("step 'boom' failed: 1 task") for m in messages), messages
     assert re.search(r"pipeline 'logged' run \w+ failed in", messages[-1])
 
 
-def test_with_a_progress_bar_steps_are_not_logged_but_start_and_end_are(caplog, capsys) -> None:
+def test_with_a_progress_bar_steps_are_not_logged_but_start_and_end_are(executor, caplog, capsys) -> None:
     caplog.set_level(logging.INFO, logger="flowyml")
-    _pipeline().run(executor=ParallelExecutor(backend="thread", max_workers=2), progress=True)
+    _pipeline().run(executor=executor, progress=True)
     messages = _flowyml_messages(caplog)
     assert not [m for m in messages if m.startswith("step ")], messages
     assert "tasks on backend" in messages[0] and "succeeded in" in messages[-1]

@@ -9,15 +9,19 @@ HTML, the dashboard link, no stray warnings.
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import shutil
+from html import escape
 from pathlib import Path
 
+import ipykernel  # noqa: F401  the kernel the notebooks run on (the dev extra installs all three)
+import nbclient
+import nbformat
 import pytest
 
-nbformat = pytest.importorskip("nbformat")
-nbclient = pytest.importorskip("nbclient")
-pytest.importorskip("ipykernel", reason="the dev extra installs ipykernel")
+from .test_report import _task_bars, _timeline_svg
 
 REPO = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
@@ -73,9 +77,17 @@ def test_notebook_runs_top_to_bottom(path: Path, tmp_path: Path) -> None:
     assert "flowyml-run" in html, "a PipelineResult displays as its HTML summary"
     assert "<strong>Pipeline " in html, "a Pipeline displays as HTML"
     if path.name.startswith("01"):
-        assert "<svg" in html or "flowchart LR" in html, "the pipeline graph is shown"
+        shown = [h for h in _outputs(book, "text/html") if h.startswith("<div><div><strong>Pipeline numbers</strong>")]
+        assert len(shown) == 1, "the pipeline displays as HTML"
+        assert _graph_nodes(shown[0]) == ["numbers", "split", "totals"], "the pipeline graph is shown"
     if path.name.startswith("02"):
-        assert (tmp_path / "reports" / "trips_etl.html").read_text().count("<svg") >= 1
+        # The saved report draws the run's timeline: one bar per task of the run saved beside it.
+        page = (tmp_path / "reports" / "trips_etl.html").read_text()
+        record = json.loads((tmp_path / "reports" / "trips_etl.json").read_text())
+        bars = _task_bars(_timeline_svg(page))
+        assert sorted(title.splitlines()[0] for title in bars) == sorted(
+            escape(task["key"], quote=True) for task in record["tasks"])
+        assert len(bars) == len(record["tasks"]) > 0
         # The last run read Parquet split by row group: its output replaced the CSV run's whole.
         import pyarrow.parquet as pq
 
@@ -84,6 +96,15 @@ def test_notebook_runs_top_to_bottom(path: Path, tmp_path: Path) -> None:
     if path.name.startswith("03"):
         assert re.search(r'href="http://127\.0\.0\.1:\d+/status"', html), "the dashboard link is shown"
         assert (tmp_path / "reports" / "cluster.html").is_file()
+
+
+def _graph_nodes(html: str) -> list[str]:
+    """The step names drawn in a displayed pipeline: Graphviz SVG where installed, else Mermaid."""
+    if shutil.which("dot"):
+        assert html.count("<svg") == 1, html
+        return sorted(re.findall(r'<g id="node\d+" class="node">\s*<title>([^<]*)</title>', html))
+    assert "<svg" not in html and "<pre>flowchart LR" in html, html
+    return sorted(re.findall(r"\[&quot;(.*?)&quot;\]", html))
 
 
 def _small_pipeline():

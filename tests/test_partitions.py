@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -52,7 +53,8 @@ def test_blocksize_splits_files_and_keeps_results(executor, expected):
     result = pipeline.run(executor=executor, progress=False)
     pd.testing.assert_series_equal(result["fare_by_zone"], expected)
     sizes = [f.stat().st_size for f in CSV_FILES]
-    assert result.steps["clean"].partitions >= sum(s // 65536 for s in sizes) > len(CSV_FILES)
+    # One partition per 64 kB (64,000 bytes) of each file: lines are far shorter than a block.
+    assert result.steps["clean"].partitions == sum(math.ceil(s / 64_000) for s in sizes) > len(CSV_FILES)
     clean_rows = sum(len(pd.read_csv(f).dropna(subset=["fare"])) for f in CSV_FILES)
     assert sum(result["rows_per_partition"]) == clean_rows
     assert len(result["rows_per_partition"]) == result.steps["clean"].partitions

@@ -163,18 +163,54 @@ def test_disabled_progress_is_thread_safe_and_logs_exactly_once(caplog):
     assert len(caplog.messages) == 1
 
 
-@pytest.mark.parametrize("enabled", [False, True])
-def test_a_task_event_costs_microseconds(enabled):
+def _bare_counter_events(n: int) -> float:
+    """Seconds for n tasks' start and finish on the least a thread-safe tally does: a baseline."""
+    lock, running, done = threading.Lock(), {}, {}
+    begin = time.perf_counter()
+    for _ in range(n):
+        with lock:
+            time.perf_counter()
+            running["s"] = running.get("s", 0) + 1
+        with lock:
+            time.perf_counter()
+            running["s"] -= 1
+            done["s"] = done.get("s", 0) + 1
+    return time.perf_counter() - begin
+
+
+def _progress_events(n: int, enabled: bool) -> tuple[float, int, float]:
+    """(seconds for n tasks' start and finish, redraws, seconds the bar was open)."""
     stream = io.StringIO()
-    n = 50_000
+    opened = time.perf_counter()
     progress = Progress(n, tasks_per_step={"s": n}, enabled=enabled, file=stream)
     begin = time.perf_counter()
     for _ in range(n):
         progress.start("s")
         progress.finish("s")
-    per_task = (time.perf_counter() - begin) / n
+    elapsed = time.perf_counter() - begin
     progress.close()
-    # 10,000s of tasks a second must cost the run little: well under 20 µs per task on a shared CI core.
-    assert per_task < 20e-6, f"{per_task * 1e6:.1f} µs per task"
-    if enabled:  # redraws are rate-limited: far fewer than one per task
-        assert stream.getvalue().count("\r") < 200
+    return elapsed, stream.getvalue().count("\r"), time.perf_counter() - opened
+
+
+@pytest.mark.parametrize("enabled", [False, True])
+def test_a_task_event_costs_about_what_a_bare_counter_does(enabled):
+    # 10,000s of tasks a second must cost the run little. Measured against a bare
+    # locked counter in the same test (best of rounds, alternating), so a loaded
+    # machine slows both alike; a redraw per task would cost some 50 times more.
+    import flowyml.progress
+
+    n, bare, costs = 20_000, [], []
+    for _ in range(5):
+        bare.append(_bare_counter_events(n))
+        elapsed, redraws, open_for = _progress_events(n, enabled)
+        costs.append(elapsed)
+        if enabled:  # redraws are rate-limited by time, however many tasks finish
+            # At most one per interval, plus four at the edges: the empty bar, the first
+            # event, close's final count and tqdm's own close.
+            limit = open_for / flowyml.progress.REDRAW_INTERVAL + 4
+            assert 0 < redraws <= limit, (redraws, open_for)
+        else:
+            assert redraws == 0
+    assert min(costs) < 10 * min(bare), (
+        f"{min(costs) / n * 1e6:.2f} us per task against {min(bare) / n * 1e6:.2f} us for a bare counter"
+    )
