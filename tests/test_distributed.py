@@ -9,13 +9,11 @@ module and stopped at its end.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -29,10 +27,8 @@ from flowyml import ParallelExecutor, Pipeline, StepFailed, WorkerDiedError, cur
 from flowyml.logs import TaskLogFilter
 
 from .pipelines import diamond
+from .services import START_TIMEOUT, Processes, start_cluster
 
-ROOT = Path(__file__).resolve().parent.parent
-DASK = str(Path(sys.executable).with_name("dask"))
-START_TIMEOUT = 60
 
 
 # -- steps and a source the workers import from this module ---------------------------
@@ -178,63 +174,6 @@ def count(values):
 
 
 # -- clusters -----------------------------------------------------------------------
-
-
-class Processes:
-    """Subprocesses started for a fixture, stopped (then killed) at its end."""
-
-    def __init__(self) -> None:
-        self.started: list[subprocess.Popen] = []
-
-    def start(self, *args: str, log: Path) -> subprocess.Popen:
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-        env["DASK_DISTRIBUTED__SCHEDULER__WORKER_SATURATION"] = "inf"
-        process = subprocess.Popen(
-            [DASK, *args], cwd=ROOT, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT
-        )
-        self.started.append(process)
-        return process
-
-    def stop(self) -> None:
-        for process in reversed(self.started):
-            process.terminate()
-        for process in reversed(self.started):
-            try:
-                process.wait(15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-
-
-def wait_for_file(path: Path, processes: Processes, log: Path) -> dict:
-    deadline = time.monotonic() + START_TIMEOUT
-    while time.monotonic() < deadline:
-        if path.exists():
-            try:
-                return json.loads(path.read_text())
-            except json.JSONDecodeError:  # being written
-                pass
-        if any(p.poll() is not None for p in processes.started):
-            break
-        time.sleep(0.05)
-    raise RuntimeError(f"the Dask scheduler did not start:\n{log.read_text()}")
-
-
-def start_cluster(tmp: Path, processes: Processes, *, workers: list[list[str]], tls: list[str] = ()) -> str:
-    scheduler_file = tmp / "scheduler.json"
-    log = tmp / "scheduler.log"
-    processes.start(
-        "scheduler", "--host", "127.0.0.1", "--port", "0", "--dashboard-address", "127.0.0.1:0",
-        "--scheduler-file", str(scheduler_file), *(["--protocol", "tls", *tls] if tls else []),
-        log=log,
-    )
-    address = wait_for_file(scheduler_file, processes, log)["address"]
-    for i, extra in enumerate(workers):
-        processes.start(
-            "worker", address, "--host", "127.0.0.1", "--nthreads", "1", "--name", f"w{i}",
-            "--no-dashboard", *tls, *extra, log=tmp / f"worker-{i}.log",
-        )
-    return address
 
 
 @pytest.fixture(scope="module")
