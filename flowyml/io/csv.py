@@ -20,7 +20,7 @@ from dask.utils import parse_bytes
 from fsspec.utils import infer_compression, read_block, seek_delimiter
 
 from flowyml.exceptions import DataError, OptionError
-from flowyml.io.filesystem import display_path, file_version, full_path, is_url
+from flowyml.io.filesystem import display_path, file_version, full_path, is_local, is_url
 from flowyml.io.sources import Partition, Source, check_same_columns, resolve_files, with_order
 
 __all__ = ["CsvPartition", "CsvSource", "read_csv"]
@@ -45,10 +45,17 @@ class CsvPartition(Partition):
     prefix: bytes = b""
 
     def _read(self) -> pd.DataFrame:
-        if self.offset is None:
-            return pd.read_csv(self.path, **self.pandas_storage(), **self.read_kwargs)
-        fs, path = self.filesystem()
-        with fs.open(path, "rb") as file:
+        if not is_url(self.path):
+            if self.offset is None:
+                return pd.read_csv(self.path, **self.read_kwargs)
+            with open(self.path, "rb") as file:
+                block = read_block(file, self.offset, self.length)
+            return pd.read_csv(io.BytesIO(self.prefix + block), **self.read_kwargs)
+        with self.open() as file:
+            if self.offset is None:
+                # A handle, not a path: pandas cannot infer the compression from it.
+                options = {**self.read_kwargs, "compression": _compression(self.path, self.read_kwargs)}
+                return pd.read_csv(file, **options)
             block = read_block(file, self.offset, self.length)
         return pd.read_csv(io.BytesIO(self.prefix + block), **self.read_kwargs)
 
@@ -97,7 +104,8 @@ class CsvSource(Source):
 
     def partitions(self) -> list[Partition]:
         files = resolve_files(self.paths, (".csv", ".tsv", ".txt"), self.label, self.storage_options)
-        columns = [_csv_columns(fs, path, self.pandas_kwargs, self.storage_options, self.label)
+        heads = _heads(files, self.pandas_kwargs)
+        columns = [_csv_columns(fs, path, self.pandas_kwargs, self.storage_options, self.label, heads.get(path))
                    for fs, path, _ in files]
         orders = check_same_columns([full_path(fs, path) for fs, path, _ in files], columns, self.label)
         token = tokenize("csv", self.pandas_kwargs)
@@ -212,8 +220,35 @@ def _probe_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
     return probe
 
 
+#: How much of each CSV file on an object store planning fetches to read its header.
+_HEAD_BYTES = 1 << 18
+
+
+def _heads(files: list[tuple[Any, str, Any]], kwargs: dict[str, Any]) -> dict[str, bytes]:
+    """The first bytes of every uncompressed file on an object store, fetched in one batch.
+
+    One request per file, all at once: asking pandas file by file would pay an
+    object store's round trips one after another (and twice each).
+    """
+    remote = [(fs, path) for fs, path, _ in files if not is_local(fs) and not _compression(path, kwargs)]
+    if not remote:
+        return {}
+    fs = remote[0][0]
+    paths = [path for other, path in remote if other is fs]
+    try:
+        chunks = fs.cat_ranges(paths, [0] * len(paths), [_HEAD_BYTES] * len(paths), on_error="return")
+    except Exception:  # each file's header is then read on its own, with its own error
+        return {}
+    return {path: chunk for path, chunk in zip(paths, chunks) if isinstance(chunk, bytes)}
+
+
 def _csv_columns(fs: Any, path: str, kwargs: dict[str, Any], storage_options: dict[str, Any] | None,
-                 label: str) -> tuple:
+                 label: str, head: bytes | None = None) -> tuple:
+    if head is not None and b"\n" in head:
+        try:
+            return tuple(pd.read_csv(io.BytesIO(head), **_probe_kwargs(kwargs)).columns)
+        except Exception:  # a header longer than the head, a quote left open...: read the file itself
+            pass
     where = full_path(fs, path)
     storage = {"storage_options": storage_options} if storage_options and is_url(where) else {}
     try:

@@ -15,7 +15,7 @@ from dask.base import tokenize
 
 from flowyml._compat import arrow_to_pandas
 from flowyml.exceptions import DataError, OptionError
-from flowyml.io.filesystem import display_path, file_version, full_path
+from flowyml.io.filesystem import display_path, file_version, full_path, is_url
 from flowyml.io.sources import Partition, Source, check_same_columns, resolve_files, with_order
 
 __all__ = ["ParquetPartition", "ParquetSource", "read_parquet"]
@@ -31,9 +31,15 @@ class ParquetPartition(Partition):
     row_group: int | None = None
 
     def _read(self) -> pd.DataFrame:
-        if self.row_group is None:
-            return pd.read_parquet(self.path, **self.pandas_storage(), **self.read_kwargs)
-        return _read_row_group(*self.filesystem(), self.row_group, self.read_kwargs)
+        if not is_url(self.path):
+            if self.row_group is None:
+                return pd.read_parquet(self.path, **self.read_kwargs)
+            with open(self.path, "rb") as file:
+                return _read_row_group(file, self.row_group, self.read_kwargs)
+        with self.open() as file:
+            if self.row_group is None:
+                return pd.read_parquet(file, **self.read_kwargs)
+            return _read_row_group(file, self.row_group, self.read_kwargs)
 
     def _range(self) -> tuple:
         if self.row_group is None:
@@ -144,8 +150,8 @@ def _parquet_columns(metadata: Any, wanted: Any, path: str, label: str) -> tuple
     return tuple(wanted)
 
 
-def _read_row_group(fs: Any, inner: str, row_group: int, kwargs: dict[str, Any]) -> pd.DataFrame:
-    """One row group, converted to pandas the way ``pandas.read_parquet`` converts a file."""
+def _read_row_group(file: Any, row_group: int, kwargs: dict[str, Any]) -> pd.DataFrame:
+    """One row group of an open file, converted to pandas the way ``pandas.read_parquet`` converts a file."""
     import pyarrow.parquet as pq
 
     columns = kwargs.get("columns")
@@ -155,8 +161,7 @@ def _read_row_group(fs: Any, inner: str, row_group: int, kwargs: dict[str, Any])
         # Filter columns need not be among the selected ones, as in pandas.read_parquet.
         needed = _filter_columns(filters)
         read_columns = None if needed is None else list(dict.fromkeys([*columns, *needed]))
-    with fs.open(inner, "rb") as file:
-        table = pq.ParquetFile(file).read_row_group(row_group, columns=read_columns, use_pandas_metadata=True)
+    table = pq.ParquetFile(file).read_row_group(row_group, columns=read_columns, use_pandas_metadata=True)
     if filters is not None:
         table = table.filter(pq.filters_to_expression(filters) if isinstance(filters, list) else filters)
     if columns is not None and read_columns != columns:

@@ -22,10 +22,11 @@ changed since planning.
 
 from __future__ import annotations
 
+import contextlib
 import glob as _glob
 import os
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar, Iterator, Sequence
 
 import pandas as pd
 from dask.base import tokenize
@@ -100,10 +101,13 @@ class Partition:
             The file is missing, changed since planning, or cannot be parsed;
             the message names the source, the file and the partition index.
         """
-        self._check_unchanged()
+        if not is_url(self.path):  # an object store's version is checked as the file opens (open())
+            self._check_unchanged()
         try:
             frame = self._read()
             return frame if self.columns is None else frame[list(self.columns)]
+        except DataError:
+            raise
         except Exception as exc:
             raise DataError(
                 f"source {self.source!r}: cannot read partition {self.index}, "
@@ -114,13 +118,27 @@ class Partition:
         """What the data of this partition depends on: the cache key (never the index, never a secret)."""
         return (redact_url(self.path), self.size, self.mtime_ns, *self._range(), self.options_token)
 
-    def pandas_storage(self) -> dict[str, Any]:
-        """``storage_options=`` for pandas readers of this partition's URL (nothing for a local file)."""
-        return {"storage_options": self.storage_options} if self.storage_options and is_url(self.path) else {}
-
     def filesystem(self) -> tuple[Any, str]:
         """The partition's filesystem and its path there (fsspec reuses one instance per process)."""
         return filesystem_for(self.path, self.storage_options, who=f"source {self.source!r}")
+
+    @contextlib.contextmanager
+    def open(self) -> Iterator[Any]:
+        """The partition's file on its filesystem, open for reading (binary).
+
+        On an object store the object's size and version are checked as it
+        opens, from the answer of the request that opens it: a file rewritten
+        since planning raises :class:`~flowyml.exceptions.DataError` instead of
+        being read (and cached) under the old identity.
+        """
+        fs, path = self.filesystem()
+        try:
+            handle = fs.open(path, "rb")
+        except FileNotFoundError as exc:
+            raise self._gone(exc) from exc
+        with handle:
+            self._check_version(file_version(fs, path, getattr(handle, "details", None)))
+            yield handle
 
     def describe(self) -> str:
         """A short human description, e.g. ``data/trips_03.csv (bytes 0-1048576)``."""
@@ -139,21 +157,21 @@ class Partition:
 
     def _check_unchanged(self) -> None:
         # The byte ranges and the cache key were computed from this size and
-        # version; reading a rewritten file under them would return (and cache)
-        # rows that do not match the key. On an object store this costs one HEAD.
+        # mtime; reading a rewritten file under them would return (and cache)
+        # rows that do not match the key.
         try:
-            if is_url(self.path):
-                now = file_version(*self.filesystem())
-            else:
-                stat = os.stat(self.path)
-                now = (stat.st_size, stat.st_mtime_ns)
-        except StorageError:
-            raise
+            stat = os.stat(self.path)
         except OSError as exc:
-            raise DataError(
-                f"source {self.source!r}: cannot read partition {self.index}, "
-                f"{self.describe()}: the file is gone ({exc.strerror or exc})"
-            ) from exc
+            raise self._gone(exc) from exc
+        self._check_version((stat.st_size, stat.st_mtime_ns))
+
+    def _gone(self, exc: OSError) -> DataError:
+        return DataError(
+            f"source {self.source!r}: cannot read partition {self.index}, "
+            f"{self.describe()}: the file is gone ({exc.strerror or exc})"
+        )
+
+    def _check_version(self, now: tuple[int, int | str]) -> None:
         if now != (self.size, self.mtime_ns):
             raise DataError(
                 f"source {self.source!r}: {display_path(self.path)} changed while the run "
