@@ -104,17 +104,28 @@ class CsvSource(Source):
 
     def partitions(self) -> list[Partition]:
         files = resolve_files(self.paths, (".csv", ".tsv", ".txt"), self.label, self.storage_options)
-        heads = _heads(files, self.pandas_kwargs)
-        columns = [_csv_columns(fs, path, self.pandas_kwargs, self.storage_options, self.label, heads.get(path))
-                   for fs, path, _ in files]
-        orders = check_same_columns([full_path(fs, path) for fs, path, _ in files], columns, self.label)
+        paths = [full_path(fs, path) for fs, path, _ in files]
         token = tokenize("csv", self.pandas_kwargs)
+        if any(is_local(fs) for fs, _, _ in files):
+            # Local headers cost microseconds: every file is checked now, before any task.
+            columns = [_csv_columns(fs, path, self.pandas_kwargs, self.storage_options, self.label)
+                       for fs, path, _ in files]
+            orders = check_same_columns(paths, columns, self.label)
+            checks: list[dict[str, Any]] = [{"options_token": with_order(token, order), "columns": order}
+                                            for order in orders]
+        else:
+            # On an object store each header is a round trip: planning reads the
+            # first file's, as dask.dataframe does, and every other file is held
+            # to it as it loads (the same DataError, naming both files).
+            fs, path, _ = files[0]
+            expected = _csv_columns(fs, path, self.pandas_kwargs, self.storage_options, self.label)
+            held = {"options_token": tokenize(token, expected), "expected": expected, "expected_from": paths[0]}
+            checks = [held] * len(files)
         parts: list[Partition] = []
-        for (fs, path, info), order in zip(files, orders):
+        for (fs, path, info), check in zip(files, checks):
             size, version = file_version(fs, path, info)
             common = dict(path=full_path(fs, path), size=size, mtime_ns=version, source=self.label,
-                          options_token=with_order(token, order), columns=order,
-                          storage_options=self.storage_options)
+                          storage_options=self.storage_options, **check)
             for spec in self._plan_file(fs, path, size):
                 parts.append(CsvPartition(index=len(parts), **common, **spec))
         return parts
@@ -220,35 +231,8 @@ def _probe_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
     return probe
 
 
-#: How much of each CSV file on an object store planning fetches to read its header.
-_HEAD_BYTES = 1 << 18
-
-
-def _heads(files: list[tuple[Any, str, Any]], kwargs: dict[str, Any]) -> dict[str, bytes]:
-    """The first bytes of every uncompressed file on an object store, fetched in one batch.
-
-    One request per file, all at once: asking pandas file by file would pay an
-    object store's round trips one after another (and twice each).
-    """
-    remote = [(fs, path) for fs, path, _ in files if not is_local(fs) and not _compression(path, kwargs)]
-    if not remote:
-        return {}
-    fs = remote[0][0]
-    paths = [path for other, path in remote if other is fs]
-    try:
-        chunks = fs.cat_ranges(paths, [0] * len(paths), [_HEAD_BYTES] * len(paths), on_error="return")
-    except Exception:  # each file's header is then read on its own, with its own error
-        return {}
-    return {path: chunk for path, chunk in zip(paths, chunks) if isinstance(chunk, bytes)}
-
-
 def _csv_columns(fs: Any, path: str, kwargs: dict[str, Any], storage_options: dict[str, Any] | None,
-                 label: str, head: bytes | None = None) -> tuple:
-    if head is not None and b"\n" in head:
-        try:
-            return tuple(pd.read_csv(io.BytesIO(head), **_probe_kwargs(kwargs)).columns)
-        except Exception:  # a header longer than the head, a quote left open...: read the file itself
-            pass
+                 label: str) -> tuple:
     where = full_path(fs, path)
     storage = {"storage_options": storage_options} if storage_options and is_url(where) else {}
     try:

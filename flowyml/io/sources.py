@@ -80,6 +80,10 @@ class Partition:
     storage_options : dict or None
         How to reach ``path`` (credentials, endpoint); travels to the worker
         with the partition, never shown.
+    expected, expected_from : tuple and str, or None
+        The columns this file must have (in any order), and the file that had
+        them, when they are checked as the partition loads rather than at
+        planning (CSV on an object store); the frame is reordered to them.
     """
 
     index: int
@@ -91,6 +95,8 @@ class Partition:
     read_kwargs: dict[str, Any] = field(default_factory=dict, hash=False, repr=False)
     columns: tuple | None = None
     storage_options: dict[str, Any] | None = field(default=None, compare=False, repr=False)
+    expected: tuple | None = field(default=None, repr=False)
+    expected_from: str | None = field(default=None, repr=False)
 
     def load(self) -> pd.DataFrame:
         """Read exactly this partition's rows.
@@ -105,6 +111,11 @@ class Partition:
             self._check_unchanged()
         try:
             frame = self._read()
+            if self.expected is not None:
+                found = tuple(frame.columns)
+                order = check_same_columns([self.expected_from or "", self.path], [self.expected, found],
+                                           self.source)[1]
+                return frame if order is None else frame[list(order)]
             return frame if self.columns is None else frame[list(self.columns)]
         except DataError:
             raise
