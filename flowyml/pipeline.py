@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 from .exceptions import DuplicateNameError, PipelineError
 from .plan import Plan, Planner
-from .step import Binding, Step, step as make_step
+from .step import Binding, Step
+from .step import step as make_step
 
 if TYPE_CHECKING:
     from .executors import ParallelExecutor

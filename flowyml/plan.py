@@ -195,7 +195,7 @@ def _order(
         if state.get(step) == 2 or step not in steps:
             return
         if state.get(step) == 1:
-            loop = path[path.index(step) :] + [step]
+            loop = [*path[path.index(step):], step]
             raise CycleError(
                 f"pipeline {name!r} has a cycle: {' -> '.join(loop)}; "
                 f"a step cannot depend on its own outputs",

@@ -28,9 +28,10 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Mapping, TextIO
+from typing import Any, TextIO
 
 from .status import Status
 

@@ -10,8 +10,8 @@ from datetime import datetime
 from typing import Any
 
 from .bulk import no_gc_passes
-from .secrets import scrub
 from .exceptions import OutputNotFoundError, StepFailed
+from .secrets import scrub
 from .status import Status
 
 __all__ = ["PipelineResult", "StepResult", "TaskRecord"]

@@ -11,9 +11,9 @@ import logging
 import os
 import time
 import uuid
-from functools import partial
 from collections.abc import Hashable, Mapping
-from datetime import datetime, timezone
+from datetime import UTC, datetime
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from .cache import open_cache, plan_cached_run, warn_stale
@@ -67,7 +67,7 @@ def run_plan(
     on_failure, executor = run_settings(on_failure, executor)
     run_id = uuid.uuid4().hex[:8]
     mode = CONTINUE if on_failure == OnFailure.CONTINUE else RAISE
-    started_at = datetime.now(timezone.utc)
+    started_at = datetime.now(UTC)
     start = time.perf_counter()
     # Checked before a pool or cluster starts: a typo'd glob or an unpicklable
     # param should cost nothing to find. Compiled before it too: a run whose
@@ -239,8 +239,8 @@ def _begin_sinks(plan: Plan, graph: CompiledGraph, dsk: Mapping[Hashable, Any], 
 
 def _local_paths(plan: Plan, source_partitions: Mapping[str, list[Any]], cache: Any) -> list[Any]:
     """The local paths this run reads or writes: a cluster's workers must see them too."""
-    from .io.shared import LocalPath
     from .io.filesystem import is_url
+    from .io.shared import LocalPath
 
     paths = []
     for s in plan.steps:
@@ -364,7 +364,7 @@ class RunRecorder:
             self.add_missing(dict(outcome.inner or ()))
             if key not in self._records:
                 self._records[key] = outcome
-        
+
     def records(self) -> dict[Hashable, Outcome]:
         """Key -> the task's Outcome (without its value)."""
         return self._records

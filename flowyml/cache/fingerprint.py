@@ -55,7 +55,8 @@ import sysconfig
 import textwrap
 import types
 import uuid
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 from dask.tokenize import TokenizationError, normalize_token, tokenize

@@ -338,7 +338,7 @@ class Cache:
             "type": type_name(value),
             "size": len(payload),
             "checksum": "sha256:" + hashlib.sha256(payload).hexdigest(),
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(),
+            "created": _dt.datetime.now(_dt.UTC).isoformat(),
             "python": platform.python_version(),
             "pandas": pd.__version__,
             "pyarrow": pyarrow.__version__,
@@ -378,7 +378,7 @@ class Cache:
             temporary += 1
 
         def as_datetime(stamp: float | None) -> _dt.datetime | None:
-            return None if stamp is None else _dt.datetime.fromtimestamp(stamp, _dt.timezone.utc)
+            return None if stamp is None else _dt.datetime.fromtimestamp(stamp, _dt.UTC)
 
         return {
             "directory": self.shown,

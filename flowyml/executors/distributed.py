@@ -62,7 +62,7 @@ from ..exceptions import BackendError, StepFailed, WorkerDiedError
 from ..logs import LOG_TOPIC, forwarding_level, install_forwarding, replay
 from .base import Backend, RunHooks, register
 
-__all__ = ["DistributedBackend", "EVENT_TOPIC", "FlowymlPlugin"]
+__all__ = ["EVENT_TOPIC", "DistributedBackend", "FlowymlPlugin"]
 
 log = logging.getLogger("flowyml")
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 from flowyml.report.formatting import Run, esc, fmt_seconds, natural_key, one_line, parse_started_at, task_seconds
 
@@ -143,7 +144,7 @@ def _fmt_tick(seconds: float, tick: float) -> str:
         return f"{seconds:.{decimals}f}s"
     if tick < 60:
         return f"{seconds:.0f}s"
-    minutes, secs = divmod(int(round(seconds)), 60)
+    minutes, secs = divmod(round(seconds), 60)
     if tick < 3600:
         return f"{minutes}m" if secs == 0 else f"{minutes}m{secs:02d}s"
     hours, minutes = divmod(minutes, 60)
