@@ -108,6 +108,7 @@ class Planner:
         given = {**sources, **dict(inputs or {})}
         if outputs is not None:
             outputs = tuple([outputs] if isinstance(outputs, str) else outputs)
+        memo: tuple[frozenset[str], tuple[str, ...] | None] | None
         memo = (frozenset(inputs or ()), outputs)
         try:
             shape = self._shapes.get(memo)

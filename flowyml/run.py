@@ -101,7 +101,7 @@ def run_plan(
                 recorder.task_finished(key, outcome)
         try:
             with recorder:
-                if cached is not None and cached.loads_only:
+                if cached is not None and cached.loads_only and cache is not None:
                     log.info("pipeline %r run %s: everything cached in %s", plan.pipeline, run_id, cache.shown)
                     values = _load_here(dsk, graph.output_keys, recorder)
                 else:
@@ -112,6 +112,7 @@ def run_plan(
             if round_number == MAX_CACHE_ROUNDS:
                 _abort_sinks(plan, run_id)
                 raise
+            assert cache is not None, "only a run with a cache loads entries"
             warn_stale(cache, exc)  # and plan again: what finished meanwhile is cached now
             continue
         except BaseException as exc:
@@ -126,6 +127,7 @@ def run_plan(
             if earlier is not None:  # tasks an earlier round ran are reported as run, not cached
                 recorder.keep_earlier(earlier)
         break
+    assert recorder is not None, "every round makes one"
     results = dict(zip(graph.output_keys, values))
     outcomes = {key: value for key, value in results.items() if type(value) is Outcome}
     recorder.add_missing(outcomes)
@@ -251,9 +253,9 @@ def _local_paths(plan: Plan, source_partitions: Mapping[str, list[Any]], cache: 
         paths.append(LocalPath("folder", "the cache", str(cache.directory)))
     for name, parts in source_partitions.items():
         first = parts[0] if parts else None
-        path = getattr(first, "path", None)
-        if isinstance(path, str) and not is_url(path) and getattr(first, "size", None) is not None:
-            paths.append(LocalPath("file", f"source {name!r}", path.removeprefix("file://"), first.size))
+        path, size = getattr(first, "path", None), getattr(first, "size", None)
+        if isinstance(path, str) and not is_url(path) and size is not None:
+            paths.append(LocalPath("file", f"source {name!r}", path.removeprefix("file://"), size))
     return paths
 
 

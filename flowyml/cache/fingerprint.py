@@ -342,7 +342,7 @@ def _memoized(obj: Any, walk: Walk, describe: Callable[[Any, Walk], Any]) -> Any
 
 def _describe_function(func: types.FunctionType, walk: Walk) -> Any:
     code = func.__code__
-    closure = ()
+    closure: tuple[tuple[str, Any], ...] = ()
     if func.__closure__:
         cells = []
         for name, cell in zip(code.co_freevars, func.__closure__):

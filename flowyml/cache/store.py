@@ -49,7 +49,7 @@ import re
 import secrets
 import struct
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import Any, cast
 
 import pandas as pd
 import pyarrow
@@ -190,7 +190,7 @@ class Cache:
         """The file (a ``Path``) or object (its path on the filesystem) that holds the entry for ``key``."""
         _check_key(key)
         if self.local:
-            return self.directory / key[:2] / f"{key}{_ENTRY_SUFFIX}"
+            return cast(pathlib.Path, self.directory) / key[:2] / f"{key}{_ENTRY_SUFFIX}"
         return f"{self._root}/{key[:2]}/{key}{_ENTRY_SUFFIX}"
 
     def _tag_directory(self) -> None:
@@ -204,11 +204,11 @@ class Cache:
             except OSError as exc:
                 raise storage_error(exc, "the cache", str(self.directory)) from exc
             return
-        tag = self.directory / "CACHEDIR.TAG"
-        if tag.exists():
+        local_tag = cast(pathlib.Path, self.directory) / "CACHEDIR.TAG"
+        if local_tag.exists():
             return
         try:
-            with open(tag, "x", encoding="ascii") as handle:
+            with open(local_tag, "x", encoding="ascii") as handle:
                 handle.write(_CACHEDIR_TAG)
         except OSError:
             pass  # another process wrote it, or a read-only cache: not needed to work
@@ -302,7 +302,7 @@ class Cache:
         """
         return self._read(key)[1]
 
-    def _read(self, key: str) -> tuple[Any, dict[str, Any], bytes]:
+    def _read(self, key: str) -> tuple[Any, dict[str, Any], memoryview]:
         """The entry's path, checked header and payload; CacheError when missing or damaged."""
         path = self.entry_path(key)
         try:
@@ -440,13 +440,13 @@ class Cache:
 
     def _shards(self) -> list[pathlib.Path]:
         try:
-            children = list(self.directory.iterdir())
+            children = list(cast(pathlib.Path, self.directory).iterdir())
         except FileNotFoundError:
             return []
         return [child for child in children if len(child.name) == 2 and child.is_dir()]
 
     def _files(self, suffix: str) -> list[pathlib.Path]:
-        found = []
+        found: list[pathlib.Path] = []
         for shard in self._shards():
             try:
                 names = os.listdir(shard)

@@ -68,7 +68,7 @@ class CsvPartition(Partition):
         where = display_path(self.path)
         if self.offset is None:
             return where
-        return f"{where} (bytes {self.offset}-{self.offset + self.length})"
+        return f"{where} (bytes {self.offset}-{self.offset + self.length})"  # type: ignore[operator]  # a block has both
 
     def _hint(self) -> str:
         if self.offset:
@@ -180,7 +180,7 @@ def read_csv(paths: Any, *, blocksize: int | str | None = None, **pandas_kwargs:
     return CsvSource(paths, blocksize, pandas_kwargs)
 
 
-def _parse_blocksize(blocksize: int | str | None, source: str) -> int | None:
+def _parse_blocksize(blocksize: object, source: str) -> int | None:  # checks whatever the user gave
     if blocksize is None:
         return None
     problem = (f"{source}: blocksize={blocksize!r} is not a size; give a positive number of bytes "
