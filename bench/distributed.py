@@ -133,22 +133,25 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("distributed").setLevel(logging.ERROR)
 
     rows = []
-    with LocalCluster(
-        n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
-        dashboard_address="127.0.0.1:0", silence_logs=logging.ERROR,
-    ) as cluster, Client(cluster, set_as_default=False) as client:
-        with ParallelExecutor(client=client) as executor:
-            for n in args.sizes:
-                for shape in args.shapes:
-                    pipeline = flowyml_pipeline(n, shape)
-                    time_by_hand(client, n, shape)  # warm both paths (imports, worker caches)
-                    time_flowyml(executor, pipeline, n)
-                    hand, ours = [], []
-                    for _ in range(args.repeats):
-                        hand.append(time_by_hand(client, n, shape))
-                        ours.append(time_flowyml(executor, pipeline, n))
-                    rows.append((shape, n, statistics.median(hand), statistics.median(ours)))
-                    print(f"  {shape} N={n}: by hand {_fmt(hand)}; flowyml {_fmt(ours)}", flush=True)
+    with (
+        LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+            dashboard_address="127.0.0.1:0", silence_logs=logging.ERROR,
+        ) as cluster,
+        Client(cluster, set_as_default=False) as client,
+        ParallelExecutor(client=client) as executor,
+    ):
+        for n in args.sizes:
+            for shape in args.shapes:
+                pipeline = flowyml_pipeline(n, shape)
+                time_by_hand(client, n, shape)  # warm both paths (imports, worker caches)
+                time_flowyml(executor, pipeline, n)
+                hand, ours = [], []
+                for _ in range(args.repeats):
+                    hand.append(time_by_hand(client, n, shape))
+                    ours.append(time_flowyml(executor, pipeline, n))
+                rows.append((shape, n, statistics.median(hand), statistics.median(ours)))
+                print(f"  {shape} N={n}: by hand {_fmt(hand)}; flowyml {_fmt(ours)}", flush=True)
 
     print()
     print(f"{'shape':<11} {'tasks':>7} {'by hand (s)':>12} {'flowyml (s)':>12} {'ratio':>6} {'overhead/task':>14}")

@@ -34,11 +34,11 @@ HERE = Path(__file__).resolve().parent
 sys.path[0] = str(HERE.parent)  # the repo root (bench/distributed.py would shadow distributed)
 sys.path.append(str(HERE))
 
-from datagen import make_csv_dataset  # noqa: E402
-from partitions import DaskScheduler, timed  # noqa: E402
-
 from flowyml import ParallelExecutor, Pipeline, read_csv, step, write_parquet  # noqa: E402
 from tests.services import S3Server, free_port  # noqa: E402
+
+from datagen import make_csv_dataset  # noqa: E402
+from partitions import DaskScheduler, timed  # noqa: E402
 
 BACKENDS = ["sync", "thread", "process", "distributed"]
 

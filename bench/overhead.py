@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import logging
 import os
 import platform
@@ -53,6 +54,7 @@ import dask.threaded  # noqa: E402
 from flowyml import ParallelExecutor, Pipeline  # noqa: E402
 from flowyml.compile import compile_plan  # noqa: E402
 from flowyml.tasks import RAISE  # noqa: E402
+
 from workload import burn, combine, link, noop  # noqa: E402
 
 WORKERS = 2
@@ -388,7 +390,7 @@ def breakdown(n: int, repeats: int) -> None:
         start = clock()
         dask.local.get_sync(dsk, keys)
         marks.append(("raw Dask get_sync, same graph", clock() - start + marks[-1][1]))
-        for (_, before), (name, after) in zip(marks, marks[1:]):
+        for (_, before), (name, after) in itertools.pairwise(marks):
             best[name] = min(best.get(name, float("inf")), 1e6 * (after - before) / (n + 1))
     for name, value in best.items():
         print(f"  {name:<42}{value:7.2f} us/task")

@@ -42,9 +42,9 @@ HERE = Path(__file__).resolve().parent
 sys.path[0] = str(HERE.parent)
 sys.path.append(str(HERE))
 
-from datagen import make_csv_dataset, make_parquet_dataset  # noqa: E402
-
 from flowyml import ParallelExecutor, Pipeline, read_csv, read_parquet, step, write_parquet  # noqa: E402
+
+from datagen import make_csv_dataset, make_parquet_dataset  # noqa: E402
 
 DATA = HERE / "_data"
 BACKENDS = ["sync", "thread", "process", "distributed"]

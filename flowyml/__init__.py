@@ -21,7 +21,6 @@ from __future__ import annotations
 import logging
 
 from .context import TaskContext, current_task
-from .io import read_csv, read_parquet, write_csv, write_parquet
 from .exceptions import (
     BackendError,
     CommitConflictError,
@@ -41,6 +40,7 @@ from .exceptions import (
     WorkerDiedError,
 )
 from .executors import ParallelExecutor
+from .io import read_csv, read_parquet, write_csv, write_parquet
 from .pipeline import Pipeline
 from .result import PipelineResult, StepResult, TaskRecord
 from .step import Step, step

@@ -34,17 +34,17 @@ from __future__ import annotations
 
 import multiprocessing
 import time
-from collections.abc import Callable, Container, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 __all__ = [
     "arrow_to_pandas",
-    "seeded_graph",
     "drop_topics",
     "graph_expression",
     "multiprocessing_get_id",
     "pool_is_broken",
     "pool_processes",
+    "seeded_graph",
     "topic_events",
     "wait_until_readable",
 ]

@@ -124,7 +124,7 @@ def compile_plan(
         Already-resolved partitions per source; resolved here when absent.
     """
     resolved = dict(source_partitions or {})
-    counts = []
+    counts: list[int | None] = []
     for name, value in plan.inputs.items():
         if is_source(value):
             if name not in resolved:
@@ -169,7 +169,7 @@ class _Layout:
         self.shared: dict[str, Any] = {}  # lookups the graphs derive once (CompiledGraph.task_step)
         for name, value in plan.inputs.items():
             if is_source(value):
-                keys = [(name + key_suffix, i) for i in range(len(resolved[name]))]
+                keys: list[Key] = [(name + key_suffix, i) for i in range(len(resolved[name]))]
                 self.entries.extend([(key, _SOURCE, name, i, ()) for i, key in enumerate(keys)])
                 self._record(name, keys, len(keys), True)
                 self.assets[name] = AssetRef(name, tuple(keys), partitioned=True)
@@ -187,8 +187,8 @@ class _Layout:
         for key, kind, what, partition, arguments in self.entries:
             if kind == _STEP:
                 dsk[key] = (StepTask(what, partition, run_id, mode), *arguments)
-            elif kind == _SOURCE:
-                dsk[key] = (SourceTask(what, resolved[what][partition], partition, run_id, mode),)
+            elif kind == _SOURCE:  # a source's entries always carry their partition's index
+                dsk[key] = (SourceTask(what, resolved[what][partition], partition, run_id, mode),)  # type: ignore[index, arg-type]
             elif kind == _VALUE:
                 dsk[key] = (ValueTask(what, inputs[what], run_id, mode),)
             else:
@@ -204,7 +204,7 @@ class _Layout:
     def _add_step(self, s: Step, plan: Plan, suffix: str) -> None:
         assets = self.assets
         name = s.name + suffix
-        resources = s.resources and dict(s.resources)
+        resources = dict(s.resources) if s.resources is not None else None
         if not s.inputs:  # a first step: nothing to wire (a comprehension costs, even an empty one)
             refs: list[AssetRef] = []
             driver = None
@@ -227,7 +227,7 @@ class _Layout:
             return
 
         def arguments_of(index: int) -> tuple:
-            out = []
+            out: list[Any] = []
             for i, ref in enumerate(refs):
                 if i == driver:
                     out.append(ref.keys[index])
@@ -239,7 +239,7 @@ class _Layout:
 
         # Partitions (``driver``), or a sink fed by a whole asset, written as one partition.
         count = len(refs[driver].keys) if driver is not None else 1
-        keys = [(name, i) for i in range(count)]
+        keys: list[Key] = [(name, i) for i in range(count)]
         self.entries.extend([(key, _STEP, spec, i, arguments_of(i)) for i, key in enumerate(keys)])
         if s.finalize is not None:
             self.entries.append((name, _FINALIZE, s, None, (list(keys),)))

@@ -12,8 +12,9 @@ Sinks (``write_parquet``), log records and the cache read it; users may too::
 from __future__ import annotations
 
 import contextvars
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator, NamedTuple
+from typing import NamedTuple
 
 __all__ = ["TaskContext", "current_task"]
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from .io import read_csv, write_parquet
 from .exceptions import DataError
+from .io import read_csv, write_parquet
 from .pipeline import Pipeline
 from .step import step
 

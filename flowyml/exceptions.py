@@ -29,6 +29,11 @@ the fix.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .result import PipelineResult
+
 __all__ = [
     "BackendError",
     "CacheError",
@@ -165,7 +170,14 @@ class StepFailed(FlowymlError):
         The partition that failed, for per-partition steps.
     attempt : int
         Which attempt failed last (1 for the first).
+    result : PipelineResult
+        Set on the error a run raises: what the run got done before it
+        stopped (see ``docs/results.md``). Absent on one raised elsewhere.
     """
+
+    # Declared for type checkers only: the run sets it (run.py), so an error
+    # raised elsewhere has none, as before.
+    result: PipelineResult
 
     def __init__(
         self,

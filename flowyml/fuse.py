@@ -51,7 +51,7 @@ class FusedTask:
             results.append(func(*[arguments[r] if r >= 0 else results[-r - 1] for r in refs]))
         last = results[-1]
         if type(last) is Outcome:
-            inner = []
+            inner: list[Any] = []
             for key, outcome in zip(self.keys, results[:-1]):
                 if type(outcome) is Outcome:
                     inner.extend(outcome.inner or ())

@@ -235,7 +235,7 @@ def replay(item: Payload) -> None:
     tag = step if partition is None else f"{step}[{partition}]"
     extra = {key: item[key] for key in ("step", "partition", "attempt", "run_id", "worker", "origin")}
     record = logger.makeRecord(
-        logger.name, level, item["pathname"], item["lineno"], f"{tag}: {item['msg']}", None, None,
+        logger.name, level, item["pathname"], item["lineno"], f"{tag}: {item['msg']}", (), None,
         func=item["funcName"], extra=extra,
     )
     record.created = item["created"]

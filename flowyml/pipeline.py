@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 from .exceptions import DuplicateNameError, PipelineError
 from .plan import Plan, Planner
-from .step import Binding, Step, step as make_step
+from .step import Binding, Step
+from .step import step as make_step
 
 if TYPE_CHECKING:
     from .executors import ParallelExecutor
@@ -105,10 +106,12 @@ class Pipeline:
         be added many times under different names.
         """
         base = step_or_function if isinstance(step_or_function, Step) else make_step(step_or_function)
-        overrides = {key: value for key, value in step_options.items()}
-        for key, value in (("name", name), ("params", params), ("inputs", inputs), ("outputs", outputs)):
+        overrides = dict(step_options)
+        for key, value in (("name", name), ("inputs", inputs), ("outputs", outputs)):
             if value is not None:
-                overrides[key] = dict(value) if key == "params" else value
+                overrides[key] = value
+        if params is not None:
+            overrides["params"] = dict(params)
         added = base.with_options(**overrides) if overrides else base
         self._check_names(added)
         binding = added.bind()

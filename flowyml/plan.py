@@ -108,6 +108,7 @@ class Planner:
         given = {**sources, **dict(inputs or {})}
         if outputs is not None:
             outputs = tuple([outputs] if isinstance(outputs, str) else outputs)
+        memo: tuple[frozenset[str], tuple[str, ...] | None] | None
         memo = (frozenset(inputs or ()), outputs)
         try:
             shape = self._shapes.get(memo)
@@ -195,7 +196,7 @@ def _order(
         if state.get(step) == 2 or step not in steps:
             return
         if state.get(step) == 1:
-            loop = path[path.index(step) :] + [step]
+            loop = [*path[path.index(step):], step]
             raise CycleError(
                 f"pipeline {name!r} has a cycle: {' -> '.join(loop)}; "
                 f"a step cannot depend on its own outputs",

@@ -28,9 +28,10 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Mapping, TextIO
+from typing import Any, TextIO
 
 from .status import Status
 
@@ -301,16 +302,18 @@ class Progress:
 
     def _draw(self, now: float) -> None:
         """Push new counts and the running steps to the bar; called with the lock held."""
+        bar = self._bar
+        assert bar is not None, "drawn only when the progress has a bar"
         self._last_draw = now
         postfix = self._postfix_text()
         if postfix != self._postfix:
             self._postfix = postfix
-            self._bar.set_postfix_str(postfix, refresh=False)
+            bar.set_postfix_str(postfix, refresh=False)
         if self._done > self._drawn:
-            self._bar.update(self._done - self._drawn)  # draws too (mininterval=0)
+            bar.update(self._done - self._drawn)  # draws too (mininterval=0)
             self._drawn = self._done
         else:
-            self._bar.refresh()
+            bar.refresh()
 
     def refresh(self) -> None:
         """Redraw the bar now (counts, running steps, elapsed time)."""

@@ -223,6 +223,7 @@ def _replace(func: Any, target: tuple[str, int | None], new: Callable[[Any], Any
 
 def _after_death(task: tuple, worker: DeadWorker) -> tuple:
     """The graph entry to run next for a task whose attempt died with ``worker``."""
+    assert worker.running is not None, "_culprits keeps only deaths with a known attempt"
     step, partition, attempt = worker.running
     where = f"step {step!r}" + (f", partition {partition}" if partition is not None else "")
     message = (f"the worker process (pid {worker.pid}) running {where} attempt {attempt} died: "

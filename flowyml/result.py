@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import os
 import traceback
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from .bulk import no_gc_passes
-from .secrets import scrub
 from .exceptions import OutputNotFoundError, StepFailed
+from .secrets import scrub
 from .status import Status
 
 __all__ = ["PipelineResult", "StepResult", "TaskRecord"]
@@ -111,7 +111,7 @@ class PipelineResult:
         duration_s: float,
         outputs: dict[str, Any],
         steps: dict[str, StepResult] | Callable[[], dict[str, StepResult]],
-        tasks: list[TaskRecord] | Callable[[], list[TaskRecord]] = (),
+        tasks: Sequence[TaskRecord] | Callable[[], list[TaskRecord]] = (),
         dashboard_link: str | None = None,
         extra_report_html: str | None = None,
         success: bool | None = None,
@@ -279,7 +279,7 @@ def step_results(
         out[name] = StepResult(
             name=name,
             status=status,
-            duration_s=stop - start if tasks else 0.0,
+            duration_s=stop - start if start is not None and stop is not None else 0.0,
             attempts=attempts,
             partitions=partitions.get(name),
             cached_partitions=cached_partitions,

@@ -11,9 +11,9 @@ import logging
 import os
 import time
 import uuid
-from functools import partial
 from collections.abc import Hashable, Mapping
-from datetime import datetime, timezone
+from datetime import UTC, datetime
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from .cache import open_cache, plan_cached_run, warn_stale
@@ -67,7 +67,7 @@ def run_plan(
     on_failure, executor = run_settings(on_failure, executor)
     run_id = uuid.uuid4().hex[:8]
     mode = CONTINUE if on_failure == OnFailure.CONTINUE else RAISE
-    started_at = datetime.now(timezone.utc)
+    started_at = datetime.now(UTC)
     start = time.perf_counter()
     # Checked before a pool or cluster starts: a typo'd glob or an unpicklable
     # param should cost nothing to find. Compiled before it too: a run whose
@@ -101,7 +101,7 @@ def run_plan(
                 recorder.task_finished(key, outcome)
         try:
             with recorder:
-                if cached is not None and cached.loads_only:
+                if cached is not None and cached.loads_only and cache is not None:
                     log.info("pipeline %r run %s: everything cached in %s", plan.pipeline, run_id, cache.shown)
                     values = _load_here(dsk, graph.output_keys, recorder)
                 else:
@@ -112,6 +112,7 @@ def run_plan(
             if round_number == MAX_CACHE_ROUNDS:
                 _abort_sinks(plan, run_id)
                 raise
+            assert cache is not None, "only a run with a cache loads entries"
             warn_stale(cache, exc)  # and plan again: what finished meanwhile is cached now
             continue
         except BaseException as exc:
@@ -126,6 +127,7 @@ def run_plan(
             if earlier is not None:  # tasks an earlier round ran are reported as run, not cached
                 recorder.keep_earlier(earlier)
         break
+    assert recorder is not None, "every round makes one"
     results = dict(zip(graph.output_keys, values))
     outcomes = {key: value for key, value in results.items() if type(value) is Outcome}
     recorder.add_missing(outcomes)
@@ -239,8 +241,8 @@ def _begin_sinks(plan: Plan, graph: CompiledGraph, dsk: Mapping[Hashable, Any], 
 
 def _local_paths(plan: Plan, source_partitions: Mapping[str, list[Any]], cache: Any) -> list[Any]:
     """The local paths this run reads or writes: a cluster's workers must see them too."""
-    from .io.shared import LocalPath
     from .io.filesystem import is_url
+    from .io.shared import LocalPath
 
     paths = []
     for s in plan.steps:
@@ -251,9 +253,9 @@ def _local_paths(plan: Plan, source_partitions: Mapping[str, list[Any]], cache: 
         paths.append(LocalPath("folder", "the cache", str(cache.directory)))
     for name, parts in source_partitions.items():
         first = parts[0] if parts else None
-        path = getattr(first, "path", None)
-        if isinstance(path, str) and not is_url(path) and getattr(first, "size", None) is not None:
-            paths.append(LocalPath("file", f"source {name!r}", path.removeprefix("file://"), first.size))
+        path, size = getattr(first, "path", None), getattr(first, "size", None)
+        if isinstance(path, str) and not is_url(path) and size is not None:
+            paths.append(LocalPath("file", f"source {name!r}", path.removeprefix("file://"), size))
     return paths
 
 
@@ -364,7 +366,7 @@ class RunRecorder:
             self.add_missing(dict(outcome.inner or ()))
             if key not in self._records:
                 self._records[key] = outcome
-        
+
     def records(self) -> dict[Hashable, Outcome]:
         """Key -> the task's Outcome (without its value)."""
         return self._records

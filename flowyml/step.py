@@ -12,13 +12,18 @@ import dataclasses
 import inspect
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, ParamSpec, TypedDict, TypeVar, Unpack, overload
 
 from .exceptions import ParameterError, PipelineError
 
 __all__ = ["Binding", "Step", "step"]
 
 _POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+
+# A step's parameters and return type, so that ``@step`` keeps the decorated
+# function's signature for type checkers and editors (``Step[P, R]``).
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 @dataclass(frozen=True)
@@ -36,11 +41,13 @@ class Binding:
 
 
 @dataclass(frozen=True, eq=False)
-class Step:
+class Step(Generic[P, R]):
     """A function with the options a pipeline runs it under.
 
     Build one with :func:`step`; ``Pipeline.add_step`` makes renamed or
-    re-parametrized copies with :meth:`with_options`.
+    re-parametrized copies with :meth:`with_options`. A ``Step[P, R]`` calls
+    like the ``Callable[P, R]`` it wraps, so type checkers and editors see the
+    function's own parameters and return type.
 
     Examples
     --------
@@ -53,7 +60,7 @@ class Step:
     ('doubled',)
     """
 
-    func: Callable[..., Any]
+    func: Callable[P, R]
     name: str
     inputs: tuple[str, ...] = ()
     outputs: tuple[str, ...] | None = None
@@ -79,7 +86,7 @@ class Step:
     def __post_init__(self) -> None:
         _check_options(self)
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
         return self.func(*args, **kwargs)
 
     def __repr__(self) -> str:
@@ -90,7 +97,7 @@ class Step:
         """The assets this step produces: its ``outputs``, else its own name."""
         return self.outputs if self.outputs is not None else (self.name,)
 
-    def with_options(self, **options: Any) -> Step:
+    def with_options(self, **options: Any) -> Step[P, R]:
         """A copy with some fields replaced (``name``, ``params``, ``retries``...)."""
         unknown = set(options) - {f.name for f in dataclasses.fields(self)}
         if unknown:
@@ -214,6 +221,33 @@ def _check_options(s: Step) -> None:
         raise PipelineError(f"step {s.name!r}: params must be a dict, got {type(s.params).__name__}")
 
 
+class StepOptions(TypedDict, total=False):
+    """The keyword options of :func:`step`, for type checkers (see ``step``'s overloads)."""
+
+    name: str | None
+    inputs: str | Iterable[str] | None
+    outputs: str | Iterable[str] | None
+    per_partition: bool
+    retries: int
+    retry_delay: float
+    timeout: float | None
+    tags: Iterable[str]
+    resources: Mapping[str, float] | None
+
+
+# Typed in two forms so that the decorated function keeps its signature:
+# ``@step`` and ``step(func, ...)`` give a ``Step[P, R]``; ``@step(...)`` gives
+# a decorator that turns a ``Callable[P, R]`` into a ``Step[P, R]``. The options
+# are listed once, in StepOptions; the implementation below keeps them spelt
+# out with their defaults, for ``help(step)`` and ``inspect.signature``.
+@overload
+def step(func: Callable[P, R], **options: Unpack[StepOptions]) -> Step[P, R]: ...
+
+
+@overload
+def step(func: None = None, **options: Unpack[StepOptions]) -> Callable[[Callable[P, R]], Step[P, R]]: ...
+
+
 def step(
     func: Callable[..., Any] | None = None,
     *,
@@ -226,7 +260,7 @@ def step(
     timeout: float | None = None,
     tags: Iterable[str] = (),
     resources: Mapping[str, float] | None = None,
-) -> Any:
+) -> Step[..., Any] | Callable[[Callable[..., Any]], Step[..., Any]]:
     """Mark a function as a pipeline step; usable bare (``@step``) or with options.
 
     Parameters
@@ -268,7 +302,7 @@ def step(
     ('load',)
     """
 
-    def make(function: Callable[..., Any]) -> Step:
+    def make(function: Callable[..., Any]) -> Step[..., Any]:
         if isinstance(function, Step):
             function = function.func
         step_name = name or getattr(function, "__name__", None) or type(function).__name__

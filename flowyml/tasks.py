@@ -211,7 +211,8 @@ def outcome_from_event(message: list[Any]) -> Outcome:
     import pickle
 
     *fields, error = message
-    return Outcome(None, *fields, pickle.loads(error) if error is not None else None)
+    # fields are Outcome's seven report slots (step ... worker): mypy cannot count a list.
+    return Outcome(None, *fields, pickle.loads(error) if error is not None else None)  # type: ignore[call-arg]
 
 
 # -- specs --------------------------------------------------------------------------
@@ -376,7 +377,7 @@ class StepTask(_TaskBase):
                     inputs = [_argument(value, arg) for value, arg in zip(raw, spec.args)]
                 except _Upstream:
                     return self._report(None, spec.name, self.partition, SKIPPED, 0, start)
-            args = inputs if spec.in_order else [inputs[i] for i in spec.order]
+            args: Sequence[Any] = inputs if spec.in_order else [inputs[i] for i in spec.order]
             if spec.keyword:
                 kwargs = {name: inputs[i] for name, i in spec.keyword}
                 kwargs.update(spec.params)

@@ -38,7 +38,8 @@ import signal
 import sys
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import cloudpickle
 
@@ -244,7 +245,7 @@ def _write_all(fd: int, data: bytes) -> None:
 
 def _read_until(fd: int, deadline: float) -> tuple[bytes, bool]:
     """Everything the child writes until it closes the pipe, or until ``deadline``."""
-    chunks = []
+    chunks: list[bytes] = []
     while True:
         remaining = deadline - time.monotonic()
         if remaining <= 0:

@@ -30,7 +30,8 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
-from typing import Any, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 from flowyml.exceptions import FlowymlError
 

@@ -20,13 +20,13 @@ from . import pipelines
 
 def test_duplicate_step_name():
     pipeline = Pipeline("p").add_step(pipelines.process_chunk, params={"chunk_id": 1})
-    with pytest.raises(DuplicateNameError, match="already has a step named 'process_chunk'.*name="):
+    with pytest.raises(DuplicateNameError, match=r"already has a step named 'process_chunk'.*name="):
         pipeline.add_step(pipelines.process_chunk, params={"chunk_id": 2})
 
 
 def test_duplicate_output_name():
     pipeline = Pipeline("p").add_step(pipelines.numbers)
-    with pytest.raises(DuplicateNameError, match="output 'numbers' of step 'again'.*step 'numbers'"):
+    with pytest.raises(DuplicateNameError, match=r"output 'numbers' of step 'again'.*step 'numbers'"):
         pipeline.add_step(pipelines.numbers, name="again")
 
 
@@ -38,7 +38,7 @@ def test_source_and_step_clash():
 
 def test_missing_input_names_step_and_fix():
     pipeline = Pipeline("p").add_step(pipelines.split)
-    with pytest.raises(MissingInputError, match="step 'split' needs input 'numbers'.*add_source"):
+    with pytest.raises(MissingInputError, match=r"step 'split' needs input 'numbers'.*add_source"):
         pipeline.run(progress=False)
 
 
@@ -103,12 +103,12 @@ def test_a_run_input_that_replaces_a_looping_asset_breaks_the_loop():
 
 
 def test_unknown_params_key():
-    with pytest.raises(ParameterError, match="step 'numbers': unknown params key 'cnt'.*count"):
+    with pytest.raises(ParameterError, match=r"step 'numbers': unknown params key 'cnt'.*count"):
         Pipeline("p").add_step(pipelines.numbers, params={"cnt": 3})
 
 
 def test_required_parameter_unfilled_is_a_build_error():
-    with pytest.raises(ParameterError, match="required parameter 'chunk_id'.*params="):
+    with pytest.raises(ParameterError, match=r"required parameter 'chunk_id'.*params="):
         Pipeline("p").add_step(pipelines.process_chunk)
 
 
@@ -123,7 +123,7 @@ def test_param_also_given_as_input():
 
 
 def test_unknown_step_option():
-    with pytest.raises(ParameterError, match="unknown option.*retires"):
+    with pytest.raises(ParameterError, match=r"unknown option.*retires"):
         Pipeline("p").add_step(pipelines.numbers, retires=2)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import traceback
 import weakref
+from pathlib import Path
 
 import dask
 import pytest
@@ -203,4 +204,4 @@ def test_a_run_that_raises_carries_its_report(executor, tmp_path):
     record = stopped.to_dict()
     assert record["success"] is False and record["steps"]["_load"]["status"] == "stopped"
     page = stopped.save_report(tmp_path / "failed.html")
-    assert "_transform" in open(page, encoding="utf-8").read()
+    assert "_transform" in Path(page).read_text(encoding="utf-8")

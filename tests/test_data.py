@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from flowyml.context import TaskContext, running
-from flowyml.io import sinks
+from flowyml.exceptions import DataError, OptionError
 from flowyml.io import (
     CsvSource,
     ParquetSource,
@@ -26,10 +26,10 @@ from flowyml.io import (
     commit_output,
     read_csv,
     read_parquet,
+    sinks,
     write_parquet,
     write_partition,
 )
-from flowyml.exceptions import DataError, OptionError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -386,7 +386,7 @@ def test_glob_matching_nothing_names_the_glob(tmp_path):
 
 
 def test_missing_path_and_empty_directory_are_named(tmp_path):
-    with pytest.raises(DataError, match="missing.parquet"):
+    with pytest.raises(DataError, match=r"missing\.parquet"):
         read_parquet(tmp_path / "missing.parquet").partitions()
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="empty"):
@@ -532,8 +532,8 @@ def test_a_run_that_fails_before_commit_leaves_the_previous_output(tmp_path):
     before = {path: Path(path).read_bytes() for path in commit_first_run(out)}
     new = frames(3, seed=9)
     written = [write_partition(new[i], out, "new", i, "parquet") for i in (0, 2)]  # partition 1 failed
-    with pytest.raises(DataError, match="part-00001.parquet"):
-        commit_output(out, "new", written + [str(out / "part-00001.parquet")])
+    with pytest.raises(DataError, match=r"part-00001\.parquet"):
+        commit_output(out, "new", [*written, str(out / "part-00001.parquet")])
     assert {str(p): p.read_bytes() for p in out.iterdir()} == before
     abort_output(out, "new")
     assert staged(tmp_path) == []
@@ -634,7 +634,7 @@ def test_concurrent_commits_leave_one_runs_output_whole(tmp_path):
         barrier.wait()
         try:
             commit_output(out, run, written[run])
-        except Exception as exc:  # noqa: BLE001 - reported below
+        except Exception as exc:  # any error: reported below
             errors.append(exc)
 
     threads = [threading.Thread(target=commit, args=(run,)) for run in runs]
@@ -694,9 +694,11 @@ def test_a_series_becomes_a_one_column_frame(tmp_path):
 def test_writing_something_else_names_the_step(tmp_path):
     with pytest.raises(OptionError, match="write_parquet writes pandas DataFrames"):
         write_partition([1, 2], tmp_path / "out", "r", 0, "parquet")
-    with running(TaskContext(step="save_clean", partition=3, attempt=1, run_id="r")):
-        with pytest.raises(OptionError, match=r"step 'save_clean', partition 3: .*got dict"):
-            write_partition({"a": 1}, tmp_path / "out", "r", 3, "csv")
+    with (
+        running(TaskContext(step="save_clean", partition=3, attempt=1, run_id="r")),
+        pytest.raises(OptionError, match=r"step 'save_clean', partition 3: .*got dict"),
+    ):
+        write_partition({"a": 1}, tmp_path / "out", "r", 3, "csv")
     with pytest.raises(OptionError, match="unknown output format 'json'"):
         write_partition(frames(1)[0], tmp_path / "out", "r", 0, "json")
 

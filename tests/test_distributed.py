@@ -29,8 +29,6 @@ from flowyml.logs import TaskLogFilter
 from .pipelines import diamond
 from .services import START_TIMEOUT, Processes, start_cluster
 
-
-
 # -- steps and a source the workers import from this module ---------------------------
 
 
@@ -249,10 +247,12 @@ def test_an_unreachable_scheduler_is_a_clear_error():
     from flowyml import BackendError
 
     executor = ParallelExecutor(address="tcp://127.0.0.1:9")  # the discard port: nothing listens
-    with dask.config.set({"distributed.comm.timeouts.connect": "1s"}):
-        with pytest.raises(BackendError, match="cannot reach the Dask scheduler at 'tcp://127.0.0.1:9'"):
-            with executor:
-                pass
+    with (
+        dask.config.set({"distributed.comm.timeouts.connect": "1s"}),
+        pytest.raises(BackendError, match=r"cannot reach the Dask scheduler at 'tcp://127\.0\.0\.1:9'"),
+        executor,
+    ):
+        pass
 
 
 # -- keys, the dashboard, concurrent runs ---------------------------------------------
@@ -485,9 +485,11 @@ def test_tls_cluster_with_generated_certificates(tmp_path):
             executor.client.wait_for_workers(1, timeout=START_TIMEOUT)
             result = diamond().run(executor=executor, progress=False)
         assert result.outputs == sync_outputs(diamond())
-        with dask.config.set({"distributed.comm.timeouts.connect": "2s"}):
-            with pytest.raises(BackendError, match="TLS settings"):
-                with ParallelExecutor(address=address):
-                    pass
+        with (
+            dask.config.set({"distributed.comm.timeouts.connect": "2s"}),
+            pytest.raises(BackendError, match="TLS settings"),
+            ParallelExecutor(address=address),
+        ):
+            pass
     finally:
         processes.stop()

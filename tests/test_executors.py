@@ -26,7 +26,7 @@ def test_environment_variable_chooses_backend(monkeypatch):
 
 
 def test_unknown_backend_lists_valid_ones(monkeypatch):
-    with pytest.raises(BackendError, match="unknown backend='threads'.*'distributed'.*'process'.*'sync'.*'thread'"):
+    with pytest.raises(BackendError, match=r"unknown backend='threads'.*'distributed'.*'process'.*'sync'.*'thread'"):
         ParallelExecutor(backend="threads")
     monkeypatch.setenv("FLOWYML_BACKEND", "gpu")
     with pytest.raises(BackendError, match="FLOWYML_BACKEND='gpu'"):

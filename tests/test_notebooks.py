@@ -91,7 +91,8 @@ def test_notebook_runs_top_to_bottom(path: Path, tmp_path: Path) -> None:
         # The last run read Parquet split by row group: its output replaced the CSV run's whole.
         import pyarrow.parquet as pq
 
-        groups = sum(pq.ParquetFile(f).metadata.num_row_groups for f in (REPO / "data" / "trips_parquet").glob("*.parquet"))
+        files = (REPO / "data" / "trips_parquet").glob("*.parquet")
+        groups = sum(pq.ParquetFile(f).metadata.num_row_groups for f in files)
         assert len(list((tmp_path / "out" / "notebook" / "enriched").glob("part-*.parquet"))) == groups
     if path.name.startswith("03"):
         assert re.search(r'href="http://127\.0\.0\.1:\d+/status"', html), "the dashboard link is shown"

@@ -91,7 +91,7 @@ def test_a_new_commit_replaces_the_old_output_whole(target):
 def test_a_missing_partition_commits_nothing(target):
     fs, path = target
     commit(fs, path, "r1", stage(fs, path, "r1", frames_of("r1", 2)))
-    names = stage(fs, path, "r2", frames_of("r2", 2)) + ["part-00002.parquet"]
+    names = [*stage(fs, path, "r2", frames_of("r2", 2)), "part-00002.parquet"]
     with pytest.raises(DataError, match=r"1 partition file\(s\) were not written \(part-00002.parquet\)"):
         commit(fs, path, "r2", names)
     assert {r for frame in read_every_way(fs, path) for r, _ in sorted_rows(frame)} == {"r1"}

@@ -177,9 +177,8 @@ def test_bulk_building_pauses_the_collector_and_always_restores_it():
             pass
         assert not gc.isenabled()
     assert gc.isenabled()
-    with pytest.raises(KeyError):
-        with no_gc_passes():
-            raise KeyError("a failing compile")
+    with pytest.raises(KeyError), no_gc_passes():
+        raise KeyError("a failing compile")
     assert gc.isenabled()
     gc.disable()
     try:

@@ -99,7 +99,8 @@ def test_auto_mode_is_on_in_a_jupyter_kernel(monkeypatch):
 def test_disabled_logs_each_step_once_when_its_last_task_finishes(caplog):
     caplog.set_level(logging.INFO, logger="flowyml")
     progress = Progress(4, tasks_per_step={"a": 2, "b": 2}, enabled=False)
-    progress.start("a"); progress.finish("a", "cached")
+    progress.start("a")
+    progress.finish("a", "cached")
     assert caplog.messages == []
     progress.finish("a", "cached")
     assert len(caplog.messages) == 1 and caplog.messages[0].startswith("step 'a' cached: 2 tasks in ")

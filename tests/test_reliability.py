@@ -334,7 +334,7 @@ def test_interrupt_stops_workers_and_leaves_no_partial_output(tmp_path, backend,
             time.sleep(0.02)
         descendants = psutil.Process(child.pid).children(recursive=True)
         child.send_signal(signum)
-        out, err = child.communicate(timeout=60)
+        _out, err = child.communicate(timeout=60)
     finally:
         if child.poll() is None:
             child.kill()

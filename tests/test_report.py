@@ -8,6 +8,7 @@ timings: overlapping steps, a failed partition with retries, cached tasks.
 from __future__ import annotations
 
 import html
+import itertools
 import json
 import random
 import re
@@ -400,4 +401,4 @@ def test_tasks_running_at_once_on_one_worker_get_their_own_rows():
     assert len(by_row) == 4  # four tasks ran at once
     for spans in by_row.values():  # within a row no two bars overlap (beyond rounding)
         spans.sort()
-        assert all(a[1] <= b[0] + 1.1 for a, b in zip(spans, spans[1:]))
+        assert all(a[1] <= b[0] + 1.1 for a, b in itertools.pairwise(spans))

@@ -15,7 +15,6 @@ import logging
 import subprocess
 import sys
 import uuid
-from pathlib import Path
 
 import dask
 import dask.dataframe as dd
@@ -24,8 +23,16 @@ import pandas as pd
 import pyarrow.dataset as pads
 import pytest
 
-from flowyml import DataError, ParallelExecutor, Pipeline, StepFailed, read_csv, read_parquet, step, write_csv
-from flowyml import write_parquet
+from flowyml import (
+    DataError,
+    ParallelExecutor,
+    Pipeline,
+    read_csv,
+    read_parquet,
+    step,
+    write_csv,
+    write_parquet,
+)
 from flowyml.exceptions import StorageError
 
 from . import storage_jobs
@@ -232,7 +239,8 @@ def test_a_missing_filesystem_package_says_what_to_install(url, package, extra):
 
 def test_a_missing_bucket_is_named_before_any_task(bucket, s3_server):
     missing = f"s3://no-such-bucket-{uuid.uuid4().hex[:8]}"
-    with pytest.raises(StorageError, match=rf"source 'trips': cannot read {missing}/trips/\*\.csv: the bucket .* does not exist"):
+    shown = rf"source 'trips': cannot read {missing}/trips/\*\.csv: the bucket .* does not exist"
+    with pytest.raises(StorageError, match=shown):
         sync_run(Pipeline("p").add_source("trips", read_csv(f"{missing}/trips/*.csv")).add_step(record_call))
     storage_jobs.upload_months(f"{bucket}/trips", storage_jobs.MONTHS[:1])
     sink = (Pipeline("p").add_source("trips", read_csv(f"{bucket}/trips/*.csv")).add_step(record_call)

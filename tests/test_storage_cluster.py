@@ -20,7 +20,7 @@ import fsspec
 import pandas as pd
 import pytest
 
-from flowyml import BackendError, ParallelExecutor, Pipeline, StepFailed, read_csv, write_parquet
+from flowyml import BackendError, ParallelExecutor, StepFailed
 from flowyml.exceptions import CommitConflictError
 
 from . import storage_jobs
@@ -81,7 +81,8 @@ def test_a_partitioned_etl_with_a_cache_on_s3(isolated_cluster, data):
     first = pipeline.run(executor=isolated_cluster, progress=False)
     assert first.success
     pd.testing.assert_frame_equal(read_output(output), expected(), check_dtype=False)
-    assert {t.worker for t in first.tasks if t.step == "clean"} <= set(isolated_cluster.client.scheduler_info()["workers"])
+    workers = set(isolated_cluster.client.scheduler_info()["workers"])
+    assert {t.worker for t in first.tasks if t.step == "clean"} <= workers
 
     # An unchanged rerun, from another driver object and another working folder: all cached.
     again = storage_jobs.etl(source, output, cache_dir=cache).run(executor=isolated_cluster, progress=False)
@@ -182,7 +183,7 @@ def test_two_runs_committing_one_output_never_mix(isolated_cluster, data):
 
 @pytest.mark.parametrize("where", ["sink", "cache", "source"])
 def test_a_local_path_the_workers_cannot_see_is_an_error_before_any_task(isolated_cluster, data, tmp_path, where):
-    source, output, cache, _ = data
+    source, output, _cache, _ = data
     local = str(tmp_path / "local")
     if where == "source":
         os.makedirs(local)

@@ -55,7 +55,8 @@ import sysconfig
 import textwrap
 import types
 import uuid
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 from dask.tokenize import TokenizationError, normalize_token, tokenize
@@ -341,7 +342,7 @@ def _memoized(obj: Any, walk: Walk, describe: Callable[[Any, Walk], Any]) -> Any
 
 def _describe_function(func: types.FunctionType, walk: Walk) -> Any:
     code = func.__code__
-    closure = ()
+    closure: tuple[tuple[str, Any], ...] = ()
     if func.__closure__:
         cells = []
         for name, cell in zip(code.co_freevars, func.__closure__):

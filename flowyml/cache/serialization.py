@@ -89,7 +89,8 @@ def _has_object_dtype(frame: pd.DataFrame) -> bool:
     indexes = [frame.index, frame.columns]
     levels = [level for index in indexes
               for level in (index.levels if isinstance(index, pd.MultiIndex) else [index])]
-    return any(dtype == object for dtype in frame.dtypes) or any(
+    # dtype == object compares numpy dtypes (dtype('O') == object), not classes: `is` would be wrong.
+    return any(dtype == object for dtype in frame.dtypes) or any(  # noqa: E721
         level.dtype == object and not _all_strings(level) for level in levels
     )
 

@@ -49,7 +49,7 @@ import re
 import secrets
 import struct
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import Any, cast
 
 import pandas as pd
 import pyarrow
@@ -190,7 +190,7 @@ class Cache:
         """The file (a ``Path``) or object (its path on the filesystem) that holds the entry for ``key``."""
         _check_key(key)
         if self.local:
-            return self.directory / key[:2] / f"{key}{_ENTRY_SUFFIX}"
+            return cast(pathlib.Path, self.directory) / key[:2] / f"{key}{_ENTRY_SUFFIX}"
         return f"{self._root}/{key[:2]}/{key}{_ENTRY_SUFFIX}"
 
     def _tag_directory(self) -> None:
@@ -204,11 +204,11 @@ class Cache:
             except OSError as exc:
                 raise storage_error(exc, "the cache", str(self.directory)) from exc
             return
-        tag = self.directory / "CACHEDIR.TAG"
-        if tag.exists():
+        local_tag = cast(pathlib.Path, self.directory) / "CACHEDIR.TAG"
+        if local_tag.exists():
             return
         try:
-            with open(tag, "x", encoding="ascii") as handle:
+            with open(local_tag, "x", encoding="ascii") as handle:
                 handle.write(_CACHEDIR_TAG)
         except OSError:
             pass  # another process wrote it, or a read-only cache: not needed to work
@@ -302,7 +302,7 @@ class Cache:
         """
         return self._read(key)[1]
 
-    def _read(self, key: str) -> tuple[Any, dict[str, Any], bytes]:
+    def _read(self, key: str) -> tuple[Any, dict[str, Any], memoryview]:
         """The entry's path, checked header and payload; CacheError when missing or damaged."""
         path = self.entry_path(key)
         try:
@@ -338,7 +338,7 @@ class Cache:
             "type": type_name(value),
             "size": len(payload),
             "checksum": "sha256:" + hashlib.sha256(payload).hexdigest(),
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(),
+            "created": _dt.datetime.now(_dt.UTC).isoformat(),
             "python": platform.python_version(),
             "pandas": pd.__version__,
             "pyarrow": pyarrow.__version__,
@@ -378,7 +378,7 @@ class Cache:
             temporary += 1
 
         def as_datetime(stamp: float | None) -> _dt.datetime | None:
-            return None if stamp is None else _dt.datetime.fromtimestamp(stamp, _dt.timezone.utc)
+            return None if stamp is None else _dt.datetime.fromtimestamp(stamp, _dt.UTC)
 
         return {
             "directory": self.shown,
@@ -440,13 +440,13 @@ class Cache:
 
     def _shards(self) -> list[pathlib.Path]:
         try:
-            children = list(self.directory.iterdir())
+            children = list(cast(pathlib.Path, self.directory).iterdir())
         except FileNotFoundError:
             return []
         return [child for child in children if len(child.name) == 2 and child.is_dir()]
 
     def _files(self, suffix: str) -> list[pathlib.Path]:
-        found = []
+        found: list[pathlib.Path] = []
         for shard in self._shards():
             try:
                 names = os.listdir(shard)

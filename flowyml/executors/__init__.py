@@ -23,8 +23,8 @@ from contextlib import contextmanager
 from typing import Any
 
 from ..exceptions import BackendError
-from .base import BACKENDS, Backend, RunHooks
 from . import local  # noqa: F401  registers sync, thread, process
+from .base import BACKENDS, Backend, RunHooks
 
 __all__ = ["BACKENDS", "Backend", "ParallelExecutor", "RunHooks"]
 
@@ -72,9 +72,8 @@ class ParallelExecutor:
         performance_report: str | os.PathLike[str] | None = None,
     ) -> None:
         name = backend if backend is not None else os.environ.get("FLOWYML_BACKEND") or DEFAULT_BACKEND
-        if client is not None or address is not None:
-            if backend is None and not os.environ.get("FLOWYML_BACKEND"):
-                name = "distributed"  # a client or address only makes sense there
+        if (client is not None or address is not None) and backend is None and not os.environ.get("FLOWYML_BACKEND"):
+            name = "distributed"  # a client or address only makes sense there
         if name == "distributed":
             from . import distributed  # noqa: F401  imports distributed only when asked
 

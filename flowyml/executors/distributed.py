@@ -51,7 +51,7 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +62,7 @@ from ..exceptions import BackendError, StepFailed, WorkerDiedError
 from ..logs import LOG_TOPIC, forwarding_level, install_forwarding, replay
 from .base import Backend, RunHooks, register
 
-__all__ = ["DistributedBackend", "EVENT_TOPIC", "FlowymlPlugin"]
+__all__ = ["EVENT_TOPIC", "DistributedBackend", "FlowymlPlugin"]
 
 log = logging.getLogger("flowyml")
 
@@ -94,8 +94,8 @@ class FlowymlPlugin(WorkerPlugin):
 
     def __init__(self, level: int) -> None:
         self.level = level
-        self._uninstall = None
-        self._worker = None
+        self._uninstall: Callable[[], None] | None = None
+        self._worker: Any = None  # distributed.Worker, once set up
         self._lock = threading.Lock()
         self._pending: dict[str, list] = {}
 
@@ -103,7 +103,7 @@ class FlowymlPlugin(WorkerPlugin):
         return {"level": self.level}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["level"])
+        FlowymlPlugin.__init__(self, state["level"])
 
     def setup(self, worker: Any) -> None:
         from distributed import get_worker
@@ -168,8 +168,8 @@ class DistributedBackend(Backend):
         self.security = security
         self.performance_report = performance_report
         self._given_client = client
-        self._client = None
-        self._cluster = None
+        self._client: Any = None  # distributed.Client, imported only when connecting
+        self._cluster: Any = None  # the LocalCluster started here, if any
         self._opened = 0
         self._lock = threading.Lock()
         if client is not None:
@@ -259,7 +259,7 @@ class DistributedBackend(Backend):
                 self._connect()
         client = self._client
         run = _RunEvents(client, hooks, self.key_suffix(hooks.run_id))
-        window = _PerformanceWindow(client) if self.performance_report else None
+        window = _PerformanceWindow(client, self.performance_report) if self.performance_report else None
         run.subscribe()
         try:
             values = list(client.get(_graph(dsk, hooks.run_id), list(keys), sync=True))
@@ -274,7 +274,7 @@ class DistributedBackend(Backend):
         finally:
             run.finish()
             if window is not None:
-                window.save(self.performance_report, hooks)
+                window.save(hooks)
 
 
 def _graph(dsk: Mapping, run_id: str) -> Any:
@@ -300,9 +300,9 @@ def _graph(dsk: Mapping, run_id: str) -> Any:
         else:
             groups.setdefault(tuple(sorted(resources.items())), {})[key] = task
     layers[f"flowyml-{run_id}"] = MaterializedLayer(plain)
-    for i, (resources, tasks) in enumerate(groups.items()):
+    for i, (pairs, tasks) in enumerate(groups.items()):
         layers[f"flowyml-{run_id}-resources-{i}"] = MaterializedLayer(
-            tasks, annotations={"resources": dict(resources)}
+            tasks, annotations={"resources": dict(pairs)}
         )
     hlg = HighLevelGraph(layers, {name: set() for name in layers})
     return graph_expression(hlg, f"flowyml-{run_id}")
@@ -540,14 +540,15 @@ class _PerformanceWindow:
     which needs a default client; this asks our client's scheduler directly.
     """
 
-    def __init__(self, client: Any) -> None:
+    def __init__(self, client: Any, template: str | os.PathLike[str]) -> None:
         self.client = client
+        self.template = template
         self.start = time.time()
         self.last_count = client.run_on_scheduler(_monitor_count)
         client.get_task_stream(start=0, stop=0)  # installs the task-stream plugin
 
-    def save(self, template: str | os.PathLike[str], hooks: RunHooks) -> None:
-        path = Path(str(template).format(run_id=hooks.run_id))
+    def save(self, hooks: RunHooks) -> None:
+        path = Path(str(self.template).format(run_id=hooks.run_id))
         try:
             page = self.client.sync(
                 self.client.scheduler.performance_report,

@@ -14,10 +14,10 @@ import signal
 import sys
 import threading
 from collections.abc import Hashable, Iterator, Mapping, Sequence
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import replace
-from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cloudpickle
 import dask.local
@@ -33,6 +33,9 @@ from .._compat import (
 )
 from ..tasks import WorkerSettings, install_worker_settings
 from .base import Backend, RunHooks, register
+
+if TYPE_CHECKING:
+    from ..logs import ProcessLogBridge
 
 __all__ = ["ProcessBackend", "SyncBackend", "ThreadBackend"]
 
@@ -99,7 +102,8 @@ class SyncBackend(Backend):
         super().__init__(1)
 
     def execute(self, dsk: Mapping, keys: Sequence[Hashable], hooks: RunHooks) -> list[Any]:
-        return list(dask.local.get_sync(dsk, list(keys), callbacks=dask_callbacks(hooks)))
+        wanted: list[Any] = list(keys)  # Dask's Key type: str, int or tuples of them
+        return list(dask.local.get_sync(dsk, wanted, callbacks=dask_callbacks(hooks)))
 
 
 class _PoolBackend(Backend):
@@ -121,7 +125,7 @@ class _PoolBackend(Backend):
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
 
-    def _get(self, pool: Executor, dsk: Mapping, keys: list, hooks: RunHooks) -> Any:
+    def _get(self, pool: Executor | None, dsk: Mapping, keys: list, hooks: RunHooks) -> Any:
         raise NotImplementedError
 
     def execute(self, dsk: Mapping, keys: Sequence[Hashable], hooks: RunHooks) -> list[Any]:
@@ -135,7 +139,8 @@ class _PoolBackend(Backend):
             self._interrupt()
             raise
         except BaseException:
-            _drain(self._pool, self.max_workers)
+            if self._pool is not None:  # None only if closed meanwhile: nothing left to wait for
+                _drain(self._pool, self.max_workers)
             raise
 
     def _interrupt(self) -> None:
@@ -201,7 +206,10 @@ def _main_module_hidden() -> Iterator[None]:
     no file for ``multiprocessing`` to re-import; a notebook already shows none.
     """
     main = sys.modules.get("__main__")
-    saved = {name: main.__dict__[name] for name in ("__file__", "__spec__") if main and name in main.__dict__}
+    if main is None:
+        yield
+        return
+    saved: dict[str, Any] = {name: main.__dict__[name] for name in ("__file__", "__spec__") if name in main.__dict__}
     try:
         for name in saved:
             if name == "__spec__":
@@ -210,8 +218,7 @@ def _main_module_hidden() -> Iterator[None]:
                 del main.__dict__[name]
         yield
     finally:
-        if main is not None:
-            main.__dict__.update(saved)
+        main.__dict__.update(saved)
 
 
 def _ready() -> None:
@@ -261,6 +268,7 @@ class ProcessBackend(_PoolBackend):
         super().__init__(max_workers, **options)
         self._slots: Any = None
         self._processes: dict[int, Any] = {}
+        self._logs: ProcessLogBridge | None = None  # the first pool's; kept when a broken pool is replaced
 
     def _make_pool(self) -> Executor:
         from ..logs import ProcessLogBridge
@@ -268,7 +276,7 @@ class ProcessBackend(_PoolBackend):
 
         context = multiprocessing.get_context("spawn")
         ready = context.SimpleQueue()
-        if getattr(self, "_logs", None) is None:  # kept when a broken pool is replaced
+        if self._logs is None:  # kept when a broken pool is replaced
             self._logs = ProcessLogBridge(context)
         self._slots = WorkerSlots(context, self.max_workers)
         # Linux's parent-death signal follows the thread that started a process:
@@ -304,7 +312,7 @@ class ProcessBackend(_PoolBackend):
 
     def close(self) -> None:
         super().close()
-        bridge, self._logs = getattr(self, "_logs", None), None
+        bridge, self._logs = self._logs, None
         if bridge is not None:  # after the pool: its workers' last records are in
             bridge.stop()
 
@@ -352,7 +360,7 @@ class ProcessBackend(_PoolBackend):
                 self._settling.settle()
             raise
         finally:
-            if getattr(self, "_logs", None) is not None:
+            if self._logs is not None:
                 self._logs.flush()  # the run's worker log lines are out before it returns
 
     def _restart(self) -> list[Any]:

@@ -68,7 +68,7 @@ class CsvPartition(Partition):
         where = display_path(self.path)
         if self.offset is None:
             return where
-        return f"{where} (bytes {self.offset}-{self.offset + self.length})"
+        return f"{where} (bytes {self.offset}-{self.offset + self.length})"  # type: ignore[operator]  # a block has both
 
     def _hint(self) -> str:
         if self.offset:
@@ -139,7 +139,7 @@ class CsvSource(Source):
         starts = _block_starts(fs, path, size, self.blocksize, data_start)
         if len(starts) == 1:
             return whole
-        ends = starts[1:] + [size]
+        ends = [*starts[1:], size]
         specs = []
         for number, (start, end) in enumerate(zip(starts, ends)):
             kwargs = _block_kwargs(self.pandas_kwargs, first=number == 0, last=end == size)
@@ -180,10 +180,11 @@ def read_csv(paths: Any, *, blocksize: int | str | None = None, **pandas_kwargs:
     return CsvSource(paths, blocksize, pandas_kwargs)
 
 
-def _parse_blocksize(blocksize: int | str | None, source: str) -> int | None:
+def _parse_blocksize(blocksize: object, source: str) -> int | None:  # checks whatever the user gave
     if blocksize is None:
         return None
-    problem = f"{source}: blocksize={blocksize!r} is not a size; give a positive number of bytes or a string like '64MB'"
+    problem = (f"{source}: blocksize={blocksize!r} is not a size; give a positive number of bytes "
+               f"or a string like '64MB'")
     try:
         size = parse_bytes(blocksize) if isinstance(blocksize, str) else blocksize
     except ValueError as exc:

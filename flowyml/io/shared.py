@@ -107,7 +107,7 @@ def check_workers_see(client: object, paths: list[LocalPath]) -> None:
         answers = client.run(seen, probes)  # type: ignore[attr-defined]
     finally:
         remove(probes)
-    blind = {}
+    blind: dict[LocalPath, list[str]] = {}  # path -> the workers that do not see it
     for worker, seen_here in answers.items():
         for item, ok in zip(paths, seen_here):
             if not ok:

@@ -29,19 +29,18 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable
-from typing import Any, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import pandas as pd
 
 from flowyml.context import current_task
-from flowyml.exceptions import DataError, OptionError, StorageError
+from flowyml.exceptions import DataError, OptionError
 from flowyml.io import objectstore
 from flowyml.io.filesystem import (
     display_path,
     file_version,
     filesystem_for,
-    is_local,
     is_url,
     redact_url,
     storage_error,
@@ -169,14 +168,16 @@ class Output:
                     frame.to_csv(temporary, index=False)
             return self.final_path(name)
         staging = objectstore.staging_prefix(self.root, run_id)
-        with _STAGING.writing(staging, self._remover(staging)):
+        with (
+            _STAGING.writing(staging, self._remover(staging)),
             # One object, visible only once its upload completes.
-            with self.fs.open(objectstore.stage_path(self.root, run_id, name), "wb") as handle:
-                if fmt == "parquet":
-                    frame.to_parquet(handle)
-                else:
-                    with io.TextIOWrapper(handle, encoding="utf-8", newline="") as text:
-                        frame.to_csv(text, index=False)
+            self.fs.open(objectstore.stage_path(self.root, run_id, name), "wb") as handle,
+        ):
+            if fmt == "parquet":
+                frame.to_parquet(handle)
+            else:
+                with io.TextIOWrapper(handle, encoding="utf-8", newline="") as text:
+                    frame.to_csv(text, index=False)
         return self.final_path(name)
 
     def restage(self, path: str, run_id: str) -> str:

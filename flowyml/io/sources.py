@@ -25,8 +25,9 @@ from __future__ import annotations
 import contextlib
 import glob as _glob
 import os
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterator, Sequence
+from typing import Any, ClassVar
 
 import pandas as pd
 from dask.base import tokenize
@@ -286,9 +287,9 @@ def resolve_files(
             raise DataError(f"{who}: {shown!r} does not exist; check the path and the working directory")
         if not matches:
             if _glob.has_magic(root):
-                raise DataError(f"{who}: the glob {shown!r} matched no file "
-                                f"(searched {display_path(full_path(fs, _glob_base(root)))}); check the path and the working "
-                                f"directory")
+                searched = display_path(full_path(fs, _glob_base(root)))
+                raise DataError(f"{who}: the glob {shown!r} matched no file (searched {searched}); "
+                                f"check the path and the working directory")
             raise DataError(f"{who}: the directory {shown!r} holds no {'/'.join(suffixes)} file")
         for path, info in matches:
             found.setdefault(path, (fs, info))

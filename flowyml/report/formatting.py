@@ -5,8 +5,9 @@ from __future__ import annotations
 import html
 import math
 import re
-from datetime import datetime, timezone
-from typing import Any, Mapping
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
 
 __all__ = [
     "Run",
@@ -33,7 +34,7 @@ def fmt_seconds(seconds: float | None) -> str:
         return f"{seconds:.3f}s"
     if seconds < 60:
         return f"{seconds:.2f}s"
-    minutes, secs = divmod(int(round(seconds)), 60)
+    minutes, secs = divmod(round(seconds), 60)
     if minutes < 60:
         return f"{minutes}m {secs:02d}s"
     hours, minutes = divmod(minutes, 60)
@@ -59,14 +60,14 @@ def parse_started_at(value: Any) -> datetime | None:
         parsed = datetime.fromisoformat(str(value))
     except ValueError:
         return None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
 def fmt_started_at(value: Any) -> str:
     parsed = parse_started_at(value)
     if parsed is None:
         return str(value) if value else "-"
-    if parsed.utcoffset() == timezone.utc.utcoffset(None):
+    if parsed.utcoffset() == UTC.utcoffset(None):
         return parsed.strftime("%Y-%m-%d %H:%M:%S UTC")
     return parsed.isoformat(sep=" ", timespec="seconds")
 

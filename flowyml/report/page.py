@@ -15,9 +15,9 @@ import json
 import os
 import tempfile
 from collections import Counter
+from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
-from typing import Mapping
 
 from flowyml.exceptions import OptionError
 from flowyml.report.formatting import Run, esc, fmt_count, fmt_seconds, fmt_started_at, one_line
@@ -26,10 +26,12 @@ from flowyml.report.timeline import MIXED_COLOUR, Timeline, draw_timeline, step_
 
 __all__ = ["render_html", "save_report", "to_html_repr"]
 
-_STATUS_CLASSES = {"succeeded": "ok", "cached": "cached", "failed": "failed", "skipped": "skipped", "stopped": "skipped"}
+_STATUS_CLASSES = {
+    "succeeded": "ok", "cached": "cached", "failed": "failed", "skipped": "skipped", "stopped": "skipped",
+}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _static(name: str) -> str:
     """A file of ``static/`` (the page's style sheet or script), read once."""
     return resources.files("flowyml.report").joinpath("static", name).read_text(encoding="utf-8")

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import statistics
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 from flowyml.report.formatting import Run, fmt_count, fmt_seconds, one_line, task_seconds
 

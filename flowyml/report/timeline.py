@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 from flowyml.report.formatting import Run, esc, fmt_seconds, natural_key, one_line, parse_started_at, task_seconds
 
@@ -57,7 +58,7 @@ def task_state(task: Mapping[str, Any]) -> str:
     return "cached" if status == "cached" else "ok"
 
 
-def _assign_rows(tasks: list[Mapping[str, Any]]) -> list[list[Mapping[str, Any]]]:
+def _assign_rows(tasks: Sequence[Mapping[str, Any]]) -> list[list[Mapping[str, Any]]]:
     """Pack one worker's tasks into rows so that tasks running at once do not hide each other."""
     rows: list[list[Mapping[str, Any]]] = []
     row_ends: list[float] = []
@@ -143,7 +144,7 @@ def _fmt_tick(seconds: float, tick: float) -> str:
         return f"{seconds:.{decimals}f}s"
     if tick < 60:
         return f"{seconds:.0f}s"
-    minutes, secs = divmod(int(round(seconds)), 60)
+    minutes, secs = divmod(round(seconds), 60)
     if tick < 3600:
         return f"{minutes}m" if secs == 0 else f"{minutes}m{secs:02d}s"
     hours, minutes = divmod(minutes, 60)
@@ -175,7 +176,7 @@ def _bar_title(bar: Bar, t0: float, worker: str) -> str:
             lines.append(one_line(task["error"], 200))
         return "\n".join(lines)
     steps = ", ".join(f"{name} ×{count}" for name, count in bar.steps.most_common(4))
-    partitions = [t.get("partition") for t in bar.tasks if isinstance(t.get("partition"), int)]
+    partitions = [p for t in bar.tasks if isinstance(p := t.get("partition"), int)]
     span = f" (partitions {min(partitions)}–{max(partitions)})" if partitions else ""
     busy = sum(task_seconds(t) or 0.0 for t in bar.tasks)
     attempts = max((t.get("attempts") or 1) for t in bar.tasks)
