@@ -195,13 +195,34 @@ def arrow_to_pandas(table: Any, dtype_backend: Any = None, to_pandas_kwargs: Any
     """A ``pyarrow.Table`` as a DataFrame, converted the way ``pandas.read_parquet`` converts a file.
 
     pandas' own helper gives the same dtypes as ``read_parquet`` (string
-    columns, ``dtype_backend``); without it, ``Table.to_pandas``.
+    columns, ``dtype_backend``); without it (pandas < 2.2), ``Table.to_pandas``
+    with the types mapper ``read_parquet`` itself uses for ``dtype_backend``.
     """
     try:
         from pandas.io._util import arrow_table_to_pandas
     except ImportError:
-        return table.to_pandas(**(to_pandas_kwargs or {}))
+        converting = dict(to_pandas_kwargs or {})
+        if dtype_backend is not None:
+            converting.setdefault("types_mapper", _types_mapper(dtype_backend))
+        return table.to_pandas(**converting)
     options: dict[str, Any] = {"to_pandas_kwargs": to_pandas_kwargs}
     if dtype_backend is not None:
         options["dtype_backend"] = dtype_backend
     return arrow_table_to_pandas(table, **options)
+
+
+def _types_mapper(dtype_backend: str) -> Callable[[Any], Any]:
+    """Arrow type -> pandas dtype for ``dtype_backend``, as ``pandas.read_parquet`` maps them."""
+    import pandas as pd
+    import pyarrow as pa
+
+    if dtype_backend == "pyarrow":
+        return pd.ArrowDtype
+    nullable = {
+        pa.int8(): pd.Int8Dtype(), pa.int16(): pd.Int16Dtype(), pa.int32(): pd.Int32Dtype(),
+        pa.int64(): pd.Int64Dtype(), pa.uint8(): pd.UInt8Dtype(), pa.uint16(): pd.UInt16Dtype(),
+        pa.uint32(): pd.UInt32Dtype(), pa.uint64(): pd.UInt64Dtype(), pa.bool_(): pd.BooleanDtype(),
+        pa.string(): pd.StringDtype(), pa.large_string(): pd.StringDtype(),
+        pa.float32(): pd.Float32Dtype(), pa.float64(): pd.Float64Dtype(),
+    }
+    return nullable.get

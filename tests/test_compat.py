@@ -223,7 +223,7 @@ def test_scheduler_fallbacks_use_get_events_and_leave_the_events():
 # -- pandas ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("dtype_backend", [None, "pyarrow"])
+@pytest.mark.parametrize("dtype_backend", [None, "pyarrow", "numpy_nullable"])
 def test_arrow_to_pandas_converts_like_read_parquet(tmp_path, dtype_backend):
     path = tmp_path / "t.parquet"
     pq.write_table(pa.table({"n": [1, None, 3], "s": ["x", None, "z"]}), path)
@@ -233,6 +233,15 @@ def test_arrow_to_pandas_converts_like_read_parquet(tmp_path, dtype_backend):
     pd.testing.assert_frame_equal(got, expected)
     if must_have("pandas"):
         from pandas.io._util import arrow_table_to_pandas  # noqa: F401  still there
+
+
+@pytest.mark.parametrize("dtype_backend", ["pyarrow", "numpy_nullable"])
+def test_arrow_to_pandas_without_the_pandas_helper_keeps_the_dtype_backend(tmp_path, monkeypatch, dtype_backend):
+    path = tmp_path / "t.parquet"
+    pq.write_table(pa.table({"n": [1, None, 3], "x": [0.5, 1.5, None], "b": [True, None, False]}), path)
+    expected = pd.read_parquet(path, dtype_backend=dtype_backend)
+    hide(monkeypatch, "pandas.io._util")
+    pd.testing.assert_frame_equal(_compat.arrow_to_pandas(pq.read_table(path), dtype_backend), expected)
 
 
 def test_arrow_to_pandas_without_the_pandas_helper_is_to_pandas(monkeypatch):
