@@ -6,6 +6,8 @@ fraction of what ``dask.delayed`` would cost a task:
 - a whole step is one task keyed by its name: ``"chunk_0"``;
 - partition *i* of a per-partition step or of a source is ``("clean", i)``;
 - a sink's commit task is keyed by its name once its partitions are done;
+- a ``split_every`` step's tree tasks are ``("total", j)``, numbered level by
+  level, and its last task is ``"total"``, as for a whole step;
 - every task is ``(callable, *dependency_keys)``: the callable
   (:mod:`flowyml.tasks`) carries the step and its params, so Dask never mistakes
   a param for a key, and the arguments are keys or lists of keys only.
@@ -219,6 +221,11 @@ class _Layout:
             spec = StepSpec(s.name, s.func, dict(s.params), *_positions(s, plan.bindings[s.name]), wiring,
                             s.outputs, s.retries, s.retry_delay, s.timeout, resources)
 
+        if s.split_every is not None and driver is None:
+            tree = next((i for i, ref in enumerate(refs) if ref.partitioned), None)
+            if tree is not None and len(refs[tree].keys) > s.split_every:
+                self._add_tree(s, name, spec, refs, tree)
+                return
         if driver is None and s.finalize is None:  # one task for the whole step (the usual case)
             arguments = tuple([list(ref.keys) if ref.partitioned else ref.keys[0] for ref in refs]) if refs else ()
             self.entries.append((name, _STEP, spec, None, arguments))
@@ -248,6 +255,43 @@ class _Layout:
         else:
             self._record(s.name, keys, count, True)
             _add_assets(assets, s, tuple(keys), True)
+
+
+    def _add_tree(self, s: Step, name: str, spec: StepSpec, refs: list[AssetRef], tree: int) -> None:
+        """A ``split_every`` step: a tree over its partitioned input ``refs[tree]``.
+
+        The first level runs ``spec`` over groups of at most ``k`` partitions;
+        every later level runs the step over groups of at most ``k`` of its own
+        results (the same spec but for that input, which is now whole values of
+        this step: no selector). Tree tasks are keyed ``(name, j)``, numbered
+        level by level, and the last one is ``name``, as a whole step is. Other
+        inputs reach every task as they reach a whole step.
+        """
+        k = s.split_every
+        assert k is not None
+        upper = StepSpec(spec.name, spec.func, spec.params, spec.positional, spec.keyword, spec.varargs,
+                         tuple([(None, True) if i == tree else arg for i, arg in enumerate(spec.args)]),
+                         spec.outputs, spec.retries, spec.retry_delay, spec.timeout, spec.resources)
+        others = [list(ref.keys) if ref.partitioned else ref.keys[0] for ref in refs]
+        level: list[Key] = list(refs[tree].keys)
+        keys: list[Key] = []
+        level_spec = spec
+        while True:
+            groups = [level[i:i + k] for i in range(0, len(level), k)]
+            if len(groups) == 1:
+                others[tree] = groups[0]
+                self.entries.append((name, _STEP, level_spec, None, tuple(others)))
+                break
+            level = []
+            for group in groups:
+                key = (name, len(keys))
+                others[tree] = group
+                self.entries.append((key, _STEP, level_spec, len(keys), tuple(others)))
+                keys.append(key)
+                level.append(key)
+            level_spec = upper
+        self._record(s.name, [*keys, name], None, False)
+        _add_assets(self.assets, s, (name,), False)
 
 
 def _positions(s: Step, binding: Binding) -> tuple[tuple[int, ...], tuple[tuple[str, int], ...], tuple[int, ...]]:

@@ -1,4 +1,4 @@
-"""Every error flowyml raises, and its one warning, in one place.
+"""Every error flowyml raises, and its warnings, in one place.
 
 ::
 
@@ -22,6 +22,7 @@
     └── StepFailed                  a step failed at run time; ``__cause__`` is the user's exception
 
     CacheWarning (a UserWarning)    a cache entry was corrupt or unreadable and is being recomputed
+    MemoryWarning (a UserWarning)   a whole-dataset step is about to concatenate a large share of a worker's memory
 
 Every message names the step (and partition) involved and, where there is one,
 the fix.
@@ -43,6 +44,7 @@ __all__ = [
     "DataError",
     "DuplicateNameError",
     "FlowymlError",
+    "MemoryWarning",
     "MissingInputError",
     "NotPicklableError",
     "OptionError",
@@ -149,6 +151,10 @@ class StaleCacheEntry(CacheError):
 
 class CacheWarning(UserWarning):
     """A cache entry was corrupt or unreadable and is being recomputed."""
+
+
+class MemoryWarning(UserWarning):
+    """A whole-dataset step is about to concatenate more than a share of a worker's memory."""
 
 
 class StepTimeoutError(FlowymlError):

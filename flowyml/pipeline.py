@@ -294,7 +294,7 @@ class Pipeline:
 
     def graph_description(self) -> tuple[list[dict[str, Any]], list[tuple[str, str, str]]]:
         """Nodes and edges of the step graph (for :mod:`flowyml.visualize`)."""
-        nodes = [
+        nodes: list[dict[str, Any]] = [
             {"name": name, "kind": "source", "per_partition": True, "partitions": None, "status": None}
             for name in self.sources
         ]
@@ -306,6 +306,7 @@ class Pipeline:
                     "name": s.name,
                     "kind": "sink" if s.finalize is not None else "step",
                     "per_partition": s.per_partition,
+                    "split_every": s.split_every,
                     "partitions": None,
                     "status": None,
                 }

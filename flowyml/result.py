@@ -50,7 +50,9 @@ class StepResult:
     ``cached`` (none of its tasks had to run) or, in the result of a run that
     raised (``StepFailed.result``), ``stopped`` (the run ended before it did).
     ``attempts`` is the most any of its partitions took; ``error`` is the
-    :class:`StepFailed` of a failed step.
+    :class:`StepFailed` of a failed step. ``tasks`` counts the step's tasks
+    that ran or were cached: one per partition, one for a whole step, or the
+    whole tree of a ``split_every`` step.
     """
 
     name: str
@@ -61,6 +63,7 @@ class StepResult:
     cached_partitions: int = 0
     per_partition: bool = False
     error: StepFailed | None = None
+    tasks: int = 0
 
     @property
     def traceback(self) -> str | None:
@@ -77,6 +80,7 @@ class StepResult:
             "partitions": self.partitions,
             "cached_partitions": self.cached_partitions,
             "per_partition": self.per_partition,
+            "tasks": self.tasks,
             "error": error_line(self.error),
             "traceback": self.traceback,
         }
@@ -285,5 +289,6 @@ def step_results(
             cached_partitions=cached_partitions,
             per_partition=partitioned,
             error=error if isinstance(error, StepFailed) else None,
+            tasks=len(tasks),
         )
     return out

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Generic, ParamSpec, TypedDict, TypeVar, Unpack, overload
 
-from .exceptions import ParameterError, PipelineError
+from .exceptions import OptionError, ParameterError, PipelineError
 
 __all__ = ["Binding", "Step", "step"]
 
@@ -71,6 +71,9 @@ class Step(Generic[P, R]):
     timeout: float | None = None
     tags: tuple[str, ...] = ()
     resources: Mapping[str, float] | None = None
+    # A whole-dataset step over a partitioned input runs as a tree of at most
+    # this many inputs a task (compile.py); None: one task over all partitions.
+    split_every: int | None = None
     # Runs once after every partition of a per-partition step, with the list of
     # partition results; its return value becomes the step's asset (sinks use it
     # to commit their output). None: the partitions themselves are the asset.
@@ -219,6 +222,27 @@ def _check_options(s: Step) -> None:
         raise PipelineError(f"step {s.name!r}: timeout must be > 0 seconds, got {s.timeout!r}")
     if not isinstance(s.params, Mapping):
         raise PipelineError(f"step {s.name!r}: params must be a dict, got {type(s.params).__name__}")
+    if s.split_every is not None:
+        _check_split_every(s)
+
+
+def _check_split_every(s: Step) -> None:
+    k = s.split_every
+    if isinstance(k, bool) or not isinstance(k, int) or k < 2:
+        raise OptionError(
+            f"step {s.name!r}: split_every must be an int >= 2 (the most inputs one task of "
+            f"the tree combines), got {k!r}; omit it for one task over all partitions"
+        )
+    if s.per_partition:
+        raise OptionError(
+            f"step {s.name!r}: split_every makes a whole-dataset step a tree; a per_partition "
+            f"step already runs once per partition. Use one or the other"
+        )
+    if s.outputs is not None and len(s.outputs) > 1:
+        raise OptionError(
+            f"step {s.name!r}: split_every feeds the step's output back into it, so it needs "
+            f"one output, not {list(s.outputs)}; return one value (a tuple or dict is fine)"
+        )
 
 
 class StepOptions(TypedDict, total=False):
@@ -233,6 +257,7 @@ class StepOptions(TypedDict, total=False):
     timeout: float | None
     tags: Iterable[str]
     resources: Mapping[str, float] | None
+    split_every: int | None
 
 
 # Typed in two forms so that the decorated function keeps its signature:
@@ -260,6 +285,7 @@ def step(
     timeout: float | None = None,
     tags: Iterable[str] = (),
     resources: Mapping[str, float] | None = None,
+    split_every: int | None = None,
 ) -> Step[..., Any] | Callable[[Callable[..., Any]], Step[..., Any]]:
     """Mark a function as a pipeline step; usable bare (``@step``) or with options.
 
@@ -285,6 +311,13 @@ def step(
         Free-form labels (shown in reports).
     resources : dict, optional
         Dask worker resources one task needs (``{"GPU": 1}``), honoured on ``distributed``.
+    split_every : int, optional
+        For a step that is not ``per_partition`` and reads a partitioned input:
+        run it as a tree, as ``split_every`` does in ``dask.dataframe``: first
+        over groups of at most ``split_every`` partitions, then over groups of
+        its own results, until one remains. The step must combine its own
+        outputs correctly (partial sums, counts, top-n); see "Tree reductions"
+        in docs/partitions.md.
 
     Returns
     -------
@@ -317,6 +350,7 @@ def step(
             timeout=timeout,
             tags=_names(tags, "tags", step_name) if tags else (),
             resources=dict(resources) if resources else None,
+            split_every=split_every,
         )
 
     return make(func) if func is not None else make

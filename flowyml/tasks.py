@@ -278,11 +278,19 @@ class StepSpec:
         return f"StepSpec({self.name!r}, {getattr(self.func, '__qualname__', self.func)!r})"
 
 
-def combine(parts: Sequence[Any]) -> Any:
-    """Partitions as one object: ``pandas.concat`` for frames and series, else a list."""
+def combine(parts: Sequence[Any], step: str | None = None) -> Any:
+    """Partitions as one object: ``pandas.concat`` for frames and series, else a list.
+
+    ``step``: the step about to receive them, warned about when they are a
+    large share of the worker's memory (:mod:`flowyml.memory`).
+    """
     if parts and all(_is_pandas(part) for part in parts):
         import pandas
 
+        if step is not None and len(parts) > 1:
+            from .memory import check_concat
+
+            check_concat(step, parts)
         return pandas.concat(parts)
     return list(parts)
 
@@ -304,13 +312,13 @@ def _unwrap(value: Any) -> Any:
     return value
 
 
-def _argument(raw: Any, spec: ArgSpec) -> Any:
+def _argument(raw: Any, spec: ArgSpec, step: str | None = None) -> Any:
     selector, concat = spec
     if concat:
         parts = [_unwrap(part) for part in raw]
         if selector is not None:
             parts = [part[selector] for part in parts]
-        return combine(parts)
+        return combine(parts, step)
     value = _unwrap(raw)
     return value if selector is None else value[selector]
 
@@ -373,10 +381,15 @@ class StepTask(_TaskBase):
                         value = value.value
                     inputs.append(value)
             else:
+                # Inside the task's context, so that a memory warning from
+                # combining partitions is forwarded like the step's own logs.
+                token = _current.set((spec.name, self.partition, self.first_attempt, self.run_id))
                 try:
-                    inputs = [_argument(value, arg) for value, arg in zip(raw, spec.args)]
+                    inputs = [_argument(value, arg, spec.name) for value, arg in zip(raw, spec.args)]
                 except _Upstream:
                     return self._report(None, spec.name, self.partition, SKIPPED, 0, start)
+                finally:
+                    _current.reset(token)
             args: Sequence[Any] = inputs if spec.in_order else [inputs[i] for i in spec.order]
             if spec.keyword:
                 kwargs = {name: inputs[i] for name, i in spec.keyword}

@@ -56,8 +56,10 @@ KIND_COLOURS: dict[str, tuple[str, str]] = {
 
 
 def _node_label(node: Node) -> str:
-    """The text shown in a node: its name, and the fan-out of a per-partition step."""
+    """The text shown in a node: its name, and the fan-out of a per-partition or tree step."""
     name = str(node["name"])
+    if node.get("split_every"):
+        return f"{name} (split_every={node['split_every']})"
     if not node.get("per_partition"):
         return name
     partitions = node.get("partitions")

@@ -39,7 +39,7 @@ def step_rows(run: Run) -> list[StepRow]:
             StepRow(
                 name=str(name),
                 status=str(info.get("status") or "-"),
-                partitions=info.get("partitions"),
+                partitions=_partitions_cell(info),
                 cached=info.get("cached_partitions"),
                 attempts=info.get("attempts"),
                 duration_s=info.get("duration_s"),
@@ -50,6 +50,15 @@ def step_rows(run: Run) -> list[StepRow]:
             )
         )
     return rows
+
+
+def _partitions_cell(info: dict[str, Any]) -> Any:
+    """A step's partitions; for a ``split_every`` tree (a whole step of many tasks), its task count."""
+    partitions = info.get("partitions")
+    tasks = info.get("tasks") or 0
+    if partitions is None and not info.get("per_partition") and tasks > 1:
+        return f"tree: {tasks} tasks"
+    return partitions
 
 
 def _headline(run: Run) -> str:
