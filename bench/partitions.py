@@ -13,8 +13,10 @@ backend, against the same job written by hand with ``dask.dataframe`` on the
 same scheduler in the same run (same reused process pool, same
 LocalCluster). Prints seconds and the ratio flowyml / dask.dataframe.
 
-Memory: a per-partition chain ending in ``write_parquet`` over generated CSV
-data sets of 0.5 GB and 2 GB with ``blocksize="64MB"`` on 2 process workers;
+Memory: a per-partition chain ending in ``write_parquet``, and in a
+whole-dataset aggregation by zone run as a ``split_every=4`` tree, over
+generated CSV data sets of 0.5 GB and 2 GB with ``blocksize="64MB"`` on 2
+process workers;
 prints the peak resident memory of the driver plus its workers, sampled every
 20 ms. Streaming means the two peaks are about equal.
 """
@@ -189,6 +191,17 @@ def enrich(clean):
     )
 
 
+@step(inputs=["enriched"], outputs=["zone_totals"], split_every=4)
+def zone_totals(enriched):
+    """Fare, tip and trips by pickup zone: a tree over the partitions, each task at most 4 inputs.
+
+    Its first level reads trips, later levels its own partial totals (same columns).
+    """
+    if "trips" not in enriched:
+        enriched = enriched.assign(trips=1)
+    return enriched.groupby("pickup_zone", as_index=False)[["fare", "tip", "trips"]].sum()
+
+
 class PeakMemory:
     """Samples the resident memory of this process and all its children."""
 
@@ -225,7 +238,8 @@ class PeakMemory:
 
 def memory(quick: bool, workers: int) -> list[tuple]:
     sizes = ["250MB", "1GB"] if quick else ["500MB", "2GB"]
-    print(f"\n== memory: per-partition chain to write_parquet, blocksize=64MB, {workers} process workers")
+    print(f"\n== memory: per-partition chain to write_parquet and a split_every=4 aggregation, "
+          f"blocksize=64MB, {workers} process workers")
     rows = []
     for size in sizes:
         files = dataset("csv", size, 8)
@@ -236,6 +250,7 @@ def memory(quick: bool, workers: int) -> list[tuple]:
             .add_step(clean)
             .add_step(enrich)
             .add_step(write_parquet(out, input="enriched"))
+            .add_step(zone_totals)
         )
         with ParallelExecutor(max_workers=workers, backend="process") as executor:
             with PeakMemory() as baseline:

@@ -188,3 +188,11 @@ def test_a_tree_over_one_output_of_a_multi_output_step(executor, tmp_path) -> No
     expected = _expected_sums(range(9))
     expected = expected.assign(value=expected["value"] - expected["part"] * 10, count=2)
     pd.testing.assert_frame_equal(result["high_sums"].reset_index(drop=True), expected)
+
+
+def test_progress_counts_the_tree_under_the_step(executor, tmp_path, caplog) -> None:
+    write_parts(tmp_path, range(10))
+    caplog.set_level(logging.INFO, logger="flowyml")
+    _pipeline(tmp_path, partial_sums, split_every=3).run(executor=executor)
+    lines = [m for m in caplog.messages if m.startswith("step 'partial_sums' succeeded")]
+    assert len(lines) == 1 and lines[0].startswith("step 'partial_sums' succeeded: 7 tasks in "), lines
