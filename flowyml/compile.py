@@ -67,6 +67,10 @@ class CompiledGraph:
     per_partition: dict[str, bool] = field(default_factory=dict)
     # What the graphs of one layout share and compute once (see _Layout.shared).
     shared: dict[str, Any] = field(default_factory=dict, repr=False)
+    # Partitioned step (or source) -> the source whose partitions it runs over,
+    # and this run's resolved source partitions: a partition's files, for reports.
+    origins: dict[str, str] = field(default_factory=dict, repr=False)
+    sources: Mapping[str, list[Any]] = field(default_factory=dict, repr=False)
 
     @property
     def output_keys(self) -> list[Key]:
@@ -159,7 +163,7 @@ class _Layout:
     Everything here is shared by the runs' graphs and read-only.
     """
 
-    __slots__ = ("entries", "assets", "outputs", "step_keys", "partitions", "per_partition", "shared")
+    __slots__ = ("entries", "assets", "outputs", "step_keys", "partitions", "per_partition", "shared", "origins")
 
     def __init__(self, plan: Plan, key_suffix: str, resolved: Mapping[str, list[Any]]) -> None:
         self.entries: list[tuple[Key, int, Any, int | None, tuple]] = []
@@ -169,10 +173,12 @@ class _Layout:
         self.partitions: dict[str, int | None] = {}
         self.per_partition: dict[str, bool] = {}
         self.shared: dict[str, Any] = {}  # lookups the graphs derive once (CompiledGraph.task_step)
+        self.origins: dict[str, str] = {}  # partitioned step or source -> its source (CompiledGraph.origins)
         for name, value in plan.inputs.items():
             if is_source(value):
                 keys: list[Key] = [(name + key_suffix, i) for i in range(len(resolved[name]))]
                 self.entries.extend([(key, _SOURCE, name, i, ()) for i, key in enumerate(keys)])
+                self.origins[name] = name
                 self._record(name, keys, len(keys), True)
                 self.assets[name] = AssetRef(name, tuple(keys), partitioned=True)
             else:
@@ -196,7 +202,7 @@ class _Layout:
             else:
                 dsk[key] = (FinalizeTask(what.name, what.finalize, run_id, mode), *arguments)
         return CompiledGraph(dsk, self.assets, self.outputs, run_id, self.step_keys, self.partitions,
-                             self.per_partition, self.shared)
+                             self.per_partition, self.shared, self.origins, resolved)
 
     def _record(self, name: str, keys: list[Key], partitions: int | None, per_partition: bool) -> None:
         self.step_keys[name] = keys
@@ -211,7 +217,7 @@ class _Layout:
             refs: list[AssetRef] = []
             driver = None
             spec = StepSpec(s.name, s.func, dict(s.params), (), (), (), (), s.outputs, s.retries,
-                            s.retry_delay, s.timeout, resources)
+                            s.retry_delay, s.timeout, resources, s.output_schema)
         else:
             refs = [assets[asset] for asset in s.inputs]
             driver = None
@@ -219,7 +225,7 @@ class _Layout:
                 driver = next((i for i, ref in enumerate(refs) if ref.partitioned), None)
             wiring = tuple([(ref.selector, ref.partitioned and i != driver) for i, ref in enumerate(refs)])
             spec = StepSpec(s.name, s.func, dict(s.params), *_positions(s, plan.bindings[s.name]), wiring,
-                            s.outputs, s.retries, s.retry_delay, s.timeout, resources)
+                            s.outputs, s.retries, s.retry_delay, s.timeout, resources, s.output_schema)
 
         if s.split_every is not None and driver is None:
             tree = next((i for i, ref in enumerate(refs) if ref.partitioned), None)
@@ -246,6 +252,8 @@ class _Layout:
 
         # Partitions (``driver``), or a sink fed by a whole asset, written as one partition.
         count = len(refs[driver].keys) if driver is not None else 1
+        if driver is not None and refs[driver].step in self.origins:
+            self.origins[s.name] = self.origins[refs[driver].step]
         keys: list[Key] = [(name, i) for i in range(count)]
         self.entries.extend([(key, _STEP, spec, i, arguments_of(i)) for i, key in enumerate(keys)])
         if s.finalize is not None:
@@ -271,7 +279,8 @@ class _Layout:
         assert k is not None
         upper = StepSpec(spec.name, spec.func, spec.params, spec.positional, spec.keyword, spec.varargs,
                          tuple([(None, True) if i == tree else arg for i, arg in enumerate(spec.args)]),
-                         spec.outputs, spec.retries, spec.retry_delay, spec.timeout, spec.resources)
+                         spec.outputs, spec.retries, spec.retry_delay, spec.timeout, spec.resources,
+                         spec.output_schema)
         others = [list(ref.keys) if ref.partitioned else ref.keys[0] for ref in refs]
         level: list[Key] = list(refs[tree].keys)
         keys: list[Key] = []

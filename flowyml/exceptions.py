@@ -14,7 +14,8 @@
     ├── OutputNotFoundError         ``result[name]`` of an asset the run did not return (also a KeyError)
     ├── DataError                   a source matches no file, or a file cannot be read or written
     │   ├── StorageError            a URL flowyml cannot use: unknown scheme, package missing, no bucket, access denied
-    │   └── CommitConflictError     another run is committing to the same output right now
+    │   ├── CommitConflictError     another run is committing to the same output right now
+    │   └── ContractError           a step's output breaks its declared ``output_schema``
     ├── CacheError                  a cache entry is corrupt or unreadable (recomputed, not raised to users)
     │   └── StaleCacheEntry         an entry failed its full check as it was loaded: the run discards it and plans again
     ├── StepTimeoutError            one attempt of a step ran past its ``timeout``
@@ -40,6 +41,7 @@ __all__ = [
     "CacheError",
     "CacheWarning",
     "CommitConflictError",
+    "ContractError",
     "CycleError",
     "DataError",
     "DuplicateNameError",
@@ -123,6 +125,15 @@ class StorageError(DataError):
 
 class CommitConflictError(DataError):
     """Another run is committing to the same output; this run's output was not committed."""
+
+
+class ContractError(DataError):
+    """A step's output breaks the contract it declares with ``@step(output_schema=...)``.
+
+    Raised on the worker, per partition; the run reports it as the step's
+    failure (``StepFailed``, chained to this). The message names the step,
+    the partition, what failed and the first failing rows.
+    """
 
 
 class CacheError(FlowymlError):

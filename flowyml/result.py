@@ -10,6 +10,7 @@ from datetime import datetime
 from typing import Any
 
 from .bulk import no_gc_passes
+from .contracts import ContractFailure
 from .exceptions import OutputNotFoundError, StepFailed
 from .secrets import scrub
 from .status import Status
@@ -116,6 +117,7 @@ class PipelineResult:
         outputs: dict[str, Any],
         steps: dict[str, StepResult] | Callable[[], dict[str, StepResult]],
         tasks: Sequence[TaskRecord] | Callable[[], list[TaskRecord]] = (),
+        contract_failures: Sequence[ContractFailure] | Callable[[], list[ContractFailure]] = (),
         dashboard_link: str | None = None,
         extra_report_html: str | None = None,
         success: bool | None = None,
@@ -129,6 +131,7 @@ class PipelineResult:
         self.outputs = outputs
         self._steps = steps
         self._tasks = tasks if callable(tasks) else list(tasks)
+        self._contract_failures = contract_failures if callable(contract_failures) else list(contract_failures)
         self.dashboard_link = dashboard_link
         self.extra_report_html = extra_report_html
         self._success = success
@@ -148,6 +151,17 @@ class PipelineResult:
             with no_gc_passes():
                 self._tasks = self._tasks()
         return self._tasks
+
+    @property
+    def contract_failures(self) -> list[ContractFailure]:
+        """The tasks whose output broke their step's ``output_schema``, with their partitions' files.
+
+        Only a run with ``on_failure="continue"`` returns with any: under
+        ``"raise"`` the first one raises ``StepFailed``.
+        """
+        if callable(self._contract_failures):
+            self._contract_failures = self._contract_failures()
+        return self._contract_failures
 
     @property
     def success(self) -> bool:
@@ -198,6 +212,10 @@ class PipelineResult:
             "dashboard_link": self.dashboard_link,
             "steps": {name: s.to_dict() for name, s in self.steps.items()},
             "tasks": [t.to_dict() for t in self.tasks],
+            "contract_failures": [
+                {"step": f.step, "partition": f.partition, "files": list(f.files), "error": f.error}
+                for f in self.contract_failures
+            ],
             "outputs": sorted(self.outputs),
         }
 

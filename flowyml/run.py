@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from .cache import open_cache, plan_cached_run, warn_stale
 from .compile import CompiledGraph, compile_plan, is_source
+from .contracts import contract_failures
 from .exceptions import PipelineError, StaleCacheEntry, StepFailed
 from .result import PipelineResult, StepResult, TaskRecord, error_line, step_results
 from .status import OnFailure, Status
@@ -180,6 +181,7 @@ def _result(plan, executor, graph, recorder, run_id, started_at, start, dashboar
         steps=partial(step_results, graph.step_keys, records.values(), graph.partitions, graph.per_partition,
                       graph.tasks_per_step() if stopped else None),
         tasks=partial(task_records, records),
+        contract_failures=partial(contract_failures, records.values(), graph.origins, graph.sources),
         dashboard_link=dashboard_link,
         extra_report_html=recorder.report_html(),
         success=success,

@@ -74,6 +74,9 @@ class Step(Generic[P, R]):
     # A whole-dataset step over a partitioned input runs as a tree of at most
     # this many inputs a task (compile.py); None: one task over all partitions.
     split_every: int | None = None
+    # A pandera schema (or {output: schema}) each task's output is validated
+    # against on the worker (tasks.py); None: no contract.
+    output_schema: Any = None
     # Runs once after every partition of a per-partition step, with the list of
     # partition results; its return value becomes the step's asset (sinks use it
     # to commit their output). None: the partitions themselves are the asset.
@@ -224,6 +227,29 @@ def _check_options(s: Step) -> None:
         raise PipelineError(f"step {s.name!r}: params must be a dict, got {type(s.params).__name__}")
     if s.split_every is not None:
         _check_split_every(s)
+    if s.output_schema is not None:
+        _check_output_schema(s)
+
+
+def _check_output_schema(s: Step) -> None:
+    schemas = s.output_schema
+    if isinstance(schemas, Mapping):
+        unknown = sorted(set(schemas) - set(s.asset_names))
+        if unknown:
+            raise OptionError(
+                f"step {s.name!r}: output_schema names {unknown}, which it does not produce; "
+                f"its outputs are {list(s.asset_names)}"
+            )
+        schemas = list(schemas.values())
+    else:
+        schemas = [schemas]
+    for schema in schemas:
+        if not callable(getattr(schema, "validate", None)):
+            raise OptionError(
+                f"step {s.name!r}: output_schema must be a pandera schema (DataFrameSchema, "
+                f"SeriesSchema or a DataFrameModel class), or a dict of them by output; got "
+                f"{type(schema).__name__}. pip install 'flowyml[pandera]'"
+            )
 
 
 def _check_split_every(s: Step) -> None:
@@ -258,6 +284,7 @@ class StepOptions(TypedDict, total=False):
     tags: Iterable[str]
     resources: Mapping[str, float] | None
     split_every: int | None
+    output_schema: Any
 
 
 # Typed in two forms so that the decorated function keeps its signature:
@@ -286,6 +313,7 @@ def step(
     tags: Iterable[str] = (),
     resources: Mapping[str, float] | None = None,
     split_every: int | None = None,
+    output_schema: Any = None,
 ) -> Step[..., Any] | Callable[[Callable[..., Any]], Step[..., Any]]:
     """Mark a function as a pipeline step; usable bare (``@step``) or with options.
 
@@ -318,6 +346,13 @@ def step(
         its own results, until one remains. The step must combine its own
         outputs correctly (partial sums, counts, top-n); see "Tree reductions"
         in docs/partitions.md.
+    output_schema : pandera schema, optional
+        A contract for the step's output (``pandera.DataFrameSchema``,
+        ``SeriesSchema`` or a ``DataFrameModel``; a dict of them by output for
+        a step with several), checked on the worker for every task: each
+        partition of a per-partition step. A failing check fails the task with
+        a :class:`~flowyml.exceptions.ContractError` naming the step, the
+        partition and the first failing rows; see docs/data-contracts.md.
 
     Returns
     -------
@@ -351,6 +386,7 @@ def step(
             tags=_names(tags, "tags", step_name) if tags else (),
             resources=dict(resources) if resources else None,
             split_every=split_every,
+            output_schema=output_schema,
         )
 
     return make(func) if func is not None else make

@@ -233,7 +233,8 @@ class StepSpec:
     """
 
     __slots__ = ("name", "func", "params", "positional", "keyword", "varargs", "args", "outputs",
-                 "retries", "retry_delay", "timeout", "resources", "order", "in_order", "whole", "plain")
+                 "retries", "retry_delay", "timeout", "resources", "order", "in_order", "whole", "plain",
+                 "output_schema")
 
     def __init__(
         self,
@@ -249,6 +250,7 @@ class StepSpec:
         retry_delay: float = 0.0,
         timeout: float | None = None,
         resources: dict[str, float] | None = None,  # Dask worker resources (distributed only)
+        output_schema: Any = None,  # a pandera schema, or a dict of them by output (contracts.py)
     ) -> None:
         self.name = name
         self.func = func
@@ -262,6 +264,7 @@ class StepSpec:
         self.retry_delay = retry_delay
         self.timeout = timeout
         self.resources = resources
+        self.output_schema = output_schema
         # Derived once here rather than per call: the inputs passed positionally
         # (leading parameters, then *args), and whether the value is the asset as is.
         self.order = positional + varargs
@@ -272,7 +275,7 @@ class StepSpec:
     def __reduce__(self):
         return (StepSpec, (self.name, self.func, self.params, self.positional, self.keyword,
                            self.varargs, self.args, self.outputs, self.retries, self.retry_delay,
-                           self.timeout, self.resources))
+                           self.timeout, self.resources, self.output_schema))
 
     def __repr__(self) -> str:
         return f"StepSpec({self.name!r}, {getattr(self.func, '__qualname__', self.func)!r})"
@@ -427,6 +430,10 @@ class StepTask(_TaskBase):
                     continue
                 error = _step_failed(spec.name, self.partition, attempt, exc)
                 return self._report(None, spec.name, self.partition, FAILED, attempt, start, error)
+            if spec.output_schema is not None:  # checked once: a contract's verdict does not change on retry
+                error = _contract_failure(spec, self.partition, attempt, value)
+                if error is not None:
+                    return self._report(None, spec.name, self.partition, FAILED, attempt, start, error)
             if self.mode == PLAIN:
                 return value
             outcome = Outcome(value, spec.name, self.partition, SUCCEEDED, attempt, start, _now(),
@@ -456,6 +463,17 @@ def _split_outputs(spec: StepSpec, value: Any) -> Any:
         f"step {spec.name!r} declares {len(outputs)} outputs {list(outputs)} but returned "
         f"{got}; return a tuple of {len(outputs)} values or a dict with those keys"
     )
+
+
+def _contract_failure(spec: StepSpec, partition: int | None, attempt: int, value: Any) -> StepFailed | None:
+    from .contracts import check_contract
+    from .exceptions import ContractError
+
+    try:
+        check_contract(spec.name, partition, spec.output_schema, spec.outputs, value)
+    except ContractError as exc:
+        return _step_failed(spec.name, partition, attempt, exc)
+    return None
 
 
 def _step_failed(step: str, partition: int | None, attempt: int, exc: BaseException) -> StepFailed:
