@@ -147,7 +147,10 @@ def compile_plan(
             if len(plan.layouts) >= MAX_LAYOUTS:
                 plan.layouts.clear()
             plan.layouts[shape] = layout
-    return layout.graph(run_id, mode, plan.inputs, resolved)
+    # One task object per task, and no cycle among them: the collector's passes
+    # over a heap this grows by 100,000 objects cost more than creating them.
+    with no_gc_passes():
+        return layout.graph(run_id, mode, plan.inputs, resolved)
 
 
 #: Layouts kept per plan (distinct source partition counts).

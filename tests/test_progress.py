@@ -215,3 +215,38 @@ def test_a_task_event_costs_about_what_a_bare_counter_does(enabled):
     assert min(costs) < 10 * min(bare), (
         f"{min(costs) / n * 1e6:.2f} us per task against {min(bare) / n * 1e6:.2f} us for a bare counter"
     )
+
+
+def test_a_redraw_reads_the_running_steps_not_every_step_seen(monkeypatch):
+    # A run of 100,000 one-task steps redraws ten times a second; the postfix used
+    # to scan every step's tally each time. Count what a redraw reads instead of timing it.
+    stream = io.StringIO()
+    n = 20_000
+    progress = Progress(n, tasks_per_step={f"s{i}": 1 for i in range(n)}, enabled=True, file=stream)
+    for i in range(n):
+        progress.start(f"s{i}")
+        progress.finish(f"s{i}")
+    progress.start("s5")  # one task of an early step runs again, then a later one
+    progress.start("s7")
+    reads = 0
+
+    class CountingTallies(dict):
+        def __getitem__(self, key):
+            nonlocal reads
+            reads += 1
+            return super().__getitem__(key)
+
+        def items(self):
+            raise AssertionError("a redraw scanned every step")
+
+        def values(self):
+            raise AssertionError("a redraw scanned every step")
+
+    monkeypatch.setattr(progress, "_steps", CountingTallies(progress._steps))
+    progress.refresh()
+    assert progress.running_steps() == {"s5": 1, "s7": 1}  # in the order the steps first appeared
+    assert reads <= 4
+    progress.finish("s5")
+    progress.finish("s7")
+    monkeypatch.undo()
+    progress.close()

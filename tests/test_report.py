@@ -295,6 +295,65 @@ def test_large_run_is_fast_small_and_says_bars_were_merged():
     assert len(re.findall(r'<rect class="[^"]*\bfailed\b', svg)) == 1
 
 
+def many_steps_run(steps: int, workers: int = 2, failed: int = 0) -> dict:
+    """A run of ``steps`` one-task steps (``s0`` ... and a fan-in), as a 100,000-step pipeline reports one."""
+    tasks, info = [], {}
+    for i in range(steps):
+        name = f"s{i}" if i < steps - 1 else "combine"
+        start = RUN_START + 0.05 + i * 1e-4 / workers
+        status = "failed" if i < failed else "succeeded"
+        tasks.append({"key": name, "step": name, "partition": None, "status": status, "attempts": 1,
+                      "start": start, "stop": start + 5e-5, "worker": f"process-{i % workers}",
+                      "error": "ValueError: no" if i < failed else None})
+        info[name] = {"status": status, "duration_s": 5e-5, "attempts": 1, "partitions": None,
+                      "cached_partitions": 0, "per_partition": False,
+                      "error": "ValueError: no" if i < failed else None,
+                      "traceback": "Traceback ...\nValueError: no" if i < failed else None}
+    return {"pipeline": "wide", "run_id": "5c0a1e00", "backend": "sync", "max_workers": workers,
+            "success": not failed, "started_at": "2025-11-29T23:59:01.000000+00:00",
+            "duration_s": steps * 1e-4, "dashboard_link": None, "steps": info, "tasks": tasks,
+            "outputs": ["combine"]}
+
+
+def test_html_of_20000_steps_stays_small_and_names_every_step():
+    # Before: every step had a full table row, a legend entry and a style rule,
+    # 8 MB for 20,000 steps (about 40 MB at 100,000, a page no browser opens).
+    run = many_steps_run(20_000, failed=80)
+    page = render_html(run)
+    assert len(page.encode()) < 2_500_000, f"page is {len(page.encode()):,} bytes"
+    named = set(re.findall(r"\b(s\d+|combine)\b", page))
+    assert named >= set(run["steps"]), f"{len(set(run['steps']) - named)} steps not named"
+    assert "more steps (the table shows the first" in page
+    assert 0 < len(_task_bars(_timeline_svg(page))) <= 2500
+    legend = re.search(r'<div class="legend">.*?</div>', page, re.S).group(0)
+    assert legend.count("<i ") <= 42 and "more steps" in legend
+    # Tracebacks of the first failures only; the rest are counted and in the JSON report.
+    assert page.count("<details") <= 50 + 1 and "more failed steps" in page
+    assert page.count("{fill:") < 100  # style rules for the classes drawn, not one per step
+    assert to_html_repr(run).count("<tr>") <= 202
+
+
+def test_thinning_the_timeline_builds_bars_once_not_once_per_task_per_try(monkeypatch):
+    # Before: each tried bucket width built a Bar (with a Counter) per task, up to
+    # eight tries: the page of a 100,000-task run cost three times more per task
+    # than that of a 1,000-task run. Now tries only count; bars are built once.
+    from flowyml.report import timeline
+
+    built = Counter()
+    original = timeline.Bar.__init__
+
+    def counting(self, *args, **kwargs):
+        built["bars"] += 1
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(timeline.Bar, "__init__", counting)
+    run = many_steps_run(20_000)
+    page = render_html(run)
+    drawn = len(_task_bars(_timeline_svg(page)))
+    assert "merged into one bar" in page
+    assert built["bars"] == drawn, (built["bars"], drawn)
+
+
 def test_html_repr_is_compact_and_has_badge_and_table():
     run = make_run()
     snippet = to_html_repr(run)

@@ -88,9 +88,20 @@ def _cards(run: Run, rows: list[StepRow], timeline: Timeline) -> str:
     )
 
 
+#: Steps the timeline's legend names; the step table names every step.
+MAX_LEGEND_STEPS = 40
+#: Steps the step table draws in full (colour, bar, task times); the rest of a
+#: larger run are listed as text below it, so a run of 100,000 steps gives a
+#: page a browser still opens, and it still names every step.
+MAX_TABLE_STEPS = 1000
+
+
 def _legend(colours: Mapping[str, str], run: Run) -> str:
     tasks = run.get("tasks") or ()
-    items = [f'<span><i style="background:{c}"></i>{esc(name)}</span>' for name, c in colours.items()]
+    shown = list(colours.items())[:MAX_LEGEND_STEPS]
+    items = [f'<span><i style="background:{c}"></i>{esc(name)}</span>' for name, c in shown]
+    if len(colours) > len(shown):
+        items.append(f"<span>… and {len(colours) - len(shown):,} more steps (the table below names them)</span>")
     if any(task_state(t) == "failed" for t in tasks):
         items.append('<span><i class="failed"></i>failed task</span>')
     if any(t.get("status") == "cached" for t in tasks):
@@ -100,6 +111,7 @@ def _legend(colours: Mapping[str, str], run: Run) -> str:
 
 def _table(rows: list[StepRow], colours: Mapping[str, str]) -> str:
     longest = max((row.duration_s or 0.0 for row in rows), default=0.0) or 1.0
+    rows, rest = rows[:MAX_TABLE_STEPS], rows[MAX_TABLE_STEPS:]
     head = (
         "<tr><th>step</th><th>status</th><th class=n>partitions</th><th class=n>cached</th>"
         "<th class=n>attempts</th><th class=n>duration</th><th class=n>task median</th>"
@@ -122,7 +134,25 @@ def _table(rows: list[StepRow], colours: Mapping[str, str]) -> str:
             f'<td><div class="share"><b style="width:{share:.0f}%"></b></div></td>'
             "</tr>"
         )
-    return f"<table>{head}{''.join(body)}</table>"
+    return f"<table>{head}{''.join(body)}</table>{_more_steps(rest)}"
+
+
+def _more_steps(rows: list[StepRow]) -> str:
+    """The steps past :data:`MAX_TABLE_STEPS`, as one line of text each, in a collapsed block."""
+    if not rows:
+        return ""
+    width = max(len(row.name) for row in rows)
+    lines = [
+        f"{row.name:<{width}}  {row.status:<9}  {fmt_count(row.partitions):>10}  {fmt_count(row.cached):>6}"
+        f"  {fmt_count(row.attempts):>8}  {fmt_seconds(row.duration_s):>8}"
+        for row in rows
+    ]
+    header = f"{'step':<{width}}  {'status':<9}  {'partitions':>10}  {'cached':>6}  {'attempts':>8}  {'duration':>8}"
+    return (
+        f"<details><summary>… and {len(rows):,} more steps (the table shows the first "
+        f"{MAX_TABLE_STEPS:,}; all are in the JSON report)</summary>"
+        f"<pre>{esc(header)}\n{esc(chr(10).join(lines))}</pre></details>"
+    )
 
 
 _MAX_FAILED_TASKS_LISTED = 50
@@ -134,13 +164,16 @@ def _errors(run: Run, rows: list[StepRow]) -> str:
     if not failed_rows and not failed_tasks:
         return ""
     parts = ["<section><h2>Errors</h2>"]
-    for index, row in enumerate(failed_rows):
+    for index, row in enumerate(failed_rows[:_MAX_FAILED_TASKS_LISTED]):
         opened = " open" if index == 0 else ""
         parts.append(
             f"<details{opened}><summary>step <code>{esc(row.name)}</code>: "
             f"{esc(one_line(row.error, 300) or 'failed')}</summary>"
         )
         parts.append(f"<pre>{esc(row.traceback or row.error or '')}</pre></details>")
+    if len(failed_rows) > _MAX_FAILED_TASKS_LISTED:
+        parts.append(f"<div class=note>… and {len(failed_rows) - _MAX_FAILED_TASKS_LISTED:,} more failed "
+                     "steps (the step table names them; tracebacks are in the JSON report)</div>")
     if failed_tasks:
         shown = failed_tasks[:_MAX_FAILED_TASKS_LISTED]
         parts.append(f"<div class=note>{len(failed_tasks):,} failed task(s):</div><ul class=failed-tasks>")
@@ -261,6 +294,10 @@ def _inline_badge(status: str) -> str:
     )
 
 
+#: Steps the notebook view lists.
+_MAX_REPR_STEPS = 200
+
+
 def to_html_repr(run: Run) -> str:
     """Compact HTML for ``PipelineResult._repr_html_``: a status badge and the step table.
 
@@ -274,17 +311,24 @@ def to_html_repr(run: Run) -> str:
         f"<th {right if n in {'partitions', 'cached', 'attempts', 'duration'} else left}>{n}</th>"
         for n in ("step", "status", "partitions", "cached", "attempts", "duration")
     )
+    all_rows = step_rows(run)
     rows = "".join(
         f"<tr><td {left}><code>{esc(r.name)}</code></td><td {left}>{_inline_badge(r.status)}</td>"
         f"<td {right}>{esc(fmt_count(r.partitions))}</td><td {right}>{esc(fmt_count(r.cached))}</td>"
         f"<td {right}>{esc(fmt_count(r.attempts))}</td><td {right}>{esc(fmt_seconds(r.duration_s))}</td></tr>"
-        for r in step_rows(run)
+        for r in all_rows[:_MAX_REPR_STEPS]
     )
+    if len(all_rows) > _MAX_REPR_STEPS:  # a notebook cell of 100,000 rows freezes the browser
+        rows += (f'<tr><td {left} colspan=6>… and {len(all_rows) - _MAX_REPR_STEPS:,} more steps '
+                 "(<code>result.summary()</code> lists them all)</td></tr>")
+    failed = [r for r in all_rows if r.error]
     errors = "".join(
         f'<div style="color:#c0392b;font-size:12px;margin-top:4px">{esc(r.name)}: {esc(one_line(r.error))}</div>'
-        for r in step_rows(run)
-        if r.error
+        for r in failed[:_MAX_FAILED_TASKS_LISTED]
     )
+    if len(failed) > _MAX_FAILED_TASKS_LISTED:
+        errors += (f'<div style="color:#c0392b;font-size:12px;margin-top:4px">… and '
+                   f"{len(failed) - _MAX_FAILED_TASKS_LISTED:,} more failed steps</div>")
     workers = run.get("max_workers")
     return (
         '<div class="flowyml-run" style="font-family:sans-serif;font-size:13px">'

@@ -75,7 +75,44 @@ def _assign_rows(tasks: Sequence[Mapping[str, Any]]) -> list[list[Mapping[str, A
     return rows
 
 
-def _merge_row(row: list[Mapping[str, Any]], bucket_s: float, mix_steps: bool) -> list[Bar]:
+#: A task as the merging passes read it: (start, stop, state, step).
+_Prepared = tuple[float, float, str, str]
+
+
+def _prepare(row: list[Mapping[str, Any]]) -> list[_Prepared]:
+    """What merging compares, read once per task rather than once per pass."""
+    return [(task["start"], task["stop"], task_state(task), str(task.get("step"))) for task in row]
+
+
+def _count_bars(row: list[_Prepared], bucket_s: float, mix_steps: bool, limit: int) -> int:
+    """How many bars :func:`_merge_row` would draw for ``row``; stops counting past ``limit``.
+
+    It allocates nothing, and a bucket that leaves too many bars is given up
+    as soon as that is certain: trying several buckets on a run of 100,000
+    tasks then costs little more than drawing one.
+    """
+    count = 0
+    start = stop = 0.0
+    state = step = ""
+    for t_start, t_stop, t_state, t_step in row:
+        if (
+            count
+            and t_state == state
+            and (t_stop if t_stop > stop else stop) - start <= bucket_s
+            and (mix_steps or t_step == step)
+        ):
+            if t_stop > stop:
+                stop = t_stop
+            continue
+        count += 1
+        if count > limit:
+            return count
+        start, stop, state, step = t_start, t_stop, t_state, t_step
+    return count
+
+
+def _merge_row(row: list[Mapping[str, Any]], bucket_s: float, mix_steps: bool,
+               prepared: list[_Prepared] | None = None) -> list[Bar]:
     """Merge consecutive tasks of one row into bars at most ``bucket_s`` wide.
 
     A bar absorbs the next task only if the result stays within ``bucket_s``
@@ -84,35 +121,45 @@ def _merge_row(row: list[Mapping[str, Any]], bucket_s: float, mix_steps: bool) -
     unless ``mix_steps``, the same step. ``bucket_s <= 0`` merges nothing.
     """
     bars: list[Bar] = []
-    for task in row:
-        bar = Bar(task["start"], task["stop"], task_state(task), Counter([str(task.get("step"))]), [task])
-        last = bars[-1] if bars else None
+    last: Bar | None = None
+    last_step = ""
+    for task, (start, stop, state, step) in zip(row, prepared or _prepare(row)):
         if (
             last is not None
             and bucket_s > 0
-            and last.state == bar.state
-            and max(last.stop, bar.stop) - last.start <= bucket_s
-            and (mix_steps or set(last.steps) == set(bar.steps))
+            and last.state == state
+            and max(last.stop, stop) - last.start <= bucket_s
+            and (mix_steps or step == last_step)
         ):
-            last.absorb(bar)
-        else:
-            bars.append(bar)
+            last.stop = max(last.stop, stop)
+            last.tasks.append(task)
+            last.steps[step] += 1
+            continue
+        last = Bar(start, stop, state, Counter({step: 1}), [task])
+        last_step = step
+        bars.append(last)
     return bars
 
 
 def _thin(rows: list[list[Mapping[str, Any]]], seconds_per_px: float) -> tuple[list[list[Bar]], str]:
     """Bars per row, merged only as much as needed to stay under ``MAX_BARS``; and a note saying how."""
     total = sum(len(row) for row in rows)
+    prepared = [_prepare(row) for row in rows]
     if total <= MAX_BARS:
-        return [_merge_row(row, 0.0, False) for row in rows], ""
+        return [_merge_row(row, 0.0, False, ready) for row, ready in zip(rows, prepared)], ""
     bucket_px = 2.0
-    while True:
+    while True:  # the narrowest bucket that fits; only counted, bars are built once below
         mix = bucket_px > 32  # a last resort for rows where many steps interleave
-        merged = [_merge_row(row, bucket_px * seconds_per_px, mix) for row in rows]
-        count = sum(len(bars) for bars in merged)
+        count = 0
+        for ready in prepared:
+            count += _count_bars(ready, bucket_px * seconds_per_px, mix, MAX_BARS - count)
+            if count > MAX_BARS:
+                break
         if count <= MAX_BARS or bucket_px >= 256:
             break
         bucket_px *= 2
+    merged = [_merge_row(row, bucket_px * seconds_per_px, mix, ready) for row, ready in zip(rows, prepared)]
+    count = sum(len(bars) for bars in merged)
     how = "of any step" if mix else "of one step"
     note = (
         f"{total:,} tasks drawn as {count:,} bars: consecutive tasks {how} on one worker that fit in "
@@ -254,6 +301,7 @@ def draw_timeline(run: Run, colours: Mapping[str, str]) -> Timeline:
     y = axis_h
     row_iter = iter(merged)
     step_class = {name: f"s{i}" for i, name in enumerate(colours)}
+    used: dict[str, None] = {}  # the classes drawn: a rule per step of a 100,000-step run would outweigh its bars
     for lane_index, name in enumerate(lanes):
         n_rows = len(lane_rows[name])
         lane_h = n_rows * (row_h + row_gap)
@@ -270,7 +318,9 @@ def draw_timeline(run: Run, colours: Mapping[str, str]) -> Timeline:
                 x = plot_x + (bar.start - t0) * px
                 # A failed task stays at least 3 px wide: it must be findable among thousands of bars.
                 w = max(3.0 if bar.state == "failed" else 1.0, (bar.stop - bar.start) * px)
-                classes = ["bar", step_class.get(next(iter(bar.steps)), "mixed") if len(bar.steps) == 1 else "mixed"]
+                step_css = step_class.get(next(iter(bar.steps)), "mixed") if len(bar.steps) == 1 else "mixed"
+                used[step_css] = None
+                classes = ["bar", step_css]
                 if bar.state != "ok":
                     classes.append(bar.state)
                 if len(bar.tasks) > 1:
@@ -285,7 +335,7 @@ def draw_timeline(run: Run, colours: Mapping[str, str]) -> Timeline:
                     )
         y += lane_h + lane_gap
 
-    style_rules = "".join(f".{cls}{{fill:{colours[name]}}}" for name, cls in step_class.items())
+    style_rules = "".join(f".{cls}{{fill:{colours[name]}}}" for name, cls in step_class.items() if cls in used)
     svg = (
         f'<svg class="timeline" viewBox="0 0 {width} {height}" width="{width}" height="{height}" '
         f'role="img" aria-label="task timeline, one lane per worker">'
