@@ -265,9 +265,11 @@ def test_run_without_tasks_renders():
 
 
 def _render_seconds(run: dict) -> float:
-    begin = time.perf_counter()
+    # CPU time of this process: what other processes on a shared machine do
+    # stretches wall time by any factor, not the work this process does.
+    begin = time.process_time()
     render_html(run)
-    return time.perf_counter() - begin
+    return time.process_time() - begin
 
 
 def test_large_run_is_fast_small_and_says_bars_were_merged():
@@ -278,7 +280,7 @@ def test_large_run_is_fast_small_and_says_bars_were_merged():
     # (a pass over all tasks per task would take a hundred).
     tenth = make_run(partitions=500, workers=8, fail_partition=432, cached=20)
     small, large = [], []
-    for _ in range(3):
+    for _ in range(5):
         small.append(_render_seconds(tenth))
         large.append(_render_seconds(run))
     assert min(large) < 30 * min(small), f"{len(run['tasks'])} tasks: {large}s, a tenth of them: {small}s"
