@@ -46,6 +46,8 @@ __all__ = ["HIVE_NULL", "HiveColumns", "HivePartition", "HivePlan", "folder_keys
 #: The folder value pyarrow, Hive and Spark write for a missing key.
 HIVE_NULL = "__HIVE_DEFAULT_PARTITION__"
 _INT32 = (-(2**31), 2**31 - 1)
+# The read_parquet options a Hive partition honours.
+_OPTIONS = frozenset({"columns", "filters", "partitioning", "dtype_backend", "to_pandas_kwargs"})
 
 _COMPARE: dict[str, Callable[[Any, Any], bool]] = {
     "=": operator.eq, "==": operator.eq, "!=": operator.ne, "<": operator.lt, ">": operator.gt,
@@ -185,6 +187,12 @@ def plan_hive(patterns: Sequence[str], files: list[tuple[Any, str, Any]], option
         return None
     roots = _roots(patterns, storage_options, label)
     found = [folder_keys(_relative(path, roots)) for _, path, _ in files]
+    if not any(found):
+        return None
+    unsupported = sorted(set(options) - _OPTIONS)
+    if unsupported:
+        raise OptionError(f"source {label!r}: with key=value folders read_parquet reads each file through "
+                          f"pyarrow and cannot pass {unsupported}; it supports {sorted(_OPTIONS)}")
     explicit = _explicit_types(partitioning, label)
     if explicit is not None:
         names = tuple(explicit)

@@ -36,6 +36,11 @@ The protocol (:func:`commit`), run once every partition is staged:
    parallel), then remove the old files the new output does not have.
 4. Write ``manifest.json``, remove the staging prefix, remove ``commit.json``.
 
+Staged names may lie in folders (Hive outputs, ``year=2024/part-00000.parquet``).
+With ``replace=`` (``mode="overwrite_partitions"``), step 3 removes only the
+old files below the replaced folders; the others stay untouched and the
+manifest lists them with the new files.
+
 What a reader listing the folder sees: before step 3, the old output; after
 it, exactly the new one. During step 3 (a burst of parallel server-side
 copies, then one batched delete) it may see some files already new and some
