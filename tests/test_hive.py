@@ -102,6 +102,14 @@ def test_explicit_partitioning_gives_plain_typed_columns(tmp_path):
     assert "year" not in pd.concat(p.load() for p in read_parquet(folder, partitioning=None).partitions())
 
 
+def test_options_a_hive_partition_cannot_honour_are_refused(tmp_path):
+    folder = hive_layout(tmp_path / "sales")
+    with pytest.raises(OptionError, match=r"key=value folders.*cannot pass \['engine'\]"):
+        read_parquet(folder, engine="fastparquet").partitions()
+    with pytest.raises(OptionError, match="operator 'like'"):
+        read_parquet(folder, filters=[("year", "like", 2024)]).partitions()
+
+
 def test_filters_on_keys_prune_folders_at_planning(executor, tmp_path):
     folder = hive_layout(tmp_path / "sales")
     expected = pd.read_parquet(folder, filters=[("year", "=", 2024), ("amount", ">", 11)])
