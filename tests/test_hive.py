@@ -193,6 +193,11 @@ def test_a_failure_mid_write_leaves_the_old_output_intact(executor, tmp_path):
         pipeline.run(executor=executor, progress=False)
     assert files_of(out) == before
     assert not [name for name in os.listdir(tmp_path) if "staging" in name]
+    # Letting the rest finish: partition 0 is staged, yet nothing is committed and the staging goes.
+    result = pipeline.run(executor=executor, progress=False, on_failure="continue")
+    assert not result.success and result.steps["write_parquet"].status == "skipped"
+    assert files_of(out) == before
+    assert not [name for name in os.listdir(tmp_path) if "staging" in name]
 
 
 def test_sink_options_are_checked_when_declared():
