@@ -140,7 +140,7 @@ def _task_keys(dsk: Mapping[Key, Any], sinks: set[str]) -> dict[Key, Any]:
             keys[key] = _value_key(func)
             continue
         inputs = [_input_key(argument, keys) for argument in arguments]
-        if any(item is None for item in inputs):
+        if any(item is None for item in inputs) or getattr(sink_output(func), "uncached", False):
             keys[key] = None
             continue
         if isinstance(func, StepTask):

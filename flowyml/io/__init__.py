@@ -10,7 +10,10 @@ partition where it was computed and commits them all at once.
   and globs;
 - :mod:`~flowyml.io.csv`: CSV sources and their blocks of whole lines;
 - :mod:`~flowyml.io.parquet`: Parquet sources, per file or row group;
+- :mod:`~flowyml.io.hive`: Hive ``key=value`` folders as columns, pruned by ``filters=``;
 - :mod:`~flowyml.io.sinks`: writing partitions, the commit and its abort;
+- :mod:`~flowyml.io.hive_sink`: ``write_parquet(partition_on=, mode=)``, the Hive layout
+  and its commit one partition at a time;
 - :mod:`~flowyml.io.filesystem`: fsspec filesystems, how paths are shown, and
   keeping credentials out of messages.
 """

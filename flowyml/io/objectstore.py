@@ -36,6 +36,11 @@ The protocol (:func:`commit`), run once every partition is staged:
    parallel), then remove the old files the new output does not have.
 4. Write ``manifest.json``, remove the staging prefix, remove ``commit.json``.
 
+Staged names may lie in folders (Hive outputs, ``year=2024/part-00000.parquet``).
+With ``replace=`` (``mode="overwrite_partitions"``), step 3 removes only the
+old files below the replaced folders; the others stay untouched and the
+manifest lists them with the new files.
+
 What a reader listing the folder sees: before step 3, the old output; after
 it, exactly the new one. During step 3 (a burst of parallel server-side
 copies, then one batched delete) it may see some files already new and some
@@ -175,8 +180,15 @@ def write_owner(fs: Any, target: str, run_id: str) -> None:
     fs.pipe_file(f"{staging_prefix(target, run_id)}/owner.json", _json(asdict(Owner.me())))
 
 
-def commit(fs: Any, target: str, run_id: str, names: Sequence[str]) -> list[str]:
+def commit(fs: Any, target: str, run_id: str, names: Sequence[str], *,
+           replace: Sequence[str] | None = None) -> list[str]:
     """Publish the run's staged ``names`` as the output at ``target``; the committed paths.
+
+    ``names`` may lie in folders (``year=2024/part-00000.parquet``). With
+    ``replace`` (folders, for ``mode="overwrite_partitions"``), only the old
+    files below those folders are removed, every other old file stays, and the
+    manifest lists the whole output; without it, the new files are the whole
+    output.
 
     Raises
     ------
@@ -186,9 +198,12 @@ def commit(fs: Any, target: str, run_id: str, names: Sequence[str]) -> list[str]
         Another run is committing to ``target``; the output is that run's.
     """
     staging = staging_prefix(target, run_id)
-    # One listing, which also tells the filesystem each staged file's size: the
-    # copies then need no request of their own to ask it.
-    staged = {path.rsplit("/", 1)[-1] for path in _listing(fs, staging)}
+    if any("/" in name for name in names):
+        staged = set(_relative(staging, _find(fs, staging)))
+    else:
+        # One listing, which also tells the filesystem each staged file's size: the
+        # copies then need no request of their own to ask it.
+        staged = {path.rsplit("/", 1)[-1] for path in _listing(fs, staging)}
     missing = sorted(name for name in names if name + STAGED_SUFFIX not in staged)
     if missing:
         raise DataError(
@@ -196,13 +211,19 @@ def commit(fs: Any, target: str, run_id: str, names: Sequence[str]) -> list[str]
             f"({', '.join(missing[:5])}{'...' if len(missing) > 5 else ''}); the previous output is untouched"
         )
     remove_stale(fs, target, keep=run_id)
-    old = _output_files(fs, target)
+    old = set(_output_files(fs, target)) - set(names)
+    kept: list[str] = []
+    if replace is not None:
+        folders = tuple(folder.rstrip("/") + "/" for folder in replace)
+        kept = sorted(name for name in old if not name.startswith(folders))
+        old -= set(kept)
     record = {
         "run_id": run_id,
         "owner": asdict(Owner.me()),
         "staging": staging,
         "files": sorted(names),
-        "remove": sorted(set(old) - set(names)),
+        "remove": sorted(old),
+        "kept": kept,
     }
     _create_record(fs, target, record)
     _publish(fs, target, record)
@@ -272,7 +293,8 @@ def _publish(fs: Any, target: str, record: dict[str, Any]) -> None:
     removals = [f"{target}/{name}" for name in record["remove"]]
     if removals:
         _remove_files(fs, removals)
-    manifest = {"run_id": record["run_id"], "committed_at": time.time(), "files": names}
+    files = sorted([*names, *record.get("kept", [])])  # kept: the partitions overwrite_partitions left
+    manifest = {"run_id": record["run_id"], "committed_at": time.time(), "files": files}
     fs.pipe_file(f"{control_prefix(target)}/manifest.json", _json(manifest))
     _remove_prefix(fs, staging)
     _remove_files(fs, [f"{control_prefix(target)}/commit.json"])
@@ -283,7 +305,7 @@ def _roll_forward(fs: Any, target: str, record: dict[str, Any]) -> None:
     staging = record.get("staging", "")
     if not staging.startswith(f"{control_prefix(target)}/staging/"):
         raise DataError(f"{fs.unstrip_protocol(target)}: {CONTROL}/commit.json is not flowyml's; remove it")
-    present = {path.rsplit("/", 1)[-1] for path in _find(fs, staging)}
+    present = set(_relative(staging, _find(fs, staging)))
     files = list(record.get("files", []))
     if present and all(name + STAGED_SUFFIX in present for name in files):
         _publish(fs, target, record)  # it died before or while copying: finish its steps
@@ -328,6 +350,11 @@ def _find(fs: Any, prefix: str) -> list[str]:
         return list(fs.find(prefix))
     except FileNotFoundError:
         return []
+
+
+def _relative(prefix: str, paths: Iterable[str]) -> list[str]:
+    root = prefix.rstrip("/") + "/"
+    return [path[len(root):] for path in paths if path.startswith(root)]
 
 
 def _children(fs: Any, prefix: str) -> list[str]:

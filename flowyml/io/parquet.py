@@ -21,7 +21,7 @@ from flowyml.io.sources import Partition, Source, check_same_columns, resolve_fi
 __all__ = ["ParquetPartition", "ParquetSource", "read_parquet"]
 
 # What a row-group read can honour; other pandas.read_parquet options need the whole file.
-_ROW_GROUP_OPTIONS = frozenset({"columns", "filters", "dtype_backend", "to_pandas_kwargs"})
+_ROW_GROUP_OPTIONS = frozenset({"columns", "filters", "dtype_backend", "to_pandas_kwargs", "partitioning"})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -55,9 +55,10 @@ class ParquetSource(Source):
     """Parquet files: one partition per file, or per row group with ``split_row_groups``.
 
     Planning reads each file's footer (schema, row groups) and nothing else.
-    A directory means every ``*.parquet`` file below it, sorted (hive
-    ``key=value`` folder names are not turned into columns). A file without
-    row groups stays one (empty, typed) partition when splitting.
+    A directory means every ``*.parquet`` file below it, sorted; its
+    ``key=value`` folders become columns, and ``filters=`` on them prune
+    folders at planning (:mod:`flowyml.io.hive`). A file without row groups
+    stays one (empty, typed) partition when splitting.
     """
 
     reader = "read_parquet"
@@ -81,6 +82,11 @@ class ParquetSource(Source):
 
         files = resolve_files(self.paths, (".parquet", ".parq", ".pq"), self.label, self.storage_options)
         wanted = self.pandas_kwargs.get("columns")
+        hive = _plan_hive(self, files)
+        if hive is not None:  # key=value folders: pruned by filters= before any footer is read
+            files, wanted = hive.files, hive.file_columns(wanted)
+            if not files:
+                return []
         footers, columns = [], []
         for fs, path, _ in files:
             try:
@@ -95,18 +101,21 @@ class ParquetSource(Source):
             columns.append(_parquet_columns(metadata, wanted, full_path(fs, path), self.label))
         orders = check_same_columns([full_path(fs, path) for fs, path, _ in files], columns, self.label)
         token = tokenize("parquet", self.pandas_kwargs)
+        if hive is not None:  # every partition's key columns carry every folder's values
+            token = tokenize(token, hive.token())
         parts: list[Partition] = []
-        for (fs, path, info), metadata, order in zip(files, footers, orders):
+        for number, ((fs, path, info), metadata, order) in enumerate(zip(files, footers, orders)):
             size, version = file_version(fs, path, info)
             groups: list[int | None] = [None]
             if self.split_row_groups and metadata.num_row_groups > 0:
                 groups = list(range(metadata.num_row_groups))
             for group in groups:
-                parts.append(ParquetPartition(
+                fields: dict[str, Any] = dict(
                     index=len(parts), path=full_path(fs, path), size=size, mtime_ns=version,
                     source=self.label, options_token=with_order(token, order), row_group=group,
                     read_kwargs=self.pandas_kwargs, columns=order, storage_options=self.storage_options,
-                ))
+                )
+                parts.append(ParquetPartition(**fields) if hive is None else hive.partition(number, **fields))
         return parts
 
 
@@ -131,6 +140,12 @@ def read_parquet(path: Any, *, split_row_groups: bool = False, **pandas_kwargs: 
     read_parquet('data/trips_parquet', columns=['fare', 'tip'])
     """
     return ParquetSource(path, split_row_groups, pandas_kwargs)
+
+
+def _plan_hive(source: ParquetSource, files: list) -> Any:
+    from flowyml.io.hive import plan_hive  # hive builds on this module's partitions
+
+    return plan_hive(source.paths, files, source.pandas_kwargs, source.label, source.storage_options)
 
 
 def _parquet_columns(metadata: Any, wanted: Any, path: str, label: str) -> tuple:

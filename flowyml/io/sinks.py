@@ -574,7 +574,8 @@ class _Committer:
 
 
 def _sink(fmt: str, path: str | os.PathLike[str], input: str, name: str | None,
-          storage_options: dict[str, Any] | None) -> Any:
+          storage_options: dict[str, Any] | None, partition_on: Any = None, mode: str = "overwrite") -> Any:
+    from flowyml.io.hive_sink import HiveOutput, check_sink_options
     from flowyml.step import Step
 
     step_name = name or f"write_{fmt}"
@@ -584,8 +585,12 @@ def _sink(fmt: str, path: str | os.PathLike[str], input: str, name: str | None,
     if storage_options is not None and not isinstance(storage_options, dict):
         raise OptionError(f"{declared}: storage_options must be a dict (as for pandas), "
                           f"got {type(storage_options).__name__}")
+    keys = check_sink_options(f"sink {step_name!r} ({declared})", partition_on, mode)
     # Resolved here, on the driver: workers may run elsewhere.
-    output = Output(path, storage_options, who=f"sink {step_name!r}")
+    if keys is None:
+        output = Output(path, storage_options, who=f"sink {step_name!r}")
+    else:
+        output = HiveOutput(path, storage_options, who=f"sink {step_name!r}", partition_on=keys, mode=mode)
     return Step(
         func=_PartitionWriter(output, fmt),
         name=step_name,
@@ -598,7 +603,8 @@ def _sink(fmt: str, path: str | os.PathLike[str], input: str, name: str | None,
 
 
 def write_parquet(path: str | os.PathLike[str], *, input: str, name: str | None = None,
-                  storage_options: dict[str, Any] | None = None) -> Any:
+                  storage_options: dict[str, Any] | None = None, partition_on: Sequence[str] | None = None,
+                  mode: str = "overwrite") -> Any:
     """A step that writes ``input`` as Parquet files ``path/part-00000.parquet``, ...
 
     ``path`` is a local folder or an fsspec URL (``s3://bucket/clean``), with
@@ -612,13 +618,20 @@ def write_parquet(path: str | os.PathLike[str], *, input: str, name: str | None 
     ``write_parquet`` unless ``name=`` says otherwise) is the list of written
     paths (URLs on an object store).
 
+    ``partition_on=["year", "month"]`` writes the Hive layout instead,
+    ``path/year=2024/month=01/part-00000.parquet``: each worker splits its
+    partition by those columns, which the files then do not hold (they are in
+    the folder names). ``mode="overwrite"`` (the default) replaces the whole
+    output; ``mode="overwrite_partitions"`` (with ``partition_on``) replaces
+    only the key folders this run wrote. See :mod:`flowyml.io.hive_sink`.
+
     Examples
     --------
     >>> sink = write_parquet("out/clean", input="clean")
     >>> sink.name, sink.inputs, sink.per_partition
     ('write_parquet', ('clean',), True)
     """
-    return _sink("parquet", path, input, name, storage_options)
+    return _sink("parquet", path, input, name, storage_options, partition_on, mode)
 
 
 def write_csv(path: str | os.PathLike[str], *, input: str, name: str | None = None,
