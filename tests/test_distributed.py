@@ -267,6 +267,43 @@ def test_task_prefixes_on_the_scheduler_are_step_names(cluster, on_cluster):
     assert f"('square-{result.run_id}', 5)" in keys  # the partition index, and the run token
 
 
+@step
+def maybe_fail(i, bad=-1):
+    if i == bad:
+        raise ValueError(f"copy {i} is bad")
+    return i
+
+
+def copies(count: int, bad: int = -1) -> Pipeline:
+    """``count`` copies of one function (the docs' parallel processing shape) and a fan-in."""
+    pipeline = Pipeline("copies")
+    for i in range(count):
+        pipeline.add_step(maybe_fail, name=f"chunk_{i}", params={"i": i, "bad": bad})
+    return pipeline.add_step(step(sum_all, name="combine", inputs=[f"chunk_{i}" for i in range(count)]))
+
+
+def sum_all(*parts):
+    return sum(parts)
+
+
+def test_copies_of_one_function_are_one_task_prefix_and_keep_their_step_names(cluster, on_cluster):
+    result = copies(300).run(executor=on_cluster, progress=False)
+    assert result["combine"] == sum(range(300))
+    prefixes = cluster.run_on_scheduler(lambda dask_scheduler: list(dask_scheduler.task_prefixes))
+    assert {"maybe_fail", "combine"} <= set(prefixes)
+    assert not [p for p in prefixes if p.startswith("chunk_")], "one task prefix per copy"
+    keys = {t.key for t in result.tasks}
+    assert f"('maybe_fail-{result.run_id}', 'chunk_7')" in keys and f"combine-{result.run_id}" in keys
+    assert {t.step for t in result.tasks} == {f"chunk_{i}" for i in range(300)} | {"combine"}
+    assert result.steps["chunk_7"].status == "succeeded" and result.steps["chunk_7"].partitions is None
+    with pytest.raises(StepFailed, match=r"step 'chunk_3' failed") as info:
+        copies(5, bad=3).run(executor=on_cluster, progress=False)
+    assert isinstance(info.value.__cause__, ValueError)
+    failed = copies(5, bad=3).run(executor=on_cluster, progress=False, on_failure="continue")
+    assert failed.steps["chunk_3"].status == "failed" and failed.steps["chunk_2"].status == "succeeded"
+    assert failed.steps["combine"].status == "skipped"
+
+
 def test_two_concurrent_runs_of_one_pipeline_keep_their_own_results(on_cluster, tmp_path):
     pipeline = Pipeline("twins").add_step(rendezvous, name="meet", params={"marker_dir": str(tmp_path)})
     results = {}

@@ -152,6 +152,7 @@ class DistributedBackend(Backend):
 
     name = "distributed"
     pickles = True
+    groups_copies = True
 
     def __init__(
         self,
@@ -340,7 +341,13 @@ def _worker_died(exc: Exception, suffix: str) -> StepFailed:
 
 
 def _step_of(key: Any, suffix: str) -> tuple[str, int | None]:
-    """``("clean-1a2b3c4d", 3)`` -> ``("clean", 3)``; ``"load-1a2b3c4d"`` -> ``("load", None)``."""
+    """``("clean-1a2b3c4d", 3)`` -> ``("clean", 3)``; ``"load-1a2b3c4d"`` -> ``("load", None)``.
+
+    A copy of a function added under several names, ``("process_chunk-1a2b3c4d",
+    "chunk_0")``, -> ``("chunk_0", None)``.
+    """
+    if isinstance(key, tuple) and isinstance(key[1], str):
+        return key[1], None
     name, partition = (key[0], key[1]) if isinstance(key, tuple) else (key, None)
     name = str(name)
     if suffix and name.endswith(suffix):
