@@ -21,7 +21,7 @@ fraction of what ``dask.delayed`` would cost a task:
 
 A ``key_suffix`` (the distributed backend's run token) keeps two concurrent
 runs of one pipeline on one cluster apart; Dask's dashboard strips it, so task
-prefixes stay the step names.
+prefixes stay the step names (the function's, for grouped copies).
 """
 
 from __future__ import annotations
