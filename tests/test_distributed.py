@@ -609,6 +609,7 @@ def test_a_run_whose_only_worker_dies_without_a_nanny_fails_clearly(tmp_path):
 
 
 def test_a_worker_of_flowyml_s_local_cluster_killed_mid_run_is_replaced(local, tmp_path):
+    local.client.wait_for_workers(2, timeout=START_TIMEOUT)  # an earlier test's restart may still be going
     before = set(local.client.nthreads())
     pipeline = Pipeline("fragile").add_source("numbers", Numbers(4)).add_step(
         fragile, params={"marker_dir": str(tmp_path)}
@@ -616,7 +617,8 @@ def test_a_worker_of_flowyml_s_local_cluster_killed_mid_run_is_replaced(local, t
     result = pipeline.run(executor=local, progress=False)
     assert result["fragile"] == [0, 10, 20, 30]
     local.client.wait_for_workers(2, timeout=START_TIMEOUT)  # its nanny started another
-    assert len(set(local.client.nthreads()) - before) == 1
+    after = set(local.client.nthreads())
+    assert len(after) == 2 and after - before, "the killed worker was not replaced"
 
 
 async def _remove_workers(dask_scheduler=None):
