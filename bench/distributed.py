@@ -6,7 +6,9 @@ machine hits both sides alike:
 
 - by hand: ``client.get`` on a plain dict graph of ``N`` independent no-op
   tasks and one fan-in task that takes them all, keyed as flowyml keys the
-  shape below (``("noop", i)``, or ``"noop_i"`` for separate steps);
+  shape below (``("noop", i)``, or ``("noop_step", "noop_i")`` for separate
+  steps, copies of one function; ``--hand-keys names`` keys those
+  ``"noop_i"``, one Dask task prefix per step, as flowyml did before);
 - flowyml, two shapes of that graph, each timed around ``pipeline.run``
   (planning, compiling, submitting, task events, building the result;
   building the pipeline is not timed):
@@ -26,7 +28,9 @@ Usage::
     python bench/distributed.py --sizes 1000 --repeats 3 --shapes partitions
 
 Prints one row per shape and N: the median wall time of each side, the ratio
-flowyml / by hand (the target is at most 1.15), and the overhead per task.
+flowyml / by hand (the target is at most 1.15), and the overhead per task;
+then, per N, separate steps against partitions on each side (the target is
+at most 1.5).
 """
 
 from __future__ import annotations
@@ -82,16 +86,18 @@ class NoopSource:
         return [NoopPart(i) for i in range(self.count)]
 
 
-def hand_graph(n: int, shape: str) -> dict:
+def hand_graph(n: int, shape: str, names: bool = False) -> dict:
     """N independent no-op tasks and one fan-in, as a plain Dask graph, keyed as flowyml keys them.
 
-    ``partitions``: ``("noop", i)``, one task prefix; ``steps``: ``"noop_i"``,
-    one prefix per step, as flowyml names a step's task after the step. Dask
-    itself pays for many prefixes (about 2x per task here at N = 3,000: its
-    per-prefix duration estimates start unknown, which drives work stealing),
-    so each shape is compared with its own hand-built twin.
+    ``partitions``: ``("noop", i)``; ``steps``: ``("noop_step", "noop_i")``,
+    one task prefix either way. With ``names``, steps are keyed ``"noop_i"``:
+    one prefix per step, on which Dask's scheduler is quadratic (see
+    docs/distributed.md, "Large graphs").
     """
-    keys = [("noop", i) for i in range(n)] if shape == "partitions" else [f"noop_{i}" for i in range(n)]
+    if shape == "partitions":
+        keys: list = [("noop", i) for i in range(n)]
+    else:
+        keys = [f"noop_{i}" for i in range(n)] if names else [("noop_step", f"noop_{i}") for i in range(n)]
     dsk = {key: (noop, i) for i, key in enumerate(keys)}
     dsk["fan_in"] = (fan_in_list, keys)
     return dsk
@@ -107,9 +113,9 @@ def flowyml_pipeline(n: int, shape: str) -> Pipeline:
     return pipeline.add_step(step(fan_in, name="fan_in", inputs=[f"noop_{i}" for i in range(n)]))
 
 
-def time_by_hand(client: Client, n: int, shape: str) -> float:
+def time_by_hand(client: Client, n: int, shape: str, names: bool = False) -> float:
     start = time.perf_counter()
-    value = client.get(hand_graph(n, shape), "fan_in")
+    value = client.get(hand_graph(n, shape, names), "fan_in")
     elapsed = time.perf_counter() - start
     assert value == n, value
     return elapsed
@@ -129,7 +135,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--shapes", nargs="+", default=["partitions", "steps"], choices=["partitions", "steps"])
+    parser.add_argument("--hand-keys", choices=["flowyml", "names"], default="flowyml",
+                        help="key separate steps by hand as flowyml does, or by their names (the old shape)")
     args = parser.parse_args(argv)
+    names = args.hand_keys == "names"
     logging.getLogger("distributed").setLevel(logging.ERROR)
 
     rows = []
@@ -144,11 +153,11 @@ def main(argv: list[str] | None = None) -> int:
         for n in args.sizes:
             for shape in args.shapes:
                 pipeline = flowyml_pipeline(n, shape)
-                time_by_hand(client, n, shape)  # warm both paths (imports, worker caches)
+                time_by_hand(client, n, shape, names)  # warm both paths (imports, worker caches)
                 time_flowyml(executor, pipeline, n)
                 hand, ours = [], []
                 for _ in range(args.repeats):
-                    hand.append(time_by_hand(client, n, shape))
+                    hand.append(time_by_hand(client, n, shape, names))
                     ours.append(time_flowyml(executor, pipeline, n))
                 rows.append((shape, n, statistics.median(hand), statistics.median(ours)))
                 print(f"  {shape} N={n}: by hand {_fmt(hand)}; flowyml {_fmt(ours)}", flush=True)
@@ -159,6 +168,12 @@ def main(argv: list[str] | None = None) -> int:
         per_task = (ours - hand) / (n + 1) * 1e6
         print(f"{shape:<11} {n + 1:>7,} {hand:>12.3f} {ours:>12.3f} {ours / hand:>6.2f} {per_task:>11.0f} µs")
     print(f"(median of {args.repeats} alternating repeats; ratio = flowyml / by hand, target <= 1.15)")
+    medians = {(shape, n): (hand, ours) for shape, n, hand, ours in rows}
+    for n in args.sizes:
+        if ("steps", n) in medians and ("partitions", n) in medians:
+            (hand_steps, ours_steps), (hand_parts, ours_parts) = medians["steps", n], medians["partitions", n]
+            print(f"N={n:,}: steps / partitions: by hand {hand_steps / hand_parts:.2f}, "
+                  f"flowyml {ours_steps / ours_parts:.2f} (target <= 1.5)")
     return 0
 
 

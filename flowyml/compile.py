@@ -5,6 +5,15 @@ fraction of what ``dask.delayed`` would cost a task:
 
 - a whole step is one task keyed by its name: ``"chunk_0"``;
 - partition *i* of a per-partition step or of a source is ``("clean", i)``;
+- with ``group_copies`` (the distributed backend), a whole step whose
+  function the pipeline adds under several names is keyed by the function,
+  then the step: ``("process_chunk", "chunk_0")``. Dask's scheduler names a
+  task's prefix and group after the key's first part, and its cost per
+  finished task grows with the number of prefixes it has tasks of in flight:
+  10,000 copies keyed ``"chunk_<i>"`` are 10,000 prefixes and a run quadratic
+  in them (see ``docs/distributed.md``), keyed by the function they are one.
+  The step name stays in the key, so the dashboard's task stream and errors
+  show it; :func:`partition_of` reads the partition back from any key;
 - a sink's commit task is keyed by its name once its partitions are done;
 - a ``split_every`` step's tree tasks are ``("total", j)``, numbered level by
   level, and its last task is ``"total"``, as for a whole step;
@@ -14,7 +23,7 @@ fraction of what ``dask.delayed`` would cost a task:
 
 A ``key_suffix`` (the distributed backend's run token) keeps two concurrent
 runs of one pipeline on one cluster apart; Dask's dashboard strips it, so task
-prefixes stay the step names.
+prefixes stay the step names (the function's, for grouped copies).
 """
 
 from __future__ import annotations
@@ -28,7 +37,7 @@ from .plan import Plan
 from .step import Binding, Step
 from .tasks import FinalizeTask, SourceTask, StepSpec, StepTask, ValueTask, _argument
 
-__all__ = ["AssetRef", "CompiledGraph", "compile_plan", "is_source", "to_delayed"]
+__all__ = ["AssetRef", "CompiledGraph", "compile_plan", "is_source", "partition_of", "to_delayed"]
 
 Key = Hashable
 
@@ -96,6 +105,13 @@ class CompiledGraph:
         return found
 
 
+def partition_of(key: Key) -> int | None:
+    """The partition a task key stands for: ``("clean", 3)`` -> 3; ``"chunk_0"`` or ``("f", "chunk_0")`` -> None."""
+    if type(key) is tuple and type(key[1]) is int:
+        return key[1]
+    return None
+
+
 def is_source(value: Any) -> bool:
     """A partitioned source (``read_csv``...), as opposed to an in-memory value."""
     return callable(getattr(value, "partitions", None)) and not isinstance(value, type)
@@ -108,6 +124,7 @@ def compile_plan(
     mode: int,
     key_suffix: str = "",
     source_partitions: Mapping[str, list[Any]] | None = None,
+    group_copies: bool = False,
 ) -> CompiledGraph:
     """Build the task graph for ``plan``.
 
@@ -128,6 +145,9 @@ def compile_plan(
         Appended to every key's name part (``"clean-1a2b3c4d"``).
     source_partitions : dict, optional
         Already-resolved partitions per source; resolved here when absent.
+    group_copies : bool
+        Key the whole-step tasks of a function added under several names
+        ``(function, step)``, so that Dask counts them as one task prefix.
     """
     resolved = dict(source_partitions or {})
     counts: list[int | None] = []
@@ -138,11 +158,11 @@ def compile_plan(
             counts.append(len(resolved[name]))
         else:
             counts.append(None)
-    shape = (key_suffix, tuple(counts))
+    shape = (key_suffix, tuple(counts), group_copies)
     layout = plan.layouts.get(shape) if not key_suffix else None  # a run token: laid out once anyway
     if layout is None:
         with no_gc_passes():
-            layout = _Layout(plan, key_suffix, resolved)
+            layout = _Layout(plan, key_suffix, resolved, group_copies)
         if not key_suffix:
             if len(plan.layouts) >= MAX_LAYOUTS:
                 plan.layouts.clear()
@@ -168,7 +188,7 @@ class _Layout:
 
     __slots__ = ("entries", "assets", "outputs", "step_keys", "partitions", "per_partition", "shared", "origins")
 
-    def __init__(self, plan: Plan, key_suffix: str, resolved: Mapping[str, list[Any]]) -> None:
+    def __init__(self, plan: Plan, key_suffix: str, resolved: Mapping[str, list[Any]], group_copies: bool) -> None:
         self.entries: list[tuple[Key, int, Any, int | None, tuple]] = []
         self.assets: dict[str, AssetRef] = {}
         self.outputs = plan.outputs
@@ -189,8 +209,9 @@ class _Layout:
                 self.entries.append((key, _VALUE, name, None, ()))
                 self._record(name, [key], None, False)
                 self.assets[name] = AssetRef(name, (key,), partitioned=False)
+        groups = _copy_groups(plan) if group_copies else {}
         for s in plan.steps:
-            self._add_step(s, plan, key_suffix)
+            self._add_step(s, plan, key_suffix, groups.get(s.name))
 
     def graph(self, run_id: str, mode: int, inputs: Mapping[str, Any], resolved: Mapping[str, list[Any]]):
         """This run's graph: one task object per entry (the hot loop of compiling)."""
@@ -212,7 +233,7 @@ class _Layout:
         self.partitions[name] = partitions
         self.per_partition[name] = per_partition
 
-    def _add_step(self, s: Step, plan: Plan, suffix: str) -> None:
+    def _add_step(self, s: Step, plan: Plan, suffix: str, group: str | None) -> None:
         assets = self.assets
         name = s.name + suffix
         resources = dict(s.resources) if s.resources is not None else None
@@ -237,9 +258,10 @@ class _Layout:
                 return
         if driver is None and s.finalize is None:  # one task for the whole step (the usual case)
             arguments = tuple([list(ref.keys) if ref.partitioned else ref.keys[0] for ref in refs]) if refs else ()
-            self.entries.append((name, _STEP, spec, None, arguments))
-            self._record(s.name, [name], None, False)
-            _add_assets(assets, s, (name,), False)
+            key: Key = name if group is None else (group + suffix, s.name)
+            self.entries.append((key, _STEP, spec, None, arguments))
+            self._record(s.name, [key], None, False)
+            _add_assets(assets, s, (key,), False)
             return
 
         def arguments_of(index: int) -> tuple:
@@ -266,7 +288,6 @@ class _Layout:
         else:
             self._record(s.name, keys, count, True)
             _add_assets(assets, s, tuple(keys), True)
-
 
     def _add_tree(self, s: Step, name: str, spec: StepSpec, refs: list[AssetRef], tree: int) -> None:
         """A ``split_every`` step: a tree over its partitioned input ``refs[tree]``.
@@ -304,6 +325,35 @@ class _Layout:
             level_spec = upper
         self._record(s.name, [*keys, name], None, False)
         _add_assets(self.assets, s, (name,), False)
+
+
+def _copy_groups(plan: Plan) -> dict[str, str]:
+    """Step name -> the name its function's copies share, for functions added under several names.
+
+    Only whole steps count: a per-partition step's tasks already share its
+    name. The shared name is the function's; where that is also the name of a
+    source or of a step with partition keys, ``_copies`` is added, so that a
+    group's keys never share a first part with partition keys.
+    """
+    by_function: dict[int, list[Step]] = {}
+    for s in plan.steps:
+        if not s.per_partition and s.finalize is None and s.split_every is None:
+            by_function.setdefault(id(s.func), []).append(s)
+    # First key parts already used with partition (or tree task) numbers.
+    keyed = [s.name for s in plan.steps if s.per_partition or s.finalize is not None or s.split_every is not None]
+    taken = set(keyed) | set(plan.inputs)
+    groups: dict[str, str] = {}
+    for copies in by_function.values():
+        if len(copies) < 2:
+            continue
+        group = getattr(copies[0].func, "__name__", None)
+        if not isinstance(group, str) or not group.isidentifier():
+            group = "step"
+        while group in taken:
+            group += "_copies"
+        for s in copies:
+            groups[s.name] = group
+    return groups
 
 
 def _positions(s: Step, binding: Binding) -> tuple[tuple[int, ...], tuple[tuple[str, int], ...], tuple[int, ...]]:

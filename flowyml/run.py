@@ -17,7 +17,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from .cache import open_cache, plan_cached_run, warn_stale
-from .compile import CompiledGraph, compile_plan, is_source
+from .compile import CompiledGraph, compile_plan, is_source, partition_of
 from .contracts import contract_failures
 from .exceptions import PipelineError, StaleCacheEntry, StepFailed
 from .result import PipelineResult, StepResult, TaskRecord, error_line, step_results
@@ -85,6 +85,7 @@ def run_plan(
         mode=mode,
         key_suffix=impl.key_suffix(run_id),
         source_partitions=source_partitions,
+        group_copies=impl.groups_copies,
     )
     cache = open_cache(plan.cache_dir, plan.cache_storage_options)
     local_paths = _local_paths(plan, source_partitions, cache)
@@ -348,7 +349,7 @@ class RunRecorder:
         """The graph key of ``step``'s task for ``partition`` (None: no such task)."""
         if self._key_for is None:
             self._key_for = {
-                (name, key[1] if isinstance(key, tuple) else None): key
+                (name, partition_of(key)): key
                 for name, keys in self._graph.step_keys.items()
                 for key in keys
             }

@@ -431,9 +431,9 @@ class StepTask(_TaskBase):
                 error = _step_failed(spec.name, self.partition, attempt, exc)
                 return self._report(None, spec.name, self.partition, FAILED, attempt, start, error)
             if spec.output_schema is not None:  # checked once: a contract's verdict does not change on retry
-                error = _contract_failure(spec, self.partition, attempt, value)
-                if error is not None:
-                    return self._report(None, spec.name, self.partition, FAILED, attempt, start, error)
+                broken = _contract_failure(spec, self.partition, attempt, value)
+                if broken is not None:
+                    return self._report(None, spec.name, self.partition, FAILED, attempt, start, broken)
             if self.mode == PLAIN:
                 return value
             outcome = Outcome(value, spec.name, self.partition, SUCCEEDED, attempt, start, _now(),

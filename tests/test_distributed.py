@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -23,11 +24,20 @@ import distributed
 import pytest
 from distributed import Client
 
-from flowyml import ParallelExecutor, Pipeline, StepFailed, WorkerDiedError, current_task, step
+from flowyml import (
+    BackendError,
+    OptionError,
+    ParallelExecutor,
+    Pipeline,
+    StepFailed,
+    WorkerDiedError,
+    current_task,
+    step,
+)
 from flowyml.logs import TaskLogFilter
 
 from .pipelines import diamond
-from .services import START_TIMEOUT, Processes, start_cluster
+from .services import START_TIMEOUT, Processes, start_cluster, wait_until
 
 # -- steps and a source the workers import from this module ---------------------------
 
@@ -105,6 +115,18 @@ def always_fails(attempts_file=""):
 @step(inputs=["numbers"], per_partition=True)
 def always_dies(n):
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+@step(inputs=["numbers"], per_partition=True)
+def hold(n, marker_dir=""):
+    """Say that this partition started, then wait (at most 60 s) until the test lets it finish."""
+    Path(marker_dir, f"started-{n}").touch()
+    deadline = time.monotonic() + 60
+    while not Path(marker_dir, "go").exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError("the test never said go")
+        time.sleep(0.01)
+    return n
 
 
 @step(inputs=["who"])
@@ -265,6 +287,43 @@ def test_task_prefixes_on_the_scheduler_are_step_names(cluster, on_cluster):
     assert not [p for p in prefixes if result.run_id in p], "the run token leaked into a prefix"
     keys = {t.key for t in result.tasks}
     assert f"('square-{result.run_id}', 5)" in keys  # the partition index, and the run token
+
+
+@step
+def maybe_fail(i, bad=-1):
+    if i == bad:
+        raise ValueError(f"copy {i} is bad")
+    return i
+
+
+def copies(count: int, bad: int = -1) -> Pipeline:
+    """``count`` copies of one function (the docs' parallel processing shape) and a fan-in."""
+    pipeline = Pipeline("copies")
+    for i in range(count):
+        pipeline.add_step(maybe_fail, name=f"chunk_{i}", params={"i": i, "bad": bad})
+    return pipeline.add_step(step(sum_all, name="combine", inputs=[f"chunk_{i}" for i in range(count)]))
+
+
+def sum_all(*parts):
+    return sum(parts)
+
+
+def test_copies_of_one_function_are_one_task_prefix_and_keep_their_step_names(cluster, on_cluster):
+    result = copies(300).run(executor=on_cluster, progress=False)
+    assert result["combine"] == sum(range(300))
+    prefixes = cluster.run_on_scheduler(lambda dask_scheduler: list(dask_scheduler.task_prefixes))
+    assert {"maybe_fail", "combine"} <= set(prefixes)
+    assert not [p for p in prefixes if p.startswith("chunk_")], "one task prefix per copy"
+    keys = {t.key for t in result.tasks}
+    assert f"('maybe_fail-{result.run_id}', 'chunk_7')" in keys and f"combine-{result.run_id}" in keys
+    assert {t.step for t in result.tasks} == {f"chunk_{i}" for i in range(300)} | {"combine"}
+    assert result.steps["chunk_7"].status == "succeeded" and result.steps["chunk_7"].partitions is None
+    with pytest.raises(StepFailed, match=r"step 'chunk_3' failed") as info:
+        copies(5, bad=3).run(executor=on_cluster, progress=False)
+    assert isinstance(info.value.__cause__, ValueError)
+    failed = copies(5, bad=3).run(executor=on_cluster, progress=False, on_failure="continue")
+    assert failed.steps["chunk_3"].status == "failed" and failed.steps["chunk_2"].status == "succeeded"
+    assert failed.steps["combine"].status == "skipped"
 
 
 def test_two_concurrent_runs_of_one_pipeline_keep_their_own_results(on_cluster, tmp_path):
@@ -493,3 +552,98 @@ def test_tls_cluster_with_generated_certificates(tmp_path):
             pass
     finally:
         processes.stop()
+
+
+# -- no workers -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def lonely(tmp_path_factory):
+    """The address of a real ``dask scheduler`` that has no worker at all."""
+    processes = Processes()
+    try:
+        yield start_cluster(tmp_path_factory.mktemp("lonely"), processes, workers=[])
+    finally:
+        processes.stop()
+
+
+def test_a_run_with_no_worker_fails_with_a_clear_error_after_the_timeout(lonely):
+    start = time.monotonic()
+    with pytest.raises(BackendError) as info:
+        squares(3).run(executor=ParallelExecutor(address=lonely, no_workers_timeout=2), progress=False)
+    waited = time.monotonic() - start
+    assert 2 <= waited < 30, f"failed after {waited:.1f} s"
+    message = str(info.value)
+    assert re.search(rf"no Dask worker was connected to the scheduler at {re.escape(lonely)} for \d+ s", message)
+    assert "no_workers_timeout=2 s" in message and "FLOWYML_NO_WORKERS_TIMEOUT" in message
+    assert f"dask worker {lonely}" in message  # the fix
+
+
+def test_the_no_workers_timeout_comes_from_the_environment(lonely, monkeypatch):
+    monkeypatch.setenv("FLOWYML_NO_WORKERS_TIMEOUT", "1.5")
+    start = time.monotonic()
+    with pytest.raises(BackendError, match=r"no_workers_timeout=1\.5 s"):
+        squares(2).run(executor=ParallelExecutor(address=lonely), progress=False)
+    assert time.monotonic() - start < 30
+    monkeypatch.setenv("FLOWYML_NO_WORKERS_TIMEOUT", "soon")
+    with pytest.raises(OptionError, match=r"FLOWYML_NO_WORKERS_TIMEOUT must be a positive number of seconds"):
+        ParallelExecutor(address=lonely)
+    with pytest.raises(OptionError, match=r"no_workers_timeout must be"):
+        ParallelExecutor(address=lonely, no_workers_timeout=0)
+
+
+def test_a_run_whose_only_worker_dies_without_a_nanny_fails_clearly(tmp_path):
+    processes = Processes()
+    try:
+        address = start_cluster(tmp_path, processes, workers=[["--no-nanny"]])
+        with ParallelExecutor(address=address, no_workers_timeout=3) as executor:
+            executor.client.wait_for_workers(1, timeout=START_TIMEOUT)
+            pipeline = Pipeline("doomed").add_source("numbers", Numbers(1)).add_step(always_dies)
+            start = time.monotonic()
+            expected = rf"no Dask worker was connected to the scheduler at {re.escape(address)}"
+            with pytest.raises(BackendError, match=expected):
+                pipeline.run(executor=executor, progress=False)
+            assert time.monotonic() - start < 60
+    finally:
+        processes.stop()
+
+
+def test_a_worker_of_flowyml_s_local_cluster_killed_mid_run_is_replaced(local, tmp_path):
+    local.client.wait_for_workers(2, timeout=START_TIMEOUT)  # an earlier test's restart may still be going
+    before = set(local.client.nthreads())
+    pipeline = Pipeline("fragile").add_source("numbers", Numbers(4)).add_step(
+        fragile, params={"marker_dir": str(tmp_path)}
+    )
+    result = pipeline.run(executor=local, progress=False)
+    assert result["fragile"] == [0, 10, 20, 30]
+    local.client.wait_for_workers(2, timeout=START_TIMEOUT)  # its nanny started another
+    after = set(local.client.nthreads())
+    assert len(after) == 2 and after - before, "the killed worker was not replaced"
+
+
+async def _remove_workers(dask_scheduler=None):
+    """What the scheduler does to workers it thinks are gone: remove them and tell them to close."""
+    for address in list(dask_scheduler.workers):
+        await dask_scheduler.remove_worker(address, stimulus_id="test-remove", close=True)
+
+
+def test_workers_the_scheduler_removes_from_flowyml_s_local_cluster_are_replaced(tmp_path):
+    # A removed worker closes its nanny too: without flowyml, the cluster stays empty and the run
+    # fails after no_workers_timeout. The cluster forgets it after lost-worker-timeout.
+    pipeline = Pipeline("held").add_source("numbers", Numbers(2)).add_step(hold, params={"marker_dir": str(tmp_path)})
+    results = []
+    with (
+        dask.config.set({"distributed.deploy.lost-worker-timeout": "0.5s"}),
+        ParallelExecutor(max_workers=1, backend="distributed", no_workers_timeout=45) as executor,
+    ):
+        before = set(executor.client.nthreads())
+        run = threading.Thread(target=lambda: results.append(pipeline.run(executor=executor, progress=False)))
+        run.start()
+        wait_until(lambda: list(tmp_path.glob("started-*")), "a partition to start")
+        executor.client.run_on_scheduler(_remove_workers)
+        (tmp_path / "go").touch()
+        run.join(90)
+        assert not run.is_alive() and results, "the run did not finish (see the thread's exception above)"
+        after = set(executor.client.nthreads())
+    assert results[0]["hold"] == [0, 1]
+    assert len(after) == 1 and not after & before  # a new worker replaced the removed one

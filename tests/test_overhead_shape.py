@@ -16,7 +16,7 @@ import cloudpickle
 import pytest
 
 from flowyml import Pipeline, step
-from flowyml.compile import compile_plan
+from flowyml.compile import compile_plan, partition_of
 from flowyml.executors.local import dumps
 from flowyml.run import RunRecorder
 from flowyml.tasks import RAISE, Outcome, StepTask
@@ -81,6 +81,28 @@ def test_key_suffix_goes_on_every_key():
     assert graph.step_keys["combine"] == ["combine-r1"]
 
 
+def test_group_copies_keys_copies_of_one_function_by_the_function_then_the_step():
+    graph = compile_plan(fan_in(3).plan(), run_id="r1", mode=RAISE, key_suffix="-r1", group_copies=True)
+    copies = [("_noop-r1", "s0"), ("_noop-r1", "s1"), ("_noop-r1", "s2")]
+    assert list(graph.dsk) == [*copies, "combine-r1"]  # one Dask task prefix, "_noop"
+    assert graph.dsk["combine-r1"][1:] == tuple(copies)
+    assert graph.step_keys["s1"] == [("_noop-r1", "s1")] and graph.task_step()[("_noop-r1", "s1")] == "s1"
+    assert partition_of(("_noop-r1", "s1")) is None and partition_of(("clean-r1", 3)) == 3
+
+    # A group never shares its first part with partition keys (a source named like the function).
+    pipeline = Pipeline("clash").add_source("_noop", _TwoParts())
+    pipeline.add_step(_plus_one, name="each", inputs=["_noop"], per_partition=True)
+    for i in range(2):
+        pipeline.add_step(_noop, name=f"s{i}")
+    graph = compile_plan(pipeline.plan(), run_id="r1", mode=RAISE, key_suffix="-r1", group_copies=True)
+    assert {("_noop-r1", 0), ("_noop-r1", 1), ("_noop_copies-r1", "s0"), ("_noop_copies-r1", "s1")} <= set(graph.dsk)
+
+
+class _TwoParts:
+    def partitions(self) -> list[int]:
+        return [0, 1]
+
+
 def test_layered_dag_wires_each_step_to_its_inputs():
     layers, width = 4, 6
     graph = compile_plan(layered(layers, width).plan(), run_id="r1", mode=RAISE)
@@ -97,7 +119,9 @@ def test_fan_in_and_layered_results_match_plain_python(executor):
     assert result.outputs == {"combine": 30}
     assert len(result.tasks) == 31 and {t.status for t in result.tasks} == {"succeeded"}
     assert sorted(t.step for t in result.tasks) == sorted([f"s{i}" for i in range(30)] + ["combine"])
-    assert all(t.key.startswith(t.step) for t in result.tasks), "keys start with the step name"
+    # Keys start with the step name; on distributed, copies of one function are keyed
+    # (function, step): one Dask task prefix (see docs/distributed.md, "Large graphs").
+    assert all(t.key.startswith(t.step) or t.key.endswith(f", '{t.step}')") for t in result.tasks)
     assert list(result.steps) == [*(f"s{i}" for i in range(30)), "combine"]
 
     layers, width = 4, 5

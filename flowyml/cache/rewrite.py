@@ -58,6 +58,7 @@ from flowyml.cache.tasks import (
     partition_text,
     sink_output,
 )
+from flowyml.compile import partition_of
 from flowyml.exceptions import CacheError, CacheWarning, OptionError, StaleCacheEntry
 from flowyml.tasks import CACHED, FinalizeTask, Outcome, SourceTask, StepTask, ValueTask
 
@@ -316,7 +317,7 @@ class _Planner:
         return sorted(output.final_path(name) for name, _, _ in files)
 
     def _where(self, key: Key) -> tuple[str, int | None]:
-        return self.step_of[key], key[1] if isinstance(key, tuple) else None
+        return self.step_of[key], partition_of(key)
 
     def result(self) -> CachedGraph:
         now = time.time()

@@ -50,6 +50,11 @@ class ParallelExecutor:
         ``distributed`` only: write Dask's performance report of each run
         there (``{run_id}`` in the path is replaced) and link it from
         ``result.save_report("run.html")``.
+    no_workers_timeout : float, optional
+        ``distributed`` only: seconds a run waits while no worker is connected
+        to the scheduler before it fails with :class:`~flowyml.BackendError`
+        (default ``FLOWYML_NO_WORKERS_TIMEOUT``, else 120; ``float("inf")``
+        waits forever).
 
     Inside ``with executor:`` its pool or cluster lives across runs; outside,
     each run starts and cleans up its own.
@@ -70,6 +75,7 @@ class ParallelExecutor:
         client: Any = None,
         security: Any = None,
         performance_report: str | os.PathLike[str] | None = None,
+        no_workers_timeout: float | None = None,
     ) -> None:
         name = backend if backend is not None else os.environ.get("FLOWYML_BACKEND") or DEFAULT_BACKEND
         if (client is not None or address is not None) and backend is None and not os.environ.get("FLOWYML_BACKEND"):
@@ -90,6 +96,7 @@ class ParallelExecutor:
             "client": client,
             "security": security,
             "performance_report": performance_report,
+            "no_workers_timeout": no_workers_timeout,
         }
         if name != "distributed" and any(v is not None for v in options.values()):
             given = [k for k, v in options.items() if v is not None]

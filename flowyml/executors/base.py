@@ -49,6 +49,10 @@ class Backend:
     #: Fuse straight per-partition chains into one task each (see ``fuse.py``):
     #: for schedulers that send every task result back through one process.
     fuses_partitions: ClassVar[bool] = False
+    #: Key the whole-step tasks of a function added under several names by the
+    #: function (see ``compile.py``): for schedulers whose cost grows with the
+    #: number of distinct task prefixes (Dask's distributed scheduler).
+    groups_copies: ClassVar[bool] = False
 
     def __init__(self, max_workers: int | None = None, **options: Any) -> None:
         self.max_workers = max_workers or os.cpu_count() or 1

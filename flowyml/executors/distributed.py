@@ -10,6 +10,14 @@ switches ``dask.dataframe`` to p2p shuffles).
 
 One run is one ``client.get`` of the compiled graph:
 
+- a whole step whose function the pipeline adds under several names is keyed
+  ``("process_chunk-1a2b3c4d", "chunk_0")``: one Dask task prefix for all the
+  copies (see :mod:`flowyml.compile`), as Dask's scheduler pays per prefix;
+- a run left with no worker connected to the scheduler fails with a
+  :class:`~flowyml.BackendError` after ``no_workers_timeout`` seconds
+  (``FLOWYML_NO_WORKERS_TIMEOUT``, default 120): Dask itself would wait for
+  workers forever;
+
 - keys carry a run token (``("clean-1a2b3c4d", 3)``) so concurrent runs on
   one cluster never share keys; Dask strips it, so task prefixes on the
   dashboard are the step names;
@@ -58,7 +66,7 @@ from typing import Any
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from .._compat import drop_topics, graph_expression, topic_events
-from ..exceptions import BackendError, StepFailed, WorkerDiedError
+from ..exceptions import BackendError, OptionError, StepFailed, WorkerDiedError
 from ..logs import LOG_TOPIC, forwarding_level, install_forwarding, replay
 from .base import Backend, RunHooks, register
 
@@ -82,6 +90,11 @@ FLUSH_DELAY = 0.02
 CATCH_UP_TIMEOUT = 2.0
 #: After a failure, the events are in once none came for this long (several flushes).
 QUIET_AFTER = 5 * FLUSH_DELAY
+
+#: Seconds a run waits with no worker connected before it fails (``FLOWYML_NO_WORKERS_TIMEOUT``).
+NO_WORKERS_TIMEOUT = 120.0
+#: How often, at most, a run asks the scheduler how many workers it has.
+WORKERS_CHECK_INTERVAL = 1.0
 
 
 class FlowymlPlugin(WorkerPlugin):
@@ -152,6 +165,7 @@ class DistributedBackend(Backend):
 
     name = "distributed"
     pickles = True
+    groups_copies = True
 
     def __init__(
         self,
@@ -161,8 +175,10 @@ class DistributedBackend(Backend):
         client: Any = None,
         security: Any = None,
         performance_report: str | os.PathLike[str] | None = None,
+        no_workers_timeout: float | None = None,
     ) -> None:
         super().__init__(max_workers)
+        self.no_workers_timeout = _no_workers_timeout(no_workers_timeout)
         self._requested_workers = max_workers
         self.address = address or os.environ.get("FLOWYML_SCHEDULER_ADDRESS") or None
         self.security = security
@@ -241,6 +257,22 @@ class DistributedBackend(Backend):
     def client(self) -> Any:
         return self._client
 
+    def _replace_lost_workers(self) -> None:
+        """Bring flowyml's own LocalCluster back to ``max_workers`` workers.
+
+        A worker that dies is restarted by its nanny. But a worker the scheduler
+        removes (it stopped answering: a blocked event loop, a long pause) closes
+        its nanny as well, and a ``LocalCluster`` never starts another: without
+        this, the cluster shrinks for good, to no worker at all. The cluster
+        forgets such a worker after ``distributed.deploy.lost-worker-timeout``
+        (15 s); ``scale`` then starts its replacement.
+        """
+        cluster = self._cluster
+        if cluster is not None and cluster.status.name == "running" and len(cluster.workers) < self.max_workers:
+            log.warning("flowyml's LocalCluster has %d of its %d workers; starting replacements",
+                        len(cluster.workers), self.max_workers)
+            cluster.scale(self.max_workers)
+
     def key_suffix(self, run_id: str) -> str:
         return f"-{run_id}"
 
@@ -262,7 +294,13 @@ class DistributedBackend(Backend):
         window = _PerformanceWindow(client, self.performance_report) if self.performance_report else None
         run.subscribe()
         try:
-            values = list(client.get(_graph(dsk, hooks.run_id), list(keys), sync=True))
+            futures = client.get(_graph(dsk, hooks.run_id), list(keys), sync=False)
+            try:
+                _wait_with_workers(client, futures, self.no_workers_timeout, self._replace_lost_workers)
+                values = client.gather(futures)
+            finally:
+                for future in futures:
+                    future.release()
             run.wait_for(_reporting_tasks(dsk))  # the last batches of events may be in flight
             return values
         except Exception as exc:
@@ -275,6 +313,66 @@ class DistributedBackend(Backend):
             run.finish()
             if window is not None:
                 window.save(hooks)
+
+
+def _no_workers_timeout(given: float | str | None) -> float:
+    """Seconds from the argument, else ``FLOWYML_NO_WORKERS_TIMEOUT``, else the default; ``inf`` waits forever."""
+    source, value = "no_workers_timeout", given
+    if value is None:
+        source, value = "FLOWYML_NO_WORKERS_TIMEOUT", os.environ.get("FLOWYML_NO_WORKERS_TIMEOUT") or None
+    if value is None:
+        return NO_WORKERS_TIMEOUT
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        seconds = -1.0
+    if not seconds > 0:  # also NaN
+        raise OptionError(f"{source} must be a positive number of seconds (or inf), got {value!r}")
+    return seconds
+
+
+def _wait_with_workers(client: Any, futures: list[Any], timeout: float, check: Callable[[], None]) -> None:
+    """Wait until ``futures`` are done (or one failed); fail after ``timeout`` s with no worker.
+
+    Dask's scheduler keeps a graph waiting for workers forever (unless its own
+    ``distributed.scheduler.no-workers-timeout`` is set, which flowyml cannot
+    set on a cluster it did not start). So the run asks the scheduler, between
+    short waits, whether any worker is connected, and gives up once none has
+    been for ``timeout`` seconds. ``check`` runs between the waits (it replaces
+    the lost workers of flowyml's own cluster).
+    """
+    done = threading.Event()
+    lock = threading.Lock()
+    pending = [len(futures)]
+
+    def finished(future: Any) -> None:  # in the client's thread; a failure ends the wait at once
+        with lock:
+            pending[0] -= 1
+            if not pending[0] or future.status != "finished":
+                done.set()
+
+    for future in futures:
+        future.add_done_callback(finished)
+    interval = min(WORKERS_CHECK_INTERVAL, timeout / 4)
+    alone_since: float | None = None
+    while not done.wait(interval):
+        check()
+        if client.nthreads():
+            alone_since = None
+            continue
+        now = time.monotonic()
+        if alone_since is None:
+            alone_since = now
+            log.warning("no Dask worker is connected to the scheduler at %s; the run fails if none "
+                        "joins within %g s (FLOWYML_NO_WORKERS_TIMEOUT)", client.scheduler.address, timeout)
+        elif now - alone_since >= timeout:
+            raise BackendError(
+                f"no Dask worker was connected to the scheduler at {client.scheduler.address} for "
+                f"{now - alone_since:.0f} s, so the run stopped waiting (no_workers_timeout="
+                f"{timeout:g} s, FLOWYML_NO_WORKERS_TIMEOUT). Start workers (`dask worker "
+                f"{client.scheduler.address}`), look in the workers' logs for why they stopped "
+                f"(killed, out of memory), or give them longer with a larger no_workers_timeout"
+            )
 
 
 def _graph(dsk: Mapping, run_id: str) -> Any:
@@ -340,7 +438,13 @@ def _worker_died(exc: Exception, suffix: str) -> StepFailed:
 
 
 def _step_of(key: Any, suffix: str) -> tuple[str, int | None]:
-    """``("clean-1a2b3c4d", 3)`` -> ``("clean", 3)``; ``"load-1a2b3c4d"`` -> ``("load", None)``."""
+    """``("clean-1a2b3c4d", 3)`` -> ``("clean", 3)``; ``"load-1a2b3c4d"`` -> ``("load", None)``.
+
+    A copy of a function added under several names, ``("process_chunk-1a2b3c4d",
+    "chunk_0")``, -> ``("chunk_0", None)``.
+    """
+    if isinstance(key, tuple) and isinstance(key[1], str):
+        return key[1], None
     name, partition = (key[0], key[1]) if isinstance(key, tuple) else (key, None)
     name = str(name)
     if suffix and name.endswith(suffix):
