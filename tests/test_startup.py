@@ -191,3 +191,31 @@ def test_import_flowyml_is_lazy_and_every_public_name_resolves():
             "from flowyml import step, Pipeline, ParallelExecutor, read_csv; print('ok')")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+# -- planning a rerun: unchanged CSV headers are not read again ------------------------------
+
+
+def test_planning_again_reads_only_the_headers_of_changed_files(tmp_path, monkeypatch):
+    import os
+
+    import flowyml.io.csv
+    from flowyml import DataError, read_csv
+
+    for i in range(3):
+        (tmp_path / f"part_{i}.csv").write_text("a,b\n1,2\n")
+    read = []
+    columns = flowyml.io.csv._csv_columns
+    monkeypatch.setattr(flowyml.io.csv, "_csv_columns", lambda fs, path, *args: read.append(path) or columns(
+        fs, path, *args))
+    assert len(read_csv(str(tmp_path / "*.csv")).partitions()) == 3
+    assert len(read) == 3
+    read.clear()
+    read_csv(str(tmp_path / "*.csv")).partitions()
+    assert read == [], "an unchanged file's header was read again"
+    changed = tmp_path / "part_1.csv"
+    changed.write_text("a,c\n1,2\n")
+    os.utime(changed, ns=(1, 1))  # a new modification time even on a coarse clock
+    with pytest.raises(DataError, match="part_1.csv"):
+        read_csv(str(tmp_path / "*.csv")).partitions()
+    assert [os.path.basename(p) for p in read] == ["part_1.csv"]
