@@ -316,8 +316,14 @@ class ProcessBackend(_PoolBackend):
         )
         # Processes start on demand: one no-op per worker spawns them all now
         # (each submit spawns one), so the first tasks spread over all.
-        with _main_module_hidden():
-            futures = [pool.submit(_ready) for _ in range(self.max_workers)]
+        try:
+            with _main_module_hidden():
+                futures = [pool.submit(_ready) for _ in range(self.max_workers)]
+        except BaseException:  # Ctrl-C or no more processes: none of those spawned may stay
+            for process in pool_processes(pool).values():
+                process.kill()
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
         self._processes = pool_processes(pool)  # kept: a broken pool forgets them
         return pool, (ready, futures)
 
