@@ -19,11 +19,16 @@ distributed scheduler with one setting::
 from __future__ import annotations
 
 import logging
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
 
-from .context import TaskContext, current_task
+# Cheap (the standard library only), so imported now. ``step`` must be: the
+# function shares its name with the module ``flowyml.step``, which importing
+# the module later would set on this package in its place.
 from .exceptions import (
     BackendError,
     CommitConflictError,
+    ContractError,
     CycleError,
     DataError,
     DuplicateNameError,
@@ -39,20 +44,49 @@ from .exceptions import (
     StorageError,
     WorkerDiedError,
 )
-from .executors import ParallelExecutor
-from .io import read_csv, read_parquet, write_csv, write_parquet
-from .pipeline import Pipeline
-from .result import PipelineResult, StepResult, TaskRecord
 from .step import Step, step
+
+if TYPE_CHECKING:  # what type checkers and IDEs see; at run time, __getattr__ below
+    from .context import TaskContext, current_task
+    from .executors import ParallelExecutor
+    from .io import read_csv, read_parquet, write_csv, write_parquet
+    from .pipeline import Pipeline
+    from .result import PipelineResult, StepResult, TaskRecord
 
 __version__ = "0.1.0"
 
 # A library stays silent until the application configures logging.
 logging.getLogger("flowyml").addHandler(logging.NullHandler())
 
+# The other public names -> the module that defines each, imported on first
+# use (PEP 562): ``import flowyml`` (the command's --help, say) costs no pandas
+# or Dask until a name that needs them is used.
+_MODULE_OF: dict[str, str] = {
+    **dict.fromkeys(("TaskContext", "current_task"), ".context"),
+    "ParallelExecutor": ".executors",
+    **dict.fromkeys(("read_csv", "read_parquet", "write_csv", "write_parquet"), ".io"),
+    "Pipeline": ".pipeline",
+    **dict.fromkeys(("PipelineResult", "StepResult", "TaskRecord"), ".result"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module 'flowyml' has no attribute {name!r}")
+    value = getattr(import_module(module, __name__), name)
+    globals()[name] = value  # looked up once
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
 __all__ = [
     "BackendError",
     "CommitConflictError",
+    "ContractError",
     "CycleError",
     "DataError",
     "DuplicateNameError",

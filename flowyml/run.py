@@ -71,64 +71,71 @@ def run_plan(
     started_at = datetime.now(UTC)
     start = time.perf_counter()
     # Checked before a pool or cluster starts: a typo'd glob or an unpicklable
-    # param should cost nothing to find. Compiled before it too: a run whose
-    # results are all cached needs neither.
+    # param should cost nothing to find.
     impl = executor._impl
     source_partitions = _resolve_sources(plan)
     if impl.pickles:
         from .pickling import check_picklable
 
         check_picklable(plan)
-    graph = compile_plan(
-        plan,
-        run_id=run_id,
-        mode=mode,
-        key_suffix=impl.key_suffix(run_id),
-        source_partitions=source_partitions,
-        group_copies=impl.groups_copies,
-    )
     cache = open_cache(plan.cache_dir, plan.cache_storage_options)
-    local_paths = _local_paths(plan, source_partitions, cache)
-    recorder: RunRecorder | None = None
-    dashboard_link = None
-    for round_number in range(MAX_CACHE_ROUNDS + 1):
-        cached = None
-        if cache is not None:  # after a corrupt entry, check the others in full (verify=)
-            cached = plan_cached_run(graph, plan, cache, run_id, mode, verify=round_number > 0)
-        earlier, recorder = recorder, RunRecorder(graph, progress, plan.pipeline)
-        dsk = graph.dsk
-        if cached is not None:
-            dsk = cached.dsk
-            for key, outcome in cached.culled.items():  # not run at all: cached
-                recorder.task_finished(key, outcome)
-        try:
-            with recorder:
-                if cached is not None and cached.loads_only and cache is not None:
-                    log.info("pipeline %r run %s: everything cached in %s", plan.pipeline, run_id, cache.shown)
-                    values = _load_here(dsk, graph.output_keys, recorder)
-                else:
-                    _begin_sinks(plan, graph, dsk, run_id)
-                    values, dashboard_link = _execute(executor, plan.pipeline, run_id, dsk, graph, recorder, cached,
-                                                      local_paths)
-        except StaleCacheEntry as exc:
-            if round_number == MAX_CACHE_ROUNDS:
+    # The pool starts in the background once the run knows it has tasks to
+    # execute: at once without a cache, else at the cache check's first miss.
+    # A run whose results are all cached starts none.
+    with executor.session() as session:
+        if cache is None:
+            session.start()
+        graph = compile_plan(
+            plan,
+            run_id=run_id,
+            mode=mode,
+            key_suffix=impl.key_suffix(run_id),
+            source_partitions=source_partitions,
+            group_copies=impl.groups_copies,
+        )
+        local_paths = _local_paths(plan, source_partitions, cache)
+        recorder: RunRecorder | None = None
+        dashboard_link = None
+        for round_number in range(MAX_CACHE_ROUNDS + 1):
+            cached = None
+            if cache is not None:  # after a corrupt entry, check the others in full (verify=)
+                cached = plan_cached_run(graph, plan, cache, run_id, mode, verify=round_number > 0,
+                                         on_compute=session.start)
+            earlier, recorder = recorder, RunRecorder(graph, progress, plan.pipeline)
+            dsk = graph.dsk
+            if cached is not None:
+                dsk = cached.dsk
+                for key, outcome in cached.culled.items():  # not run at all: cached
+                    recorder.task_finished(key, outcome)
+            try:
+                with recorder:
+                    if cached is not None and cached.loads_only and cache is not None:
+                        log.info("pipeline %r run %s: everything cached in %s", plan.pipeline, run_id,
+                                 cache.shown)
+                        values = _load_here(dsk, graph.output_keys, recorder)
+                    else:
+                        _begin_sinks(plan, graph, dsk, run_id)
+                        values, dashboard_link = _execute(session, executor, plan.pipeline, run_id, dsk, graph,
+                                                          recorder, cached, local_paths)
+            except StaleCacheEntry as exc:
+                if round_number == MAX_CACHE_ROUNDS:
+                    _abort_sinks(plan, run_id)
+                    raise
+                assert cache is not None, "only a run with a cache loads entries"
+                warn_stale(cache, exc)  # and plan again: what finished meanwhile is cached now
+                continue
+            except BaseException as exc:
                 _abort_sinks(plan, run_id)
+                if isinstance(exc, StepFailed) and getattr(exc, "result", None) is None:
+                    if earlier is not None:
+                        recorder.keep_earlier(earlier)
+                    exc.result = _stopped_result(exc, plan, executor, graph, recorder, run_id,
+                                                 started_at, start, dashboard_link)
                 raise
-            assert cache is not None, "only a run with a cache loads entries"
-            warn_stale(cache, exc)  # and plan again: what finished meanwhile is cached now
-            continue
-        except BaseException as exc:
-            _abort_sinks(plan, run_id)
-            if isinstance(exc, StepFailed) and getattr(exc, "result", None) is None:
-                if earlier is not None:
+            finally:
+                if earlier is not None:  # tasks an earlier round ran are reported as run, not cached
                     recorder.keep_earlier(earlier)
-                exc.result = _stopped_result(exc, plan, executor, graph, recorder, run_id,
-                                             started_at, start, dashboard_link)
-            raise
-        finally:
-            if earlier is not None:  # tasks an earlier round ran are reported as run, not cached
-                recorder.keep_earlier(earlier)
-        break
+            break
     assert recorder is not None, "every round makes one"
     results = dict(zip(graph.output_keys, values))
     outcomes = {key: value for key, value in results.items() if type(value) is Outcome}
@@ -189,25 +196,26 @@ def _result(plan, executor, graph, recorder, run_id, started_at, start, dashboar
     )
 
 
-def _execute(executor, name, run_id, dsk, graph, recorder, cached, local_paths) -> tuple[list[Any], str | None]:
+def _execute(session, executor, name, run_id, dsk, graph, recorder, cached,
+             local_paths) -> tuple[list[Any], str | None]:
     """Run ``dsk`` on the executor's backend; the values of the output keys and the dashboard."""
-    with executor.session() as backend:
-        backend.check_local_paths(local_paths)
-        log.info(
-            "pipeline %r run %s: %d tasks on backend %r with %d workers%s%s",
-            name,
-            run_id,
-            len(graph.dsk),
-            executor.backend,
-            executor.max_workers,
-            f" ({cached.computed} to compute, the rest cached)" if cached is not None else "",
-            f", dashboard {backend.dashboard_link}" if backend.dashboard_link else "",
-        )
-        if backend.fuses_partitions:
-            from .fuse import fuse_partition_chains
+    backend = session.open()
+    backend.check_local_paths(local_paths)
+    log.info(
+        "pipeline %r run %s: %d tasks on backend %r with %d workers%s%s",
+        name,
+        run_id,
+        len(graph.dsk),
+        executor.backend,
+        executor.max_workers,
+        f" ({cached.computed} to compute, the rest cached)" if cached is not None else "",
+        f", dashboard {backend.dashboard_link}" if backend.dashboard_link else "",
+    )
+    if backend.fuses_partitions:
+        from .fuse import fuse_partition_chains
 
-            dsk = fuse_partition_chains(dsk, graph.output_keys)
-        return backend.execute(dsk, graph.output_keys, recorder), backend.dashboard_link
+        dsk = fuse_partition_chains(dsk, graph.output_keys)
+    return backend.execute(dsk, graph.output_keys, recorder), backend.dashboard_link
 
 
 def _load_here(dsk, keys, recorder) -> list[Any]:

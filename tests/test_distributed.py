@@ -274,7 +274,7 @@ def test_an_unreachable_scheduler_is_a_clear_error():
         pytest.raises(BackendError, match=r"cannot reach the Dask scheduler at 'tcp://127\.0\.0\.1:9'"),
         executor,
     ):
-        pass
+        squares(2).run(executor=executor, progress=False)  # it connects when a run needs it
 
 
 # -- keys, the dashboard, concurrent runs ---------------------------------------------
@@ -547,9 +547,9 @@ def test_tls_cluster_with_generated_certificates(tmp_path):
         with (
             dask.config.set({"distributed.comm.timeouts.connect": "2s"}),
             pytest.raises(BackendError, match="TLS settings"),
-            ParallelExecutor(address=address),
+            ParallelExecutor(address=address) as executor,
         ):
-            pass
+            executor.client  # noqa: B018  connects (else the first run with tasks does)
     finally:
         processes.stop()
 

@@ -69,18 +69,6 @@ def _worker_pids(executor) -> set[int]:
     return set(pipeline.run(executor=executor, progress=False).outputs.values())
 
 
-def test_pool_lives_across_runs_inside_with():
-    def children() -> set[int]:
-        return {p.pid for p in psutil.Process().children(recursive=True)}
-
-    with ParallelExecutor(max_workers=2, backend="process") as executor:
-        pool = children()
-        first = _worker_pids(executor)
-        second = _worker_pids(executor)
-        assert first | second <= pool  # every task ran in a process started with the pool
-        assert children() == pool  # and no run started another
-
-
 @pytest.mark.parametrize("backend", ["process", "distributed"])
 def test_nothing_left_running_outside_with(backend):
     # multiprocessing's resource tracker is the interpreter's own helper: started

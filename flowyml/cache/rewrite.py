@@ -41,7 +41,7 @@ from __future__ import annotations
 import logging
 import time
 import warnings
-from collections.abc import Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -93,17 +93,19 @@ class CachedGraph:
 
 
 def plan_cached_run(
-    graph: CompiledGraph, plan: Plan, cache: Cache, run_id: str, mode: int, *, verify: bool = False
+    graph: CompiledGraph, plan: Plan, cache: Cache, run_id: str, mode: int, *, verify: bool = False,
+    on_compute: Callable[[], None] | None = None,
 ) -> CachedGraph:
     """Rewrite ``graph.dsk`` for ``cache`` (see the module docstring).
 
     ``verify`` checks every entry to be loaded in full (checksum) on the
     driver instead of its header only: used after a load found a corrupt entry,
-    so one more round finds them all.
+    so one more round finds them all. ``on_compute`` is called once, as soon as
+    a task is found that must run (the run starts its pool then).
     """
     sinks = {s.name for s in plan.steps if s.finalize is not None}
     keys = _task_keys(graph.dsk, sinks)
-    planner = _Planner(graph, cache, keys, sinks, run_id, mode, verify)
+    planner = _Planner(graph, cache, keys, sinks, run_id, mode, verify, on_compute)
     for key in graph.output_keys:
         planner.visit(key)
     return planner.result()
@@ -195,8 +197,9 @@ class _Planner:
     """Walks the graph from the outputs down, choosing load, restage or compute per task."""
 
     def __init__(self, graph, cache: Cache, keys, sinks: set[str], run_id: str, mode: int,
-                 verify: bool) -> None:
+                 verify: bool, on_compute: Callable[[], None] | None = None) -> None:
         self.verify = verify
+        self.on_compute = on_compute
         self.graph = graph
         self.dsk = graph.dsk
         self.cache = cache
@@ -233,6 +236,8 @@ class _Planner:
             task = self.dsk[key]
             self.out[key] = self._computing_task(key, task)
             self.computed += 1
+            if self.computed == 1 and self.on_compute is not None:
+                self.on_compute()
             for argument in task[1:]:
                 if isinstance(argument, list):
                     stack.extend(argument)

@@ -18,6 +18,7 @@ backend                 Dask scheduler              for
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -26,7 +27,7 @@ from ..exceptions import BackendError
 from . import local  # noqa: F401  registers sync, thread, process
 from .base import BACKENDS, Backend, RunHooks
 
-__all__ = ["BACKENDS", "Backend", "ParallelExecutor", "RunHooks"]
+__all__ = ["BACKENDS", "Backend", "ParallelExecutor", "RunHooks", "RunSession"]
 
 DEFAULT_BACKEND = "process"
 
@@ -56,8 +57,11 @@ class ParallelExecutor:
         (default ``FLOWYML_NO_WORKERS_TIMEOUT``, else 120; ``float("inf")``
         waits forever).
 
-    Inside ``with executor:`` its pool or cluster lives across runs; outside,
-    each run starts and cleans up its own.
+    The pool or cluster starts only when a run has tasks to execute (a run
+    whose results are all cached starts none), in the background while the
+    run is still planned. Inside ``with executor:`` the first such run starts
+    it and it lives across runs until the block ends; outside, each run
+    starts and cleans up its own.
 
     Examples
     --------
@@ -106,6 +110,8 @@ class ParallelExecutor:
         self.backend: str = name
         self._impl: Backend = BACKENDS[name](max_workers, **options)
         self._entered = 0
+        self._opened_in_block = False  # a run (or reading .client) opened the ``with`` block's pool
+        self._lock = threading.Lock()
 
     @property
     def max_workers(self) -> int:
@@ -114,44 +120,101 @@ class ParallelExecutor:
 
     @property
     def client(self) -> Any:
-        """The ``distributed.Client`` in use (``distributed`` only, while open), else None."""
+        """The ``distributed.Client`` in use (``distributed`` only), else None.
+
+        Inside ``with``, reading it starts the cluster if no run has yet.
+        """
+        if self._impl.has_client:
+            self._open_in_block()
         return getattr(self._impl, "client", None)
 
     @property
     def dashboard_link(self) -> str | None:
-        """The Dask dashboard's address (``distributed`` only, once started)."""
+        """The Dask dashboard's address (``distributed`` only; inside ``with``, reading it starts the cluster)."""
+        if self._impl.has_client:
+            self._open_in_block()
         return self._impl.dashboard_link
 
     def __repr__(self) -> str:
         return f"ParallelExecutor(backend={self.backend!r}, max_workers={self.max_workers})"
 
     def __enter__(self) -> ParallelExecutor:
-        if not self._entered:
-            self._impl.open()
-        self._entered += 1
+        with self._lock:
+            self._entered += 1  # nothing starts yet: the first run with tasks to execute starts it
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
-        self._entered -= 1
-        if not self._entered:
-            self._impl.close()
-
-    def close(self) -> None:
-        """Stop the pool or cluster now (``with`` does this for you)."""
-        self._entered = 0
+        with self._lock:
+            self._entered -= 1
+            if self._entered:
+                return
+            self._opened_in_block = False
         self._impl.close()
 
+    def close(self) -> None:
+        """Stop the pool or cluster now, if started (``with`` does this for you)."""
+        with self._lock:
+            self._entered = 0
+            self._opened_in_block = False
+        self._impl.close()
+
+    def _open_in_block(self) -> bool:
+        """Inside ``with``: open the block's pool or cluster unless open already; False outside."""
+        with self._lock:  # held while it starts: concurrent runs in the block wait for one start
+            if not self._entered:
+                return False
+            if not self._opened_in_block:
+                self._impl.open()
+                self._opened_in_block = True
+            return True
+
     @contextmanager
-    def session(self) -> Iterator[Backend]:
-        """The open backend for one run: the ``with`` block's, or one opened for it."""
-        if self._entered:
-            yield self._impl
-            return
-        self._impl.open()
+    def session(self) -> Iterator[RunSession]:
+        """The backend as one run uses it (see :class:`RunSession`); released when the run ends."""
+        session = RunSession(self)
         try:
-            yield self._impl
+            yield session
         finally:
-            self._impl.close()
+            session.end()
+
+
+class RunSession:
+    """The executor's backend as one run sees it.
+
+    ``start()`` begins starting the pool or cluster in the background, as
+    soon as the run knows it has tasks to execute; ``open()`` waits until it
+    is ready, just before the tasks are sent. A run that calls neither (its
+    results are all cached) starts nothing. Inside ``with``, both act on the
+    block's pool, which outlives the run; outside, the pool is the run's own
+    and :meth:`end` stops it.
+    """
+
+    def __init__(self, executor: ParallelExecutor) -> None:
+        self._executor = executor
+        self._started = False
+        self._owned = False  # opened for this run alone: closed when it ends
+
+    def start(self) -> None:
+        """Begin starting the pool or cluster without waiting for it (safe to call again)."""
+        if not self._started:
+            self._started = True
+            self._executor._impl.start()
+
+    def open(self) -> Backend:
+        """The backend, open: waits for the start (begun here if ``start`` was not called)."""
+        self._started = True
+        if not self._owned and not self._executor._open_in_block():
+            self._executor._impl.open()
+            self._owned = True
+        return self._executor._impl
+
+    def end(self) -> None:
+        """Release the run's pool; a ``with`` block's stays for the next run."""
+        impl = self._executor._impl
+        if self._owned:
+            impl.close()
+        elif self._started and not self._executor._entered:
+            impl.cancel_start()  # the run stopped before its tasks: stop what it began
 
 
 def _known_backends() -> set[str]:

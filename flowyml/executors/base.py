@@ -53,16 +53,36 @@ class Backend:
     #: function (see ``compile.py``): for schedulers whose cost grows with the
     #: number of distinct task prefixes (Dask's distributed scheduler).
     groups_copies: ClassVar[bool] = False
+    #: Has a ``client`` and a dashboard that users read before a run (distributed).
+    has_client: ClassVar[bool] = False
 
     def __init__(self, max_workers: int | None = None, **options: Any) -> None:
         self.max_workers = max_workers or os.cpu_count() or 1
         self.dashboard_link: str | None = None
 
+    def start(self) -> None:
+        """Begin starting the pool or cluster without waiting for it; ``open`` waits.
+
+        A run calls it once it knows it has tasks to execute, so the start
+        overlaps what the run still does on the driver (compiling, cache
+        checks). Safe to call again. Default: nothing to begin early.
+        """
+
     def open(self) -> None:
-        """Start the pool or cluster; called once per ``with`` block or run."""
+        """Start the pool or cluster (or finish what ``start`` began); return once it is ready.
+
+        Called by the first run that executes tasks: once per ``with`` block,
+        else once per run.
+        """
+
+    def cancel_start(self) -> None:
+        """Stop a ``start`` that no run went on to ``open`` (the run failed before its tasks).
+
+        Leaves alone a pool or cluster that a run did open. Default: nothing.
+        """
 
     def close(self) -> None:
-        """Stop what ``open`` started; safe to call twice."""
+        """Stop what ``start`` and ``open`` started, even half-way; safe to call twice."""
 
     def key_suffix(self, run_id: str) -> str:
         return ""

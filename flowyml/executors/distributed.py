@@ -166,6 +166,7 @@ class DistributedBackend(Backend):
     name = "distributed"
     pickles = True
     groups_copies = True
+    has_client = True
 
     def __init__(
         self,
@@ -188,16 +189,62 @@ class DistributedBackend(Backend):
         self._cluster: Any = None  # the LocalCluster started here, if any
         self._opened = 0
         self._lock = threading.Lock()
+        self._start_lock = threading.Lock()
+        self._starting: threading.Thread | None = None  # connecting in the background (start)
+        self._start_error: BaseException | None = None
         if client is not None:
             self.max_workers = max_workers or _worker_threads(client) or self.max_workers
 
     # -- lifecycle ------------------------------------------------------------------
 
+    def start(self) -> None:
+        """Connect (or start the LocalCluster) in a background thread; ``open`` waits for it."""
+        with self._start_lock:  # not self._lock: a start under way holds that one
+            if self._client is not None or self._starting is not None:
+                return
+            self._start_error = None
+            self._starting = threading.Thread(target=self._connect_in_background, name="flowyml-cluster-start",
+                                              daemon=True)
+            self._starting.start()
+
+    def _connect_in_background(self) -> None:
+        try:
+            with self._lock:
+                if self._client is None:
+                    self._connect()
+        except BaseException as exc:  # raised in the run that waits for it
+            self._start_error = exc
+
+    def _join_start(self) -> BaseException | None:
+        """Wait for a background start; its error, if it failed (and nobody took it yet)."""
+        thread = self._starting
+        if thread is None:
+            return None
+        thread.join()
+        with self._start_lock:
+            if self._starting is not thread:
+                return None
+            self._starting = None
+            error, self._start_error = self._start_error, None
+        return error
+
     def open(self) -> None:
+        error = self._join_start()
+        if error is not None:
+            raise error
         with self._lock:
             if self._client is None:
                 self._connect()
             self._opened += 1  # only once connected: a failed open needs no close
+
+    def cancel_start(self) -> None:
+        self._join_start()  # a cluster half-started cannot be stopped: let it finish, then close it
+        with self._lock:
+            if self._opened:  # a run opened it meanwhile: it is theirs
+                return
+            client, self._client = self._client, None
+            cluster, self._cluster = self._cluster, None
+        self._disconnect(client, cluster)
 
     def _connect(self) -> None:
         from distributed import Client, LocalCluster
@@ -242,12 +289,16 @@ class DistributedBackend(Backend):
         log.info("Dask dashboard: %s", self.dashboard_link)
 
     def close(self) -> None:
+        self._join_start()
         with self._lock:
             self._opened = max(self._opened - 1, 0)
             if self._opened:
                 return
             client, self._client = self._client, None
             cluster, self._cluster = self._cluster, None
+        self._disconnect(client, cluster)
+
+    def _disconnect(self, client: Any, cluster: Any) -> None:
         if client is not None and client is not self._given_client:
             client.close()
         if cluster is not None:
@@ -286,9 +337,13 @@ class DistributedBackend(Backend):
     # -- one run ----------------------------------------------------------------------
 
     def execute(self, dsk: Mapping, keys: Sequence[Hashable], hooks: RunHooks) -> list[Any]:
-        with self._lock:
-            if self._client is None:  # called outside ``open``: connect for this and later runs
-                self._connect()
+        if self._client is None:  # called outside ``open``: connect for this and later runs
+            error = self._join_start()
+            if error is not None:
+                raise error
+            with self._lock:
+                if self._client is None:
+                    self._connect()
         client = self._client
         run = _RunEvents(client, hooks, self.key_suffix(hooks.run_id))
         window = _PerformanceWindow(client, self.performance_report) if self.performance_report else None

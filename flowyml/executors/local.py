@@ -163,9 +163,14 @@ class ThreadBackend(_PoolBackend):
         return dask.threaded.get(dsk, keys, pool=pool, callbacks=dask_callbacks(hooks), chunksize=1)
 
 
+#: Imported by each worker process as it starts, where the driver has them: what
+#: the first tasks would otherwise import while the driver waits for them.
+PRELOAD = ("dask.local", "flowyml.tasks", "flowyml.cache.tasks", "pandas", "pyarrow")
+
+
 def initialize_worker(
     ready: Any = None, settings: WorkerSettings | None = None, log_queue: Any = None, log_level: int = 0,
-    slots: Any = None, die_with_parent: bool = False,
+    slots: Any = None, die_with_parent: bool = False, preload: Sequence[str] = (),
 ) -> None:
     """Runs once in each worker process of the process backend.
 
@@ -173,8 +178,11 @@ def initialize_worker(
     slot in ``slots`` adds the hook that records each attempt, to name it if
     this process dies. They are installed with
     :func:`~flowyml.tasks.install_worker_settings`, the one way the worker
-    side is configured.
+    side is configured. ``preload`` are modules to import now: the pool starts
+    while the run is still planned, so its first tasks need not import them.
     """
+    import importlib
+
     from .. import logs
 
     if log_queue is not None:  # what steps log or print reaches the driver's log
@@ -190,6 +198,11 @@ def initialize_worker(
     if slots is not None:
         settings = replace(settings, on_attempt=slots.claim())
     install_worker_settings(settings)
+    for name in preload:
+        try:
+            importlib.import_module(name)
+        except ImportError:  # the task that needs it will say so
+            pass
     if ready is not None:
         ready.put(None)  # tell the parent this process is up
 
@@ -269,8 +282,19 @@ class ProcessBackend(_PoolBackend):
         self._slots: Any = None
         self._processes: dict[int, Any] = {}
         self._logs: ProcessLogBridge | None = None  # the first pool's; kept when a broken pool is replaced
+        self._starting: tuple[Any, list[Future]] | None = None  # spawned, not yet waited for (start)
+        self._settling: _SettlingPool | None = None  # the running graph's tasks
 
-    def _make_pool(self) -> Executor:
+    def start(self) -> None:
+        """Spawn the worker processes now, in this thread; ``open`` waits until each is up.
+
+        They import flowyml, pandas and Dask for most of a second: the run
+        compiles and checks its cache meanwhile.
+        """
+        if self._pool is None:
+            self._pool, self._starting = self._launch()
+
+    def _launch(self) -> tuple[Executor, tuple[Any, list[Future]]]:
         from ..logs import ProcessLogBridge
         from ..recovery import WorkerSlots
 
@@ -287,17 +311,39 @@ class ProcessBackend(_PoolBackend):
         settings = WorkerSettings(killable_timeouts=True)
         pool = ProcessPoolExecutor(
             self.max_workers, mp_context=context, initializer=initialize_worker,
-            initargs=(ready, settings, *self._logs.initargs, self._slots, main),
+            initargs=(ready, settings, *self._logs.initargs, self._slots, main,
+                      [name for name in PRELOAD if name in sys.modules]),
         )
-        # Processes start on demand; start them all now and wait until each has
-        # run its initializer, so that inside ``with executor:`` no run pays the
-        # processes' start-up and the first tasks spread over all.
-        with _main_module_hidden():
-            futures = [pool.submit(_ready) for _ in range(self.max_workers)]
+        # Processes start on demand: one no-op per worker spawns them all now
+        # (each submit spawns one), so the first tasks spread over all.
+        try:
+            with _main_module_hidden():
+                futures = [pool.submit(_ready) for _ in range(self.max_workers)]
+        except BaseException:  # Ctrl-C or no more processes: none of those spawned may stay
+            for process in pool_processes(pool).values():
+                process.kill()
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        self._processes = pool_processes(pool)  # kept: a broken pool forgets them
+        return pool, (ready, futures)
+
+    def open(self) -> None:
+        self.start()
+        if self._starting is None:
+            return
+        ready, futures = self._starting
+        try:
+            self._wait_until_started(ready, futures)
+        except BaseException:  # Ctrl-C, or a worker that died while starting: kill them all
+            self._interrupt()
+            raise
+        self._starting = None
+
+    def _wait_until_started(self, ready: Any, futures: list[Future]) -> None:
+        """Until every worker has run its initializer (and so can take a task at once)."""
         for _ in range(self.max_workers):
             while not wait_until_readable(ready, 0.5):  # a worker that dies while starting must not hang us
-                if pool_is_broken(pool, futures):
-                    pool.shutdown(wait=True, cancel_futures=True)
+                if pool_is_broken(self._pool, futures):
                     from ..exceptions import BackendError
 
                     raise BackendError(
@@ -307,10 +353,18 @@ class ProcessBackend(_PoolBackend):
                     )
             ready.get()
         wait(futures)
-        self._processes = pool_processes(pool)  # kept: a broken pool forgets them
-        return pool
+
+    def cancel_start(self) -> None:
+        if self._starting is not None:  # spawned, never used: nothing to wait for
+            self._interrupt()
 
     def close(self) -> None:
+        self.cancel_start()
+        if self._settling is None or not self._settling.running:
+            # Idle workers have nothing to finish: stop them at once rather than
+            # wait while each tears down an interpreter full of pandas (a
+            # quarter of a second, paid by every job that opens an executor).
+            self._interrupt()
         super().close()
         bridge, self._logs = self._logs, None
         if bridge is not None:  # after the pool: its workers' last records are in
@@ -347,7 +401,7 @@ class ProcessBackend(_PoolBackend):
         return execute_with_recovery(run_graph, self._restart, dsk, keys, hooks, BrokenProcessPool)
 
     def execute(self, dsk: Mapping, keys: Sequence[Hashable], hooks: RunHooks) -> list[Any]:
-        if self._pool is None:
+        if self._pool is None or self._starting is not None:
             self.open()
         self._settling = None
         try:
@@ -386,7 +440,7 @@ class ProcessBackend(_PoolBackend):
     def _interrupt(self) -> None:
         """Kill the workers now (a step may run for hours) and drop the pool."""
         pool, processes = self._pool, self._processes
-        self._pool, self._processes = None, {}
+        self._pool, self._processes, self._starting = None, {}, None
         for process in processes.values():
             try:
                 process.kill()

@@ -106,10 +106,12 @@ class CsvSource(Source):
         files = resolve_files(self.paths, (".csv", ".tsv", ".txt"), self.label, self.storage_options)
         paths = [full_path(fs, path) for fs, path, _ in files]
         token = tokenize("csv", self.pandas_kwargs)
+        versions = [file_version(fs, path, info) for fs, path, info in files]
         if any(is_local(fs) for fs, _, _ in files):
-            # Local headers cost microseconds: every file is checked now, before any task.
-            columns = [_csv_columns(fs, path, self.pandas_kwargs, self.storage_options, self.label)
-                       for fs, path, _ in files]
+            # Local headers cost milliseconds: every file is checked now, before any task.
+            columns = [_local_columns(fs, path, version, token, self.pandas_kwargs, self.storage_options,
+                                      self.label)
+                       for (fs, path, _), version in zip(files, versions)]
             orders = check_same_columns(paths, columns, self.label)
             checks: list[dict[str, Any]] = [{"options_token": with_order(token, order), "columns": order}
                                             for order in orders]
@@ -122,8 +124,7 @@ class CsvSource(Source):
             held = {"options_token": tokenize(token, expected), "expected": expected, "expected_from": paths[0]}
             checks = [held] * len(files)
         parts: list[Partition] = []
-        for (fs, path, info), check in zip(files, checks):
-            size, version = file_version(fs, path, info)
+        for (fs, path, _), (size, version), check in zip(files, versions, checks):
             common = dict(path=full_path(fs, path), size=size, mtime_ns=version, source=self.label,
                           storage_options=self.storage_options, **check)
             for spec in self._plan_file(fs, path, size):
@@ -230,6 +231,27 @@ def _probe_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
     probe = {key: value for key, value in kwargs.items() if key not in ("skipfooter", "nrows", "engine")}
     probe["nrows"] = 0
     return probe
+
+
+#: Columns of local files read in this process, by path, size, modification time
+#: and options: a rerun in one process (a notebook, a scheduler that runs jobs
+#: in-process) reads no unchanged file's header again. Emptied when full.
+_COLUMNS: dict[tuple, tuple] = {}
+_COLUMNS_KEPT = 100_000
+
+
+def _local_columns(fs: Any, path: str, version: tuple[int, int | str], token: str, kwargs: dict[str, Any],
+                   storage_options: dict[str, Any] | None, label: str) -> tuple:
+    if not is_local(fs):
+        return _csv_columns(fs, path, kwargs, storage_options, label)
+    key = (path, *version, token)
+    columns = _COLUMNS.get(key)
+    if columns is None:
+        columns = _csv_columns(fs, path, kwargs, storage_options, label)
+        if len(_COLUMNS) >= _COLUMNS_KEPT:
+            _COLUMNS.clear()
+        _COLUMNS[key] = columns
+    return columns
 
 
 def _csv_columns(fs: Any, path: str, kwargs: dict[str, Any], storage_options: dict[str, Any] | None,
