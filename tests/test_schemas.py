@@ -155,6 +155,14 @@ def test_a_number_in_a_column_sampled_as_text_is_named(tmp_path):
         parts[1].load()
 
 
+def test_a_file_without_rows_does_not_make_every_column_text(tmp_path):
+    (tmp_path / "a.csv").write_text("id,fare\n")
+    (tmp_path / "b.csv").write_text("id,fare\n2,3.5\n")
+    frames = [part.load() for part in read_csv(str(tmp_path / "*.csv")).partitions()]
+    assert [str(frame["id"].dtype) for frame in frames] == ["Int64", "Int64"]
+    assert [str(frame["fare"].dtype) for frame in frames] == ["float64", "float64"]
+
+
 def test_a_column_empty_in_the_sample_is_text_in_every_partition(tmp_path):
     (tmp_path / "a.csv").write_text("id,note\n1,\n")
     (tmp_path / "b.csv").write_text("id,note\n2,007\n")

@@ -174,23 +174,29 @@ class CsvSource(Source):
         files = resolve_files(self.paths, (".csv", ".tsv", ".txt"), self.label, self.storage_options)
         paths = [full_path(fs, path) for fs, path, _ in files]
         # The first file's first rows fix every column's type (docs/data-contracts.md);
-        # reading them costs what reading its header did.
-        fs, path, _ = files[0]
-        sample = _csv_sample(fs, path, self.pandas_kwargs, self.storage_options, self.label, CSV_SAMPLE_ROWS)
+        # reading them costs what reading its header did. A file with no rows says
+        # nothing of the types: the next one is sampled.
+        sampled = 0
+        while True:
+            fs, path, _ = files[sampled]
+            sample = _csv_sample(fs, path, self.pandas_kwargs, self.storage_options, self.label, CSV_SAMPLE_ROWS)
+            if len(sample) or sampled == len(files) - 1:
+                break
+            sampled += 1
         missing = [name for name in self.schema or {} if name not in sample.columns]
         if missing and "usecols" not in self.pandas_kwargs:
             raise DataError(f"source {self.label!r}: partition 0, {display_path(paths[0])}: column {missing[0]!r} "
                             f"is missing; the schema declares it {self.schema[missing[0]]}")  # type: ignore[index]
-        types = csv_types(sample, self._declared_types(tuple(sample.columns)), display_path(paths[0]))
+        types = csv_types(sample, self._declared_types(tuple(sample.columns)), display_path(paths[sampled]))
         read_dtypes = csv_read_dtypes(types, self.pandas_kwargs.get("dtype"), sample,
                                       self.pandas_kwargs.get("parse_dates"))
         kwargs = {**self.pandas_kwargs, "dtype": read_dtypes} if read_dtypes else self.pandas_kwargs
         token = tokenize("csv", kwargs, type_token(types))
         if any(is_local(fs) for fs, _, _ in files):
             # Local headers cost microseconds: every file is checked now, before any task.
-            columns = [tuple(sample.columns)]
-            columns += [_csv_columns(fs, path, self.pandas_kwargs, self.storage_options, self.label)
-                        for fs, path, _ in files[1:]]
+            columns = [tuple(sample.columns) if number == sampled
+                       else _csv_columns(fs, path, self.pandas_kwargs, self.storage_options, self.label)
+                       for number, (fs, path, _) in enumerate(files)]
             orders = check_same_columns(paths, columns, self.label)
             checks: list[dict[str, Any]] = [{"options_token": with_order(token, order), "columns": order}
                                             for order in orders]
@@ -199,7 +205,8 @@ class CsvSource(Source):
             # first file's, as dask.dataframe does, and every other file is held
             # to it as it loads (the same DataError, naming both files).
             expected = tuple(sample.columns)
-            held = {"options_token": tokenize(token, expected), "expected": expected, "expected_from": paths[0]}
+            held = {"options_token": tokenize(token, expected), "expected": expected,
+                    "expected_from": paths[sampled]}
             checks = [held] * len(files)
         parts: list[Partition] = []
         for (fs, path, info), check in zip(files, checks):
