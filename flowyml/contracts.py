@@ -69,7 +69,8 @@ def _message(step: str, partition: int | None, output: str | None, data: Any, ex
 
 
 def _sample(values: Any) -> str:
-    shown = [repr(v) for v in list(values)[:SHOWN_ROWS]]
+    # numpy scalars as Python values: -7, not np.int64(-7)
+    shown = [repr(v.item() if hasattr(v, "item") else v) for v in list(values)[:SHOWN_ROWS]]
     more = len(values) - len(shown)
     return ", ".join(shown) + (f", ... {more} more" if more > 0 else "")
 
