@@ -40,7 +40,7 @@ from .exceptions import (
     WorkerDiedError,
 )
 from .executors import ParallelExecutor
-from .io import read_csv, read_parquet, write_csv, write_parquet
+from .io import read_csv, read_delta, read_parquet, write_csv, write_delta, write_parquet
 from .pipeline import Pipeline
 from .result import PipelineResult, StepResult, TaskRecord
 from .step import Step, step
@@ -77,8 +77,10 @@ __all__ = [
     "__version__",
     "current_task",
     "read_csv",
+    "read_delta",
     "read_parquet",
     "step",
     "write_csv",
+    "write_delta",
     "write_parquet",
 ]

@@ -11,12 +11,14 @@ partition where it was computed and commits them all at once.
 - :mod:`~flowyml.io.csv`: CSV sources and their blocks of whole lines;
 - :mod:`~flowyml.io.parquet`: Parquet sources, per file or row group;
 - :mod:`~flowyml.io.sinks`: writing partitions, the commit and its abort;
+- :mod:`~flowyml.io.delta`: Delta Lake tables (``write_delta``, ``read_delta``) through deltalake;
 - :mod:`~flowyml.io.filesystem`: fsspec filesystems, how paths are shown, and
   keeping credentials out of messages.
 """
 
 from __future__ import annotations
 
+from flowyml.io.delta import DeltaCommit, DeltaSource, read_delta, write_delta
 from flowyml.io.csv import CsvPartition, CsvSource, read_csv
 from flowyml.io.parquet import ParquetPartition, ParquetSource, read_parquet
 from flowyml.io.sinks import (
@@ -32,6 +34,8 @@ from flowyml.io.sources import Partition, Source
 __all__ = [
     "CsvPartition",
     "CsvSource",
+    "DeltaCommit",
+    "DeltaSource",
     "ParquetPartition",
     "ParquetSource",
     "Partition",
@@ -39,9 +43,11 @@ __all__ = [
     "abort_output",
     "commit_output",
     "read_csv",
+    "read_delta",
     "read_parquet",
     "restage_partition",
     "write_csv",
+    "write_delta",
     "write_parquet",
     "write_partition",
 ]
