@@ -425,7 +425,7 @@ class _DeltaCommitter:
 
 def _is_table_exists(exc: BaseException) -> bool:
     text = str(exc).lower()
-    return "already exists" in text or "version 0" in text and "exists" in text
+    return "already exists" in text
 
 
 def _one_schema(files: Sequence[DeltaFile], who: str) -> Any:
