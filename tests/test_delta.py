@@ -133,25 +133,47 @@ def test_partition_by_writes_hive_folders_read_back_as_columns(executor, months,
 
 
 @step(inputs=["trips"], per_partition=True)
-def fail_on_march(trips: pd.DataFrame) -> pd.DataFrame:
-    if (trips["month"] == 3).any():
-        raise ValueError("bad March data")
+def unwritable_march(trips: pd.DataFrame) -> pd.DataFrame:
+    if (trips["month"] == 3).any():  # numbers and text in one column: Parquet cannot write it
+        return trips.assign(fare=[1.5, "n/a"] * (len(trips) // 2))
     return trips
 
 
-def test_a_failed_run_commits_nothing_and_removes_its_files(executor, months, tmp_path):
+@step(inputs=["trips"], per_partition=True)
+def march_as_text(trips: pd.DataFrame) -> pd.DataFrame:
+    if (trips["month"] == 3).any():  # written, but the partitions disagree: the commit refuses them
+        return trips.assign(fare=trips["fare"].astype(str))
+    return trips
+
+
+def failing_run(table: str, step_name, executor, first: str) -> StepFailed:
+    pipeline = Pipeline("fails").add_step(step_name)
+    pipeline.add_step(write_delta(table, input=step_name.name))
+    with pytest.raises(StepFailed) as caught:
+        pipeline.run(inputs={"trips": read_parquet(first)}, executor=executor, progress=False)
+    return caught.value
+
+
+def test_a_run_failing_mid_write_commits_nothing(executor, months, tmp_path):
+    first, second = months
+    table = str(tmp_path / "trips")
+    delta_pipeline(table).run(inputs={"trips": read_parquet(second)}, executor=executor, progress=False)
+    error = failing_run(table, unwritable_march, executor, first)
+    assert "write_delta" in str(error)
+    assert deltalake.DeltaTable(table).version() == 0
+    pd.testing.assert_frame_equal(table_rows(table), expected(range(4, 6)))
+
+
+def test_a_failed_commit_commits_nothing_and_removes_the_runs_files(executor, months, tmp_path):
     first, second = months
     table = str(tmp_path / "trips")
     delta_pipeline(table).run(inputs={"trips": read_parquet(second)}, executor=executor, progress=False)
     before = sorted(os.listdir(table))
-
-    pipeline = Pipeline("fails").add_step(fail_on_march)
-    pipeline.add_step(write_delta(table, input="fail_on_march"))
-    with pytest.raises(StepFailed, match="bad March data"):
-        pipeline.run(inputs={"trips": read_parquet(first)}, executor=executor, progress=False)
+    error = failing_run(table, march_as_text, executor, first)
+    assert "partitions have different columns or types" in str(error)
     assert deltalake.DeltaTable(table).version() == 0
     pd.testing.assert_frame_equal(table_rows(table), expected(range(4, 6)))
-    assert sorted(os.listdir(table)) == before  # January's and February's files were removed
+    assert sorted(os.listdir(table)) == before  # the three files the run wrote are gone
 
 
 def test_the_cache_counts_a_delta_source_by_its_version(months, tmp_path):
@@ -166,13 +188,14 @@ def test_the_cache_counts_a_delta_source_by_its_version(months, tmp_path):
 
     pipeline = Pipeline("cached", cache_dir=str(tmp_path / "cache")).add_step(count)
 
-    def run() -> str:
-        return pipeline.run(inputs={"table": read_delta(table)}, executor=sync, progress=False).steps["count"].status
+    def computed() -> int:
+        result = pipeline.run(inputs={"table": read_delta(table)}, executor=sync, progress=False)
+        return sum(1 for task in result.tasks if task.step == "count" and task.status == "succeeded")
 
-    assert run() == "succeeded"
-    assert run() == "cached"  # the same version: every partition from the cache
+    assert computed() == 3
+    assert computed() == 0  # the same version: every partition from the cache
     delta_pipeline(table).run(inputs={"trips": read_parquet(second)}, executor=sync, progress=False)
-    assert run() == "succeeded"  # a new version is new data
+    assert computed() == 5  # a new version is new data, its old files included
 
 
 def test_write_delta_is_never_served_from_the_cache(months, tmp_path):
@@ -341,3 +364,25 @@ def test_overwrites_at_once_on_s3_one_fails(months, bucket):
     outcome = overlapping_runs(table, "append", first, second)
     assert "error" not in outcome, outcome.get("error")
     assert deltalake.DeltaTable(table, storage_options={"AWS_ALLOW_HTTP": "true"}).version() == 3
+
+
+def test_an_append_that_finds_the_table_created_under_it_commits_into_it(months, tmp_path, monkeypatch):
+    from flowyml.io.delta import DeltaTableLocation
+
+    first, second = months
+    table = str(tmp_path / "trips")
+    delta_pipeline(table).run(inputs={"trips": read_parquet(second)}, executor=ParallelExecutor(backend="sync"),
+                              progress=False)
+    real_load, calls = DeltaTableLocation.load, []
+
+    def load_missing_once(self, version=None):
+        calls.append(version)
+        # The commit's first look finds no table (another run creates it just after): it
+        # tries to create it, is told it exists, and appends on the next round.
+        return None if len(calls) == 2 else real_load(self, version)
+
+    monkeypatch.setattr(DeltaTableLocation, "load", load_missing_once)
+    delta_pipeline(table).run(inputs={"trips": read_parquet(first)}, executor=ParallelExecutor(backend="sync"),
+                              progress=False)
+    monkeypatch.undo()
+    pd.testing.assert_frame_equal(table_rows(table), expected(range(1, 6)))
