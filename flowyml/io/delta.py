@@ -62,6 +62,7 @@ MODES = ("append", "overwrite")
 APPEND_ATTEMPTS = 5
 _HIVE_NULL = "__HIVE_DEFAULT_PARTITION__"
 _RUN_KEY = "flowyml.run"
+_REMEMBERED_RUNS = 16  # read versions kept per sink (only the running ones are needed)
 
 
 def _requires_deltalake(who: str) -> Any:
@@ -320,6 +321,8 @@ class _DeltaCommitter:
         """On the driver before the run: note the table's version (an overwrite commits against it)."""
         table = self.table.load()
         self.read_versions[run_id] = -1 if table is None else table.version()
+        while len(self.read_versions) > _REMEMBERED_RUNS:  # a notebook runs one sink many times
+            del self.read_versions[next(iter(self.read_versions))]
         if table is not None and self.partition_by:
             existing = tuple(table.metadata().partition_columns)
             if existing != self.partition_by:
