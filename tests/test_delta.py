@@ -176,6 +176,20 @@ def test_a_failed_commit_commits_nothing_and_removes_the_runs_files(executor, mo
     assert sorted(os.listdir(table)) == before  # the three files the run wrote are gone
 
 
+def test_data_that_does_not_match_the_table_is_refused_whole(months, tmp_path):
+    first, second = months
+    table = str(tmp_path / "trips")
+    sync = ParallelExecutor(backend="sync")
+    delta_pipeline(table).run(inputs={"trips": read_parquet(second)}, executor=sync, progress=False)
+    text_fares = Pipeline("text").add_step(step(lambda trips: trips.assign(fare=trips["fare"].astype(str)),
+                                                name="text_fares", inputs=["trips"], per_partition=True))
+    text_fares.add_step(write_delta(table, input="text_fares"))
+    with pytest.raises(StepFailed, match=r"does not match the Delta table .*'fare': \('double', 'string'\)"):
+        text_fares.run(inputs={"trips": read_parquet(first)}, executor=sync, progress=False)
+    assert deltalake.DeltaTable(table).version() == 0
+    pd.testing.assert_frame_equal(table_rows(table), expected(range(4, 6)))
+
+
 def test_the_cache_counts_a_delta_source_by_its_version(months, tmp_path):
     first, second = months
     table = str(tmp_path / "trips")

@@ -390,6 +390,8 @@ class _DeltaCommitter:
                 else:
                     if schema is None and self.mode == "append":  # nothing to add: no empty commit
                         return DeltaCommit(self.table.url, table.version(), ())
+                    if schema is not None:
+                        self._check_schema(table, deltalake.Schema.from_arrow(schema))
                     table.create_write_transaction(
                         actions, self.mode, schema if schema is not None else table.schema(),
                         partition_by=list(self.partition_by) or None, commit_properties=properties,
@@ -399,6 +401,8 @@ class _DeltaCommitter:
                     raise self._conflict(f"another commit won: {scrub(str(exc))}") from exc
                 log.info("%s: append commit lost a race (%s); retrying", self.table.who, exc)
                 continue
+            except DataError:
+                raise
             except Exception as exc:
                 if _is_table_exists(exc):  # another run created the table first: commit into it
                     if self.mode == "overwrite" or attempt == APPEND_ATTEMPTS:
@@ -409,6 +413,22 @@ class _DeltaCommitter:
             version = self._committed_version(run_id)
             return DeltaCommit(self.table.url, version, tuple(self.table.file_url(f.path) for f in files))
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _check_schema(self, table: Any, written: Any) -> None:
+        """delta-rs adds files whatever their columns: ones the table's schema does not
+        describe would break every reader of the table, so they are refused here."""
+        def columns(schema: Any) -> dict[str, Any]:
+            return {item["name"]: item["type"] for item in json.loads(schema.to_json())["fields"]}
+
+        have, new = columns(table.schema()), columns(written)
+        if have != new:
+            differ = sorted(name for name in set(have) | set(new) if have.get(name) != new.get(name))
+            shown = {name: (have.get(name, "absent"), new.get(name, "absent")) for name in differ}
+            raise DataError(
+                f"{self.table.who}: the data does not match the Delta table {self.table.shown}: "
+                f"(table, data) types of the columns that differ: {shown}. Nothing was committed; "
+                f"make the step return the table's columns and types, or write to a new table"
+            )
 
     def _committed_version(self, run_id: str) -> int:
         table = self.table.load()
