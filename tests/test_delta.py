@@ -400,3 +400,21 @@ def test_an_append_that_finds_the_table_created_under_it_commits_into_it(months,
                               progress=False)
     monkeypatch.undo()
     pd.testing.assert_frame_equal(table_rows(table), expected(range(1, 6)))
+
+
+def test_s3fs_options_are_translated_for_delta_rs_and_never_shown():
+    from flowyml.io.delta import DeltaTableLocation
+
+    secret = "flowyml/delta+leak/check0123456789"
+    options = {"key": "AKIAFLOWYMLDELTA", "secret": secret, "endpoint_url": "http://127.0.0.1:9000",
+               "AWS_S3_LOCKING_PROVIDER": "dynamodb"}
+    location = DeltaTableLocation("s3://lake/trips", options, who="sink 'write_delta'")
+    assert location.delta_options() == {
+        "AWS_ACCESS_KEY_ID": "AKIAFLOWYMLDELTA", "AWS_SECRET_ACCESS_KEY": secret,
+        "AWS_ENDPOINT_URL": "http://127.0.0.1:9000", "AWS_ALLOW_HTTP": "true", "AWS_S3_LOCKING_PROVIDER": "dynamodb",
+    }
+    assert location.fsspec_options() == {key: options[key] for key in ("key", "secret", "endpoint_url")}
+    sink = write_delta("s3://lake/trips", input="clean", storage_options=options)
+    source = read_delta("s3://lake/trips", storage_options=options)
+    for shown in (repr(sink.func), repr(sink.finalize), repr(source), repr(location)):
+        assert secret not in shown and "AKIAFLOWYMLDELTA" not in shown
