@@ -23,12 +23,13 @@ it, what flowyml did before sources had schemas), with the default checks
 and with a declared ``schema=``. Prints the medians and the ratios to the
 unchecked run (target: under 1.03).
 
-Memory: a per-partition chain ending in ``write_parquet``, and in a
+Memory: a per-partition chain ending in ``write_parquet`` (or, job
+``delta``, in ``write_delta``: the same files, committed to a Delta table), and in a
 whole-dataset aggregation by zone run as a ``split_every=4`` tree, over
 generated CSV data sets of 0.5 GB and 2 GB with ``blocksize="64MB"`` on 2
 process workers
-(``--memory-backend distributed`` for a LocalCluster; ``--jobs chain`` or
-``--jobs tree`` for one of the two); prints the peak resident memory of the
+(``--memory-backend distributed`` for a LocalCluster; ``--jobs chain``,
+``--jobs tree`` or ``--jobs delta`` for some of them); prints the peak resident memory of the
 driver plus its workers, sampled every 20 ms. Streaming means the two peaks
 are about equal. On ``process`` a tree's inputs pass through the driver
 (Dask's multiprocessing scheduler returns every result to the parent), so
@@ -59,7 +60,15 @@ HERE = Path(__file__).resolve().parent
 sys.path[0] = str(HERE.parent)
 sys.path.append(str(HERE))
 
-from flowyml import ParallelExecutor, Pipeline, read_csv, read_parquet, step, write_parquet  # noqa: E402
+from flowyml import (  # noqa: E402
+    ParallelExecutor,
+    Pipeline,
+    read_csv,
+    read_parquet,
+    step,
+    write_delta,
+    write_parquet,
+)
 from flowyml.io.csv import CsvSource  # noqa: E402
 from flowyml.io.schema import conform  # noqa: E402
 
@@ -317,9 +326,10 @@ class PeakMemory:
         self._thread.join()
 
 
-#: The streaming jobs: a straight per-partition chain to write_parquet, and the
-#: same chain also ending in a whole-dataset aggregation run as a split_every tree.
-MEMORY_JOBS = ("chain", "tree")
+#: The streaming jobs: a straight per-partition chain to write_parquet, the
+#: same chain also ending in a whole-dataset aggregation run as a split_every tree,
+#: and the chain ending in write_delta (workers write the files, one commit adds them).
+MEMORY_JOBS = ("chain", "tree", "delta")
 
 
 def memory_job(job: str, files: list[str], out: Path) -> Pipeline:
@@ -328,7 +338,8 @@ def memory_job(job: str, files: list[str], out: Path) -> Pipeline:
         .add_source("trips", read_csv(files, blocksize="64MB"))
         .add_step(clean)
         .add_step(enrich)
-        .add_step(write_parquet(out, input="enriched"))
+        .add_step(write_delta(out, input="enriched", mode="overwrite") if job == "delta"
+                  else write_parquet(out, input="enriched"))
     )
     return pipeline.add_step(zone_totals) if job == "tree" else pipeline
 
@@ -337,7 +348,8 @@ def memory(quick: bool, workers: int, jobs: list[str], backend: str = "process")
     sizes = ["250MB", "1GB"] if quick else ["500MB", "2GB"]
     rows = []
     for job in jobs:
-        what = "chain to write_parquet" + (", and a split_every=4 aggregation" if job == "tree" else "")
+        what = ("chain to write_delta" if job == "delta" else "chain to write_parquet"
+                + (", and a split_every=4 aggregation" if job == "tree" else ""))
         print(f"\n== memory ({job}): per-partition {what}, blocksize=64MB, {workers} {backend} workers")
         peaks = []
         for size in sizes:
@@ -369,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--part", choices=["throughput", "memory", "schema", "all"], default="all")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--jobs", nargs="+", choices=MEMORY_JOBS, default=list(MEMORY_JOBS),
-                        help="memory part: which streaming jobs (default: both)")
+                        help="memory part: which streaming jobs (default: all)")
     parser.add_argument("--memory-backend", choices=["process", "distributed"], default="process")
     parser.add_argument("--backends", default=",".join(BACKENDS), help="for --part schema: comma-separated")
     args = parser.parse_args(argv)

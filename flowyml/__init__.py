@@ -49,7 +49,7 @@ from .step import Step, step
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time, __getattr__ below
     from .context import TaskContext, current_task
     from .executors import ParallelExecutor
-    from .io import read_csv, read_parquet, write_csv, write_parquet
+    from .io import read_csv, read_delta, read_parquet, write_csv, write_delta, write_parquet
     from .pipeline import Pipeline
     from .result import PipelineResult, StepResult, TaskRecord
 
@@ -64,7 +64,7 @@ logging.getLogger("flowyml").addHandler(logging.NullHandler())
 _MODULE_OF: dict[str, str] = {
     **dict.fromkeys(("TaskContext", "current_task"), ".context"),
     "ParallelExecutor": ".executors",
-    **dict.fromkeys(("read_csv", "read_parquet", "write_csv", "write_parquet"), ".io"),
+    **dict.fromkeys(("read_csv", "read_delta", "read_parquet", "write_csv", "write_delta", "write_parquet"), ".io"),
     "Pipeline": ".pipeline",
     **dict.fromkeys(("PipelineResult", "StepResult", "TaskRecord"), ".result"),
 }
@@ -111,8 +111,10 @@ __all__ = [
     "__version__",
     "current_task",
     "read_csv",
+    "read_delta",
     "read_parquet",
     "step",
     "write_csv",
+    "write_delta",
     "write_parquet",
 ]

@@ -260,6 +260,9 @@ def _local_paths(plan: Plan, source_partitions: Mapping[str, list[Any]], cache: 
         output = getattr(s.finalize, "output", None)
         if output is not None and output.local:
             paths.append(LocalPath("folder", f"sink {s.name!r}", output.root, probe_in=os.path.dirname(output.root)))
+        table = getattr(s.finalize, "table", None)  # write_delta's table
+        if table is not None and table.local:
+            paths.append(LocalPath("folder", f"sink {s.name!r}", table.url, probe_in=os.path.dirname(table.url)))
     if cache is not None and cache.local:
         paths.append(LocalPath("folder", "the cache", str(cache.directory)))
     for name, parts in source_partitions.items():

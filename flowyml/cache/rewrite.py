@@ -281,6 +281,8 @@ class _Planner:
         if not isinstance(cache_key, str):
             return task
         if isinstance(func, FinalizeTask):
+            if sink_output(func) is None:  # a table sink (write_delta): each run commits anew
+                return task
             writers = [self.keys.get(item) for item in task[1]]
             if any(not isinstance(item, str) for item in writers):
                 return task

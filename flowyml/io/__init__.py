@@ -14,6 +14,7 @@ partition where it was computed and commits them all at once.
 - :mod:`~flowyml.io.sinks`: writing partitions, the commit and its abort;
 - :mod:`~flowyml.io.hive_sink`: ``write_parquet(partition_on=, mode=)``, the Hive layout
   and its commit one partition at a time;
+- :mod:`~flowyml.io.delta`: Delta Lake tables (``write_delta``, ``read_delta``) through deltalake;
 - :mod:`~flowyml.io.filesystem`: fsspec filesystems, how paths are shown, and
   keeping credentials out of messages.
 """
@@ -21,6 +22,7 @@ partition where it was computed and commits them all at once.
 from __future__ import annotations
 
 from flowyml.io.csv import CsvPartition, CsvSource, read_csv
+from flowyml.io.delta import DeltaCommit, DeltaSource, read_delta, write_delta
 from flowyml.io.parquet import ParquetPartition, ParquetSource, read_parquet
 from flowyml.io.sinks import (
     abort_output,
@@ -35,6 +37,8 @@ from flowyml.io.sources import Partition, Source
 __all__ = [
     "CsvPartition",
     "CsvSource",
+    "DeltaCommit",
+    "DeltaSource",
     "ParquetPartition",
     "ParquetSource",
     "Partition",
@@ -42,9 +46,11 @@ __all__ = [
     "abort_output",
     "commit_output",
     "read_csv",
+    "read_delta",
     "read_parquet",
     "restage_partition",
     "write_csv",
+    "write_delta",
     "write_parquet",
     "write_partition",
 ]
