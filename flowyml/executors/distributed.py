@@ -59,7 +59,8 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -229,13 +230,19 @@ class DistributedBackend(Backend):
         return error
 
     def open(self) -> None:
+        with self._connected():
+            self._opened += 1  # only once connected: a failed open needs no close
+
+    @contextmanager
+    def _connected(self) -> Iterator[None]:
+        """Hold the lock with a client: the one a background start made, else a new one."""
         error = self._join_start()
         if error is not None:
             raise error
         with self._lock:
             if self._client is None:
                 self._connect()
-            self._opened += 1  # only once connected: a failed open needs no close
+            yield
 
     def cancel_start(self) -> None:
         self._join_start()  # a cluster half-started cannot be stopped: let it finish, then close it
@@ -338,12 +345,8 @@ class DistributedBackend(Backend):
 
     def execute(self, dsk: Mapping, keys: Sequence[Hashable], hooks: RunHooks) -> list[Any]:
         if self._client is None:  # called outside ``open``: connect for this and later runs
-            error = self._join_start()
-            if error is not None:
-                raise error
-            with self._lock:
-                if self._client is None:
-                    self._connect()
+            with self._connected():
+                pass
         client = self._client
         run = _RunEvents(client, hooks, self.key_suffix(hooks.run_id))
         window = _PerformanceWindow(client, self.performance_report) if self.performance_report else None
