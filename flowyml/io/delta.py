@@ -230,7 +230,9 @@ def _to_arrow(frame: pd.DataFrame) -> Any:
     """The frame as Arrow, in types Delta has: timestamps in microseconds (Delta's unit)."""
     import pyarrow as pa
 
-    table = pa.Table.from_pandas(frame, preserve_index=False)
+    # A default index: Delta stores no index, and pyarrow 14 looks values up by
+    # label in a frame whose index has gaps (a group, rows dropped), failing.
+    table = pa.Table.from_pandas(frame.reset_index(drop=True), preserve_index=False)
     fields = []
     for item in table.schema:
         kind = item.type
@@ -263,11 +265,16 @@ class _DeltaWriter:
             raise DataError(f"{self.table.who}, partition {index}: partition_by column(s) {missing} are not "
                             f"in the data (columns: {list(frame.columns)})")
         prefix = f"part-{_safe(run_id)}-{index:05d}-"
+        # Converted once, whole: every file of the partition gets the same Arrow
+        # types (a group whose text column is all missing would otherwise be null-typed).
+        frame = frame.reset_index(drop=True)
+        whole = _to_arrow(frame)
         if not self.partition_by:
-            return [self._write(frame, "", {}, prefix)]
+            return [self._write(whole, "", {}, prefix)]
         written = []
-        groups = frame.groupby(list(self.partition_by), dropna=False, sort=True)
-        for key, group in groups:
+        groups = frame.groupby(list(self.partition_by), dropna=False, sort=True).indices
+        for key, positions in groups.items():
+            group = whole.take(positions)
             values = key if isinstance(key, tuple) else (key,)
             texts = {name: _partition_text(value) for name, value in zip(self.partition_by, values)}
             folder = "/".join(f"{name}={quote(text if text is not None else _HIVE_NULL, safe='')}"
@@ -275,10 +282,9 @@ class _DeltaWriter:
             written.append(self._write(group, folder + "/", texts, prefix))
         return written
 
-    def _write(self, frame: pd.DataFrame, folder: str, values: dict[str, str | None], prefix: str) -> DeltaFile:
+    def _write(self, whole: Any, folder: str, values: dict[str, str | None], prefix: str) -> DeltaFile:
         import pyarrow.parquet as pq
 
-        whole = _to_arrow(frame)
         data = whole.drop(list(self.partition_by)) if self.partition_by else whole
         relative = f"{folder}{prefix}{uuid.uuid4().hex}.parquet"
         target = self.table.file_url(relative)
