@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextvars
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 __all__ = ["TaskContext", "current_task"]
 
@@ -51,3 +51,17 @@ def running(context: TaskContext) -> Iterator[TaskContext]:
         yield context
     finally:
         _current.reset(token)
+
+
+def _dask_worker() -> Any:
+    """The Dask worker running this code, or None (read by tasks.py and memory.py)."""
+    import sys
+
+    if "distributed" not in sys.modules:
+        return None
+    try:
+        from distributed import get_worker
+
+        return get_worker()
+    except ValueError:  # not inside a distributed worker
+        return None

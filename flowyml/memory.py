@@ -26,6 +26,7 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
+from .context import _dask_worker
 from .exceptions import MemoryWarning
 
 __all__ = ["SHARE", "check_concat", "worker_memory"]
@@ -43,8 +44,6 @@ def worker_memory() -> int | None:
         from dask.utils import parse_bytes
 
         return int(parse_bytes(configured))
-    from .tasks import _dask_worker
-
     worker = _dask_worker()
     if worker is not None:
         limit = getattr(getattr(worker, "memory_manager", None), "memory_limit", None)
@@ -81,7 +80,5 @@ def check_concat(step: str, parts: Sequence[Any]) -> None:
 def _in_driver() -> bool:
     """True on ``sync`` and ``thread``: this task runs in the process that started the run."""
     import multiprocessing
-
-    from .tasks import _dask_worker
 
     return multiprocessing.parent_process() is None and _dask_worker() is None

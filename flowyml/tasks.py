@@ -30,7 +30,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .context import TaskContext, _current, running
+from .context import TaskContext, _current, _dask_worker, running
 from .exceptions import FlowymlError, StepFailed, _with_source_files
 from .secrets import scrub
 from .status import Status
@@ -173,19 +173,6 @@ def worker_label() -> str:
             label = threading.current_thread().name
         _local.label = label
     return label
-
-
-def _dask_worker() -> Any:
-    import sys
-
-    if "distributed" not in sys.modules:
-        return None
-    try:
-        from distributed import get_worker
-
-        return get_worker()
-    except ValueError:  # not inside a distributed worker
-        return None
 
 
 def _publish(outcome: Outcome, run_id: str) -> None:
