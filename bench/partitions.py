@@ -6,12 +6,22 @@
     python bench/partitions.py --quick    # smaller data sets, fewer repeats
     python bench/partitions.py --part throughput
     python bench/partitions.py --part memory
+    python bench/partitions.py --part schema     # the cost of schema checks on the CSV job
 
 Throughput: the README job (clean per partition, aggregate per partition,
 combine) on 8 generated monthly files, for CSV and Parquet, on every
 backend, against the same job written by hand with ``dask.dataframe`` on the
 same scheduler in the same run (same reused process pool, same
 LocalCluster). Prints seconds and the ratio flowyml / dask.dataframe.
+
+Schema: first the checks alone (each partition read, then checked, best of k,
+in this process: the check's share of the read, robust to other work on the
+machine); then the CSV throughput job three ways on the same data, in the same run,
+repeats interleaved: without schema checks (each partition as pandas infers
+it, what flowyml did before sources had schemas), with the default checks
+(no declared schema: kinds sampled at planning, integers cast to ``Int64``),
+and with a declared ``schema=``. Prints the medians and the ratios to the
+unchecked run (target: under 1.03).
 
 Memory: a per-partition chain ending in ``write_parquet`` (or, job
 ``delta``, in ``write_delta``: the same files, committed to a Delta table), and in a
@@ -29,6 +39,7 @@ the tree job's peak is higher than the chain's, and as flat.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import multiprocessing
 import os
 import shutil
@@ -58,6 +69,8 @@ from flowyml import (  # noqa: E402
     write_delta,
     write_parquet,
 )
+from flowyml.io.csv import CsvSource  # noqa: E402
+from flowyml.io.schema import conform  # noqa: E402
 
 from datagen import make_csv_dataset, make_parquet_dataset  # noqa: E402
 
@@ -193,6 +206,70 @@ def throughput(quick: bool, workers: int) -> list[tuple]:
     return rows
 
 
+# -- schema checks -----------------------------------------------------------------
+
+
+class UncheckedCsvSource(CsvSource):
+    """The CSV source with its schema checks removed: each partition as pandas infers it."""
+
+    def partitions(self):
+        return [dataclasses.replace(part, types=(), read_kwargs=self.pandas_kwargs) for part in super().partitions()]
+
+
+def schema(quick: bool, workers: int, backends: list[str] = BACKENDS) -> list[tuple]:
+    size, repeats = ("120MB", 3) if quick else ("240MB", 5)
+    files = dataset("csv", size, 8)
+    declared = {"pickup_zone": "int64", "fare": "float64"}
+    sources = {
+        "unchecked": UncheckedCsvSource(files, None, {"usecols": COLUMNS}),
+        "inferred": read_csv(files, usecols=COLUMNS),
+        "declared": read_csv(files, usecols=COLUMNS, schema=declared),
+    }
+    # The checks alone, without any scheduler and least disturbed by other work on the
+    # machine: per partition, the best of k reads without checks and the best of k
+    # checks (flowyml.io.schema.conform) of the frame read.
+    print(f"\n== schema checks: each of the 8 partitions of {size} of CSV read, then checked, in this process, "
+          f"best of {repeats}")
+    for name in ("inferred", "declared"):
+        read = checked = 0.0
+        for part in sources[name].partitions():
+            bare = dataclasses.replace(part, types=())
+            best_read = best_check = float("inf")
+            for _ in range(repeats):
+                start = time.perf_counter()
+                frame = bare.load()
+                best_read = min(best_read, time.perf_counter() - start)
+                start = time.perf_counter()
+                conform(frame, part.types, part.where())
+                best_check = min(best_check, time.perf_counter() - start)
+            read, checked = read + best_read, checked + best_check
+        print(f"{name:10s} read {read:6.3f}s  checks {checked * 1000:7.2f} ms  ({checked / read:6.2%} of the read; "
+              f"target < 3%)", flush=True)
+
+    print(f"\n== schema checks: the CSV job, 8 files, {size}, median of {repeats} interleaved, {workers} workers")
+    rows = []
+    for backend in backends:
+        with ParallelExecutor(max_workers=workers, backend=backend) as executor:
+            pipelines = {name: flowyml_job(source) for name, source in sources.items()}
+            results = {name: pipeline.run(executor=executor, progress=False) for name, pipeline in pipelines.items()}
+            for result in results.values():  # warmed; and the same answer every way
+                pd.testing.assert_series_equal(result["fare_by_zone"], results["unchecked"]["fare_by_zone"],
+                                               check_index_type=False, check_exact=False)
+            times: dict[str, list[float]] = {name: [] for name in pipelines}
+            for _ in range(repeats):
+                for name, pipeline in pipelines.items():
+                    start = time.perf_counter()
+                    pipeline.run(executor=executor, progress=False)
+                    times[name].append(time.perf_counter() - start)
+        medians = {name: statistics.median(values) for name, values in times.items()}
+        base = medians["unchecked"]
+        rows.append((backend, medians))
+        print(f"{backend:12s} unchecked {base:6.2f}s  inferred {medians['inferred']:6.2f}s "
+              f"(ratio {medians['inferred'] / base:5.3f})  declared {medians['declared']:6.2f}s "
+              f"(ratio {medians['declared'] / base:5.3f})", flush=True)
+    return rows
+
+
 # -- memory ------------------------------------------------------------------------
 
 
@@ -301,15 +378,18 @@ def memory(quick: bool, workers: int, jobs: list[str], backend: str = "process")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller data sets, fewer repeats")
-    parser.add_argument("--part", choices=["throughput", "memory", "all"], default="all")
+    parser.add_argument("--part", choices=["throughput", "memory", "schema", "all"], default="all")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--jobs", nargs="+", choices=MEMORY_JOBS, default=list(MEMORY_JOBS),
                         help="memory part: which streaming jobs (default: all)")
     parser.add_argument("--memory-backend", choices=["process", "distributed"], default="process")
+    parser.add_argument("--backends", default=",".join(BACKENDS), help="for --part schema: comma-separated")
     args = parser.parse_args(argv)
     print(f"python {sys.version.split()[0]}, {os.cpu_count()} cores")
     if args.part in ("throughput", "all"):
         throughput(args.quick, args.workers)
+    if args.part in ("schema", "all"):
+        schema(args.quick, args.workers, args.backends.split(","))
     if args.part in ("memory", "all"):
         memory(args.quick, args.workers, args.jobs, args.memory_backend)
     return 0

@@ -12,7 +12,7 @@
     │   └── NotPicklableError       a step, param or input cannot be sent to a worker
     ├── OptionError                 an argument flowyml cannot use (also a ValueError and a TypeError)
     ├── OutputNotFoundError         ``result[name]`` of an asset the run did not return (also a KeyError)
-    ├── DataError                   a source matches no file, or a file cannot be read or written
+    ├── DataError                   no file matches, a file cannot be read or written, a partition breaks its schema
     │   ├── StorageError            a URL flowyml cannot use: unknown scheme, package missing, no bucket, access denied
     │   ├── CommitConflictError     another run is committing to the same output right now
     │   └── ContractError           a step's output breaks its declared ``output_schema``
@@ -114,7 +114,8 @@ class OutputNotFoundError(FlowymlError, KeyError):
 
 
 class DataError(FlowymlError):
-    """A data source matches no file, or one of its files cannot be read."""
+    """A data source matches no file, one of its files cannot be read, or a partition does not fit the
+    source's schema (the message names the source, file, partition, column and both types)."""
 
 
 class StorageError(DataError):

@@ -354,7 +354,27 @@ def pandas_monthly(folder, keep=0) -> pd.Series:
     """What ``monthly_job`` computes, in plain pandas (keep=0: clean_v1, 1: clean_v2)."""
     import glob
 
-    frames = [pd.read_csv(path) for path in sorted(glob.glob(os.path.join(folder, "*.csv")))]
+    frames = [pandas_read_csv(path) for path in sorted(glob.glob(os.path.join(folder, "*.csv")))]
     whole = pd.concat(frames)
     whole = whole.assign(amount=whole["value"] / 10)
     return whole[whole["value"] % 2 == keep].groupby("part")["amount"].sum()
+
+
+# -- schemas ---------------------------------------------------------------------------
+
+
+def as_flowyml_reads(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` (read by pandas) with the dtypes a flowyml CSV source gives it: integers
+    ``Int64`` and booleans ``boolean`` in every partition (docs/data-contracts.md)."""
+    casts = {name: "Int64" if pd.api.types.is_integer_dtype(dtype) else "boolean"
+             for name, dtype in frame.dtypes.items()
+             if pd.api.types.is_integer_dtype(dtype) or pd.api.types.is_bool_dtype(dtype)}
+    frame = frame.astype(casts) if casts else frame
+    if pd.api.types.is_integer_dtype(frame.index.dtype) and not isinstance(frame.index, pd.RangeIndex):
+        frame.index = frame.index.astype("Int64")
+    return frame
+
+
+def pandas_read_csv(path, **options) -> pd.DataFrame:
+    """``pandas.read_csv`` with flowyml's CSV dtypes (see ``as_flowyml_reads``)."""
+    return as_flowyml_reads(pd.read_csv(path, **options))

@@ -60,7 +60,7 @@ class Job:
         written = sorted(self.out.iterdir())
         assert [p.name for p in written] == [f"part-{i:05d}.parquet" for i in range(len(written))]
         back = pd.concat(pd.read_parquet(p) for p in written)
-        whole = pd.concat(pd.read_csv(p) for p in sorted(self.data.glob("*.csv")))
+        whole = pd.concat(pipelines.pandas_read_csv(p) for p in sorted(self.data.glob("*.csv")))
         whole = whole.assign(amount=whole["value"] / 10)
         pd.testing.assert_frame_equal(back.reset_index(drop=True),
                                       whole[whole["value"] % 2 == keep].reset_index(drop=True))

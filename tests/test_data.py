@@ -31,6 +31,8 @@ from flowyml.io import (
     write_partition,
 )
 
+from .pipelines import pandas_read_csv
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -139,7 +141,7 @@ def test_csv_one_partition_per_file_in_sorted_order(csv_files):
     parts = source.partitions()
     assert [part.index for part in parts] == [0, 1, 2]
     assert [Path(part.path) for part in parts] == csv_files
-    expected = concat(pd.read_csv(path) for path in csv_files)
+    expected = concat(pandas_read_csv(path) for path in csv_files)
     pd.testing.assert_frame_equal(load_all(source), expected)
 
 
@@ -165,7 +167,7 @@ def test_csv_blocks_concatenate_to_the_whole_file_read(csv_files, blocksize):
     for path in csv_files:  # a file larger than a block really is split, a smaller one is not
         blocks = sum(Path(part.path) == path for part in parts)
         assert (blocks > 1) == (path.stat().st_size > source.blocksize), (path.name, blocks)
-    expected = concat(pd.read_csv(path, **options) for path in csv_files)
+    expected = concat(pandas_read_csv(path, **options) for path in csv_files)
     frames = [part.load() for part in parts]
     assert all(len(frame) > 0 for frame in frames)
     pd.testing.assert_frame_equal(concat(frames), expected)
@@ -175,7 +177,7 @@ def test_csv_blocks_concatenate_to_the_whole_file_read(csv_files, blocksize):
 def test_csv_blocks_infer_the_same_types_as_the_whole_file(blocksize):
     path = REPO / "data" / "trips" / "trips_2024-01.csv"
     source = read_csv(path, blocksize=blocksize, parse_dates=["pickup_at", "dropoff_at"])
-    expected = pd.read_csv(path, parse_dates=["pickup_at", "dropoff_at"])
+    expected = pandas_read_csv(path, parse_dates=["pickup_at", "dropoff_at"])
     parts = source.partitions()
     # The file really is split, one block per blocksize bytes (lines are far shorter)...
     assert len(parts) == math.ceil(path.stat().st_size / blocksize)
@@ -223,7 +225,7 @@ def test_csv_blocks_respect_header_and_skiprows(tmp_path, options, preamble):
     header = "" if options.get("header", 0) is None else f"id{sep}fare{sep}zone\n"
     path = tmp_path / "meter.csv"
     path.write_text(preamble + header + rows)
-    expected = pd.read_csv(path, **options)
+    expected = pandas_read_csv(path, **options)
     for blocksize in (64, 400):
         parts = read_csv(path, blocksize=blocksize, **options).partitions()
         assert len(parts) > 3
@@ -235,7 +237,7 @@ def test_csv_skipfooter_applies_to_the_last_block_only(tmp_path):
     path.write_text("a,b\n" + "".join(f"{i},{i * 2}\n" for i in range(100)) + "total,9900\n")
     options = {"skipfooter": 1, "engine": "python"}
     parts = read_csv(path, blocksize=100, **options).partitions()
-    pd.testing.assert_frame_equal(concat(p.load() for p in parts), pd.read_csv(path, **options))
+    pd.testing.assert_frame_equal(concat(p.load() for p in parts), pandas_read_csv(path, **options))
 
 
 def test_csv_compressed_files_are_not_split(tmp_path):
@@ -243,7 +245,7 @@ def test_csv_compressed_files_are_not_split(tmp_path):
     trips_frame(300, seed=4).to_csv(path, index=False)
     parts = read_csv(path, blocksize=100).partitions()
     assert len(parts) == 1
-    pd.testing.assert_frame_equal(parts[0].load(), pd.read_csv(path))
+    pd.testing.assert_frame_equal(parts[0].load(), pandas_read_csv(path))
 
 
 # --------------------------------------------------------------------------- identity and pickling
@@ -300,7 +302,7 @@ def test_fsspec_urls_are_read_like_local_paths(tmp_path):
             with memory.open(f"{root}/pq/trips_{month}.parquet", "wb") as file:
                 trips_frame(40, seed=month).to_parquet(file, row_group_size=15)
         csv = read_csv(f"memory://{root}/trips_*.csv", blocksize=500)
-        expected = concat(pd.read_csv(f"memory://{root}/trips_{month}.csv") for month in (1, 2))
+        expected = concat(pandas_read_csv(f"memory://{root}/trips_{month}.csv") for month in (1, 2))
         assert len(csv.partitions()) > 2
         pd.testing.assert_frame_equal(load_all(csv), expected)
         parquet = read_parquet(f"memory://{root}/pq", split_row_groups=True)
@@ -322,7 +324,7 @@ def test_on_an_object_store_csv_columns_are_checked_as_each_partition_loads(tmp_
         memory.pipe_file(f"{root}/trips_1.csv", frame.to_csv(index=False).encode())
         memory.pipe_file(f"{root}/trips_2.csv", frame.iloc[:, ::-1].to_csv(index=False).encode())
         source = read_csv(f"memory://{root}/trips_*.csv", blocksize=300)
-        first = pd.read_csv(f"memory://{root}/trips_1.csv")
+        first = pandas_read_csv(f"memory://{root}/trips_1.csv")
         assert [list(part.load().columns) for part in source.partitions()][-1] == list(first.columns)
         pd.testing.assert_frame_equal(load_all(source), concat([first, first]))  # reordered as it loads
         memory.pipe_file(f"{root}/trips_2.csv", frame.drop(columns=["fare"]).to_csv(index=False).encode())
@@ -453,7 +455,7 @@ def test_same_columns_in_another_order_read_in_the_first_files_order(csv_files):
     parts = [part.load() for part in read_csv(csv_files).partitions()]
     assert [list(part.columns) for part in parts] == [list(frame.columns)] * 3
     assert read_csv(csv_files).partitions()[1].identity() != alone.identity()  # reordered is other data
-    pd.testing.assert_frame_equal(concat(parts), concat(pd.read_csv(path) for path in csv_files))
+    pd.testing.assert_frame_equal(concat(parts), concat(pandas_read_csv(path) for path in csv_files))
 
 
 # --------------------------------------------------------------------------- sinks

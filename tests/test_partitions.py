@@ -20,7 +20,7 @@ PARQUET_FILES = sorted((DATA / "trips_parquet").glob("*.parquet"))
 
 @pytest.fixture(scope="module")
 def expected() -> pd.Series:
-    return pipelines.pandas_fare_by_zone([pd.read_csv(f) for f in CSV_FILES])
+    return pipelines.pandas_fare_by_zone([pipelines.pandas_read_csv(f) for f in CSV_FILES])
 
 
 def test_csv_job_equals_pandas(executor, expected, tmp_path):
@@ -32,7 +32,7 @@ def test_csv_job_equals_pandas(executor, expected, tmp_path):
     written = result["write_parquet"]
     assert written == sorted(str(tmp_path / "out" / f"part-{i:05d}.parquet") for i in range(6))
     back = pd.concat(pd.read_parquet(p) for p in written)
-    whole = pd.concat(pd.read_csv(f) for f in CSV_FILES).dropna(subset=["fare"])
+    whole = pd.concat(pipelines.pandas_read_csv(f) for f in CSV_FILES).dropna(subset=["fare"])
     pd.testing.assert_frame_equal(back.reset_index(drop=True), whole.reset_index(drop=True))
 
 
@@ -79,7 +79,7 @@ def test_run_inputs_replace_a_source(executor, tmp_path):
     one_month = read_csv(str(CSV_FILES[0]))
     result = pipeline.run({"trips": one_month}, executor=executor, progress=False)
     pd.testing.assert_series_equal(
-        result["fare_by_zone"], pipelines.pandas_fare_by_zone([pd.read_csv(CSV_FILES[0])])
+        result["fare_by_zone"], pipelines.pandas_fare_by_zone([pipelines.pandas_read_csv(CSV_FILES[0])])
     )
     assert result.steps["clean"].partitions == 1
 

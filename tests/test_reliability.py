@@ -44,7 +44,7 @@ FLAKY_RAISE = 'raise ConnectionError(f"part {_part(rows)}: attempt {attempt} los
 
 
 def expected_rows(folder: Path) -> pd.DataFrame:
-    return pd.concat(pd.read_csv(path) for path in sorted(folder.glob("*.csv")))
+    return pd.concat(pipelines.pandas_read_csv(path) for path in sorted(folder.glob("*.csv")))
 
 
 # -- retries ------------------------------------------------------------------------------

@@ -205,17 +205,20 @@ def test_planning_again_reads_only_the_headers_of_changed_files(tmp_path, monkey
     for i in range(3):
         (tmp_path / f"part_{i}.csv").write_text("a,b\n1,2\n")
     read = []
-    columns = flowyml.io.csv._csv_columns
-    monkeypatch.setattr(flowyml.io.csv, "_csv_columns", lambda fs, path, *args: read.append(path) or columns(
-        fs, path, *args))
+    sample = flowyml.io.csv._csv_sample
+    monkeypatch.setattr(flowyml.io.csv, "_csv_sample", lambda fs, path, *args: read.append(
+        os.path.basename(path)) or sample(fs, path, *args))
     assert len(read_csv(str(tmp_path / "*.csv")).partitions()) == 3
-    assert len(read) == 3
+    assert sorted(read) == ["part_0.csv", "part_1.csv", "part_2.csv"]
     read.clear()
+    # The first file's first rows fix the column types (read again: they may have
+    # changed); the other unchanged headers are not read again.
     read_csv(str(tmp_path / "*.csv")).partitions()
-    assert read == [], "an unchanged file's header was read again"
+    assert read == ["part_0.csv"], "an unchanged file's header was read again"
+    read.clear()
     changed = tmp_path / "part_1.csv"
     changed.write_text("a,c\n1,2\n")
     os.utime(changed, ns=(1, 1))  # a new modification time even on a coarse clock
     with pytest.raises(DataError, match=r"part_1\.csv"):
         read_csv(str(tmp_path / "*.csv")).partitions()
-    assert [os.path.basename(p) for p in read] == ["part_1.csv"]
+    assert read == ["part_0.csv", "part_1.csv"]

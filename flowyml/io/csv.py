@@ -10,10 +10,12 @@ concatenated).
 
 from __future__ import annotations
 
+import csv
 import io
 from dataclasses import dataclass
 from typing import Any
 
+import fsspec
 import pandas as pd
 from dask.base import tokenize
 from dask.utils import parse_bytes
@@ -21,6 +23,14 @@ from fsspec.utils import infer_compression, read_block, seek_delimiter
 
 from flowyml.exceptions import DataError, OptionError
 from flowyml.io.filesystem import display_path, file_version, full_path, is_local, is_url
+from flowyml.io.schema import (
+    CSV_SAMPLE_ROWS,
+    csv_read_dtypes,
+    csv_types,
+    declared_schema,
+    first_bad_row,
+    type_token,
+)
 from flowyml.io.sources import Partition, Source, check_same_columns, resolve_files, with_order
 
 __all__ = ["CsvPartition", "CsvSource", "read_csv"]
@@ -45,19 +55,73 @@ class CsvPartition(Partition):
     prefix: bytes = b""
 
     def _read(self) -> pd.DataFrame:
+        try:
+            return self._parse(self.read_kwargs)
+        except (ValueError, TypeError) as exc:
+            if isinstance(exc, pd.errors.ParserError) or not self.read_kwargs.get("dtype"):
+                raise
+            # A value pandas could not parse as its column's declared type: find it, and its line.
+            error = self._bad_value()
+            if error is None:
+                raise
+            raise error from exc
+
+    def _parse(self, kwargs: dict[str, Any]) -> pd.DataFrame:
         if not is_url(self.path):
             if self.offset is None:
-                return pd.read_csv(self.path, **self.read_kwargs)
+                return pd.read_csv(self.path, **kwargs)
             with open(self.path, "rb") as file:
                 block = read_block(file, self.offset, self.length)
-            return pd.read_csv(io.BytesIO(self.prefix + block), **self.read_kwargs)
+            return pd.read_csv(io.BytesIO(self.prefix + block), **kwargs)
         with self.open() as file:
             if self.offset is None:
                 # A handle, not a path: pandas cannot infer the compression from it.
-                options = {**self.read_kwargs, "compression": _compression(self.path, self.read_kwargs)}
+                options = {**kwargs, "compression": _compression(self.path, kwargs)}
                 return pd.read_csv(file, **options)
             block = read_block(file, self.offset, self.length)
-        return pd.read_csv(io.BytesIO(self.prefix + block), **self.read_kwargs)
+        return pd.read_csv(io.BytesIO(self.prefix + block), **kwargs)
+
+    def _bad_value(self) -> DataError | None:
+        """The first value (in file order) that does not parse as its column's declared type."""
+        dtypes = self.read_kwargs.get("dtype")
+        if not isinstance(dtypes, dict):
+            columns = [column.name for column in self.types]
+            dtypes = dict.fromkeys(columns, dtypes)
+        as_text = {**self.read_kwargs, "dtype": {name: str for name in dtypes}}
+        try:
+            frame = self._parse(as_text)
+        except Exception:
+            return None
+        found = []
+        for name, dtype in dtypes.items():
+            if name in frame.columns:
+                row = first_bad_row(frame[name], pd.api.types.pandas_dtype(dtype))
+                if row is not None:
+                    found.append((row, name, dtype))
+        if not found:
+            return None
+        row, name, dtype = min(found)
+        value = frame[name].iloc[row]
+        shown = "a missing value" if pd.isna(value) else f"{value!r}"
+        return DataError(f"{self.where()}: column {name!r} has {shown} at line {self._line_of(row)}, "
+                         f"expected {pd.api.types.pandas_dtype(dtype)} (declared)")
+
+    def _locate(self, column: str, dtype: Any) -> str:
+        try:
+            frame = self._parse({**self.read_kwargs, "dtype": {column: str}})
+            row = first_bad_row(frame[column], dtype)
+        except Exception:
+            return ""
+        if row is None:
+            return ""
+        return f" (first at line {self._line_of(row)}: {frame[column].iloc[row]!r})"
+
+    def _line_of(self, row: int) -> int | str:
+        """The line of the file where data row ``row`` of this partition starts (1-based)."""
+        try:
+            return _line_of_row(self, row)
+        except Exception:  # a dialect the csv module reads otherwise: say which row instead
+            return f"? (data row {row + 1} of this partition)"
 
     def _range(self) -> tuple:
         if self.offset is None:
@@ -86,17 +150,21 @@ class CsvSource(Source):
     ``read_csv`` does, so it parses with the same columns and options as the
     whole file. Limits, as in dask: a quoted field must not contain a line
     break; compressed files are never split; ``skiprows`` must be an int.
-    Dtypes are inferred per partition, as pandas infers them per file: an
-    integer column with missing values in only some blocks is ``float64`` in
-    those; pass ``dtype=`` to pin a type in every partition.
+    Every partition has the same dtypes: declared ones (``schema=`` or
+    ``dtype=``), else the kind of each column in a sample of the first file,
+    integers as ``Int64`` and booleans as ``boolean`` so that a missing value
+    in one block cannot change them (:mod:`flowyml.io.schema`).
     """
 
     reader = "read_csv"
 
-    def __init__(self, paths: Any, blocksize: int | str | None, pandas_kwargs: dict[str, Any]) -> None:
-        super().__init__(paths, pandas_kwargs)
+    def __init__(self, paths: Any, blocksize: int | str | None, pandas_kwargs: dict[str, Any],
+                 schema: Any = None) -> None:
+        super().__init__(paths, pandas_kwargs, schema)
         self.blocksize = _parse_blocksize(blocksize, self._declared())
         _check_csv_options(self.pandas_kwargs, self.blocksize, self._declared())
+        if self.schema is not None and self.pandas_kwargs.get("dtype") is not None:
+            raise OptionError(f"{self._declared()}: give schema= or dtype=, not both (they declare the same thing)")
 
     def _options_repr(self) -> str:
         size = f", blocksize={self.blocksize}" if self.blocksize else ""
@@ -105,13 +173,33 @@ class CsvSource(Source):
     def partitions(self) -> list[Partition]:
         files = resolve_files(self.paths, (".csv", ".tsv", ".txt"), self.label, self.storage_options)
         paths = [full_path(fs, path) for fs, path, _ in files]
-        token = tokenize("csv", self.pandas_kwargs)
         versions = [file_version(fs, path, info) for fs, path, info in files]
+        # The first file's first rows fix every column's type (docs/data-contracts.md);
+        # reading them costs what reading its header did. A file with no rows says
+        # nothing of the types: the next one is sampled.
+        sampled = 0
+        while True:
+            fs, path, _ = files[sampled]
+            sample = _csv_sample(fs, path, self.pandas_kwargs, self.storage_options, self.label, CSV_SAMPLE_ROWS)
+            if len(sample) or sampled == len(files) - 1:
+                break
+            sampled += 1
+        missing = [name for name in self.schema or {} if name not in sample.columns]
+        if missing and "usecols" not in self.pandas_kwargs:
+            raise DataError(f"source {self.label!r}: partition 0, {display_path(paths[0])}: column {missing[0]!r} "
+                            f"is missing; the schema declares it {self.schema[missing[0]]}")  # type: ignore[index]
+        types = csv_types(sample, self._declared_types(tuple(sample.columns)), display_path(paths[sampled]))
+        read_dtypes = csv_read_dtypes(types, self.pandas_kwargs.get("dtype"), sample,
+                                      self.pandas_kwargs.get("parse_dates"))
+        kwargs = {**self.pandas_kwargs, "dtype": read_dtypes} if read_dtypes else self.pandas_kwargs
+        token = tokenize("csv", kwargs, type_token(types))
         if any(is_local(fs) for fs, _, _ in files):
-            # Local headers cost milliseconds: every file is checked now, before any task.
-            columns = [_local_columns(fs, path, version, token, self.pandas_kwargs, self.storage_options,
-                                      self.label)
-                       for (fs, path, _), version in zip(files, versions)]
+            # Local headers cost microseconds: every file is checked now, before any task.
+            header_token = tokenize("csv", self.pandas_kwargs)
+            columns = [tuple(sample.columns) if number == sampled
+                       else _local_columns(fs, path, version, header_token, self.pandas_kwargs,
+                                           self.storage_options, self.label)
+                       for number, ((fs, path, _), version) in enumerate(zip(files, versions))]
             orders = check_same_columns(paths, columns, self.label)
             checks: list[dict[str, Any]] = [{"options_token": with_order(token, order), "columns": order}
                                             for order in orders]
@@ -119,21 +207,32 @@ class CsvSource(Source):
             # On an object store each header is a round trip: planning reads the
             # first file's, as dask.dataframe does, and every other file is held
             # to it as it loads (the same DataError, naming both files).
-            fs, path, _ = files[0]
-            expected = _csv_columns(fs, path, self.pandas_kwargs, self.storage_options, self.label)
-            held = {"options_token": tokenize(token, expected), "expected": expected, "expected_from": paths[0]}
+            expected = tuple(sample.columns)
+            held = {"options_token": tokenize(token, expected), "expected": expected,
+                    "expected_from": paths[sampled]}
             checks = [held] * len(files)
         parts: list[Partition] = []
         for (fs, path, _), (size, version), check in zip(files, versions, checks):
             common = dict(path=full_path(fs, path), size=size, mtime_ns=version, source=self.label,
-                          storage_options=self.storage_options, **check)
-            for spec in self._plan_file(fs, path, size):
+                          storage_options=self.storage_options, types=types, **check)
+            for spec in self._plan_file(fs, path, size, kwargs):
                 parts.append(CsvPartition(index=len(parts), **common, **spec))
         return parts
 
-    def _plan_file(self, fs: Any, path: str, size: int) -> list[dict[str, Any]]:
+    def _declared_types(self, columns: tuple) -> dict[str, str]:
+        """The declared column -> dtype: ``schema=``, else ``dtype=`` (one dtype for every column, or a mapping)."""
+        if self.schema is not None:
+            return self.schema
+        dtype = self.pandas_kwargs.get("dtype")
+        if dtype is None:
+            return {}
+        if not isinstance(dtype, dict):
+            dtype = dict.fromkeys(columns, dtype)
+        return declared_schema(dtype, self._declared()) or {}
+
+    def _plan_file(self, fs: Any, path: str, size: int, options: dict[str, Any]) -> list[dict[str, Any]]:
         """Byte ranges and per-block pandas options for one file."""
-        whole = [{"read_kwargs": self.pandas_kwargs}]
+        whole = [{"read_kwargs": options}]
         if not self.blocksize or size <= self.blocksize or _compression(path, self.pandas_kwargs):
             return whole
         header_line, data_start = _csv_header_line(fs, path, self.pandas_kwargs, self.label)
@@ -143,13 +242,14 @@ class CsvSource(Source):
         ends = [*starts[1:], size]
         specs = []
         for number, (start, end) in enumerate(zip(starts, ends)):
-            kwargs = _block_kwargs(self.pandas_kwargs, first=number == 0, last=end == size)
+            kwargs = _block_kwargs(options, first=number == 0, last=end == size)
             prefix = b"" if number == 0 else header_line
             specs.append({"offset": start, "length": end - start, "prefix": prefix, "read_kwargs": kwargs})
         return specs
 
 
-def read_csv(paths: Any, *, blocksize: int | str | None = None, **pandas_kwargs: Any) -> CsvSource:
+def read_csv(paths: Any, *, blocksize: int | str | None = None, schema: Any = None,
+             **pandas_kwargs: Any) -> CsvSource:
     """Declare CSV input: one partition per file, or per ``blocksize`` bytes of a file.
 
     Parameters
@@ -162,6 +262,13 @@ def read_csv(paths: Any, *, blocksize: int | str | None = None, **pandas_kwargs:
     blocksize : int or str, optional
         Split files larger than this (``64_000_000`` or ``"64MB"``) into blocks
         of whole lines, each a partition. None: one partition per file.
+    schema : mapping or pyarrow.Schema, optional
+        The type of some or all columns (``{"trip_id": "int64", "fare":
+        "float64"}``); pandas parses those columns as these types in every
+        partition, and a value that does not parse raises ``DataError`` with
+        its column, file and line. ``dtype=`` (pandas' own) declares the
+        same way; give one or the other. Undeclared columns take the type
+        sampled from the first file (see ``docs/data-contracts.md``).
     **pandas_kwargs
         Passed to :func:`pandas.read_csv` for every partition.
 
@@ -178,7 +285,7 @@ def read_csv(paths: Any, *, blocksize: int | str | None = None, **pandas_kwargs:
     >>> source
     read_csv('data/trips/trips_*.csv', blocksize=64000000, parse_dates=['pickup_at'])
     """
-    return CsvSource(paths, blocksize, pandas_kwargs)
+    return CsvSource(paths, blocksize, pandas_kwargs, schema)
 
 
 def _parse_blocksize(blocksize: object, source: str) -> int | None:  # checks whatever the user gave
@@ -256,18 +363,31 @@ def _local_columns(fs: Any, path: str, version: tuple[int, int | str], token: st
 
 def _csv_columns(fs: Any, path: str, kwargs: dict[str, Any], storage_options: dict[str, Any] | None,
                  label: str) -> tuple:
+    return tuple(_csv_sample(fs, path, kwargs, storage_options, label, 0).columns)
+
+
+def _csv_sample(fs: Any, path: str, kwargs: dict[str, Any], storage_options: dict[str, Any] | None,
+                label: str, rows: int) -> pd.DataFrame:
+    """The header and first ``rows`` rows of a file, typed as pandas infers them."""
     where = full_path(fs, path)
     storage = {"storage_options": storage_options} if storage_options and is_url(where) else {}
+    probe = _probe_kwargs(kwargs)
+    footer = kwargs.get("skipfooter") or 0
+    probe["nrows"] = rows + footer
+    probe.pop("dtype", None)  # the declared types are known; a value that breaks one fails as its partition loads
     try:
-        # pandas reads only the first buffer of the file for nrows=0, and
+        # pandas reads only the first buffer of the file for few rows, and
         # handles compression, encodings and URLs as it will for the data.
-        frame = pd.read_csv(where, **storage, **_probe_kwargs(kwargs))
+        sample = pd.read_csv(where, **storage, **probe)
+        if footer and rows and len(sample) < rows + footer:  # the whole file, footer included: read it as pandas will
+            del probe["nrows"]
+            sample = pd.read_csv(where, **storage, **probe, skipfooter=footer, engine="python")
+        return sample
     except Exception as exc:
         raise DataError(
             f"source {label!r}: cannot read the header of {display_path(where)}: "
             f"{type(exc).__name__}: {exc}"
         ) from exc
-    return tuple(frame.columns)
 
 
 def _header_row(kwargs: dict[str, Any]) -> int | None:
@@ -325,6 +445,47 @@ def _block_starts(fs: Any, path: str, size: int, blocksize: int, data_start: int
             if data_start < start < size and start > starts[-1]:
                 starts.append(start)
     return starts
+
+
+def _line_of_row(part: CsvPartition, row: int) -> int:
+    """The line of ``part``'s file where its data row ``row`` starts, counted as pandas reads it.
+
+    Reads the partition's text again (only when reporting an error): skips
+    ``skiprows`` lines and the header, then counts records with the ``csv``
+    module, so a quoted field spanning lines, blank lines and comment lines
+    are counted the way pandas skips them.
+    """
+    kwargs = part.read_kwargs
+    delimiter = kwargs.get("sep", kwargs.get("delimiter", ",")) or ","
+    skiprows = kwargs.get("skiprows") or 0
+    if len(delimiter) != 1 or not isinstance(skiprows, int):
+        raise NotImplementedError("a regular-expression separator or a list of skipped rows")
+    with fsspec.open(part.path, "rb", compression=_compression(part.path, kwargs),
+                     **(part.storage_options or {})) as file:
+        if part.offset:
+            before = file.read(part.offset).count(b"\n")
+            data, shift = part.prefix + file.read(part.length), before - (1 if part.prefix else 0)
+        else:
+            data, shift = file.read(), 0
+    lines = data.decode(kwargs.get("encoding") or "utf-8", errors="replace").splitlines(keepends=True)
+    header_row = _header_row(kwargs)
+    headers = 0 if header_row is None else header_row + 1
+    comment = kwargs.get("comment")
+    skip_blank = kwargs.get("skip_blank_lines", True)
+    reader = csv.reader(io.StringIO("".join(lines[skiprows:])), delimiter=delimiter,
+                        quotechar=kwargs.get("quotechar", '"'))
+    seen, start = 0, 0
+    for record in reader:
+        first_line, start = start + 1, reader.line_num
+        if (skip_blank and not record) or (comment and record and record[0].startswith(comment)):
+            continue
+        if headers:
+            headers -= 1
+            continue
+        if seen == row:
+            return shift + skiprows + first_line
+        seen += 1
+    raise LookupError(f"no data row {row}")
 
 
 def _block_kwargs(kwargs: dict[str, Any], *, first: bool, last: bool) -> dict[str, Any]:

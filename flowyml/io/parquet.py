@@ -16,6 +16,7 @@ from dask.base import tokenize
 from flowyml._compat import arrow_to_pandas
 from flowyml.exceptions import DataError, OptionError
 from flowyml.io.filesystem import display_path, file_version, full_path, is_url
+from flowyml.io.schema import FooterSchema, parquet_nulls, parquet_types, type_token
 from flowyml.io.sources import Partition, Source, check_same_columns, resolve_files, with_order
 
 __all__ = ["ParquetPartition", "ParquetSource", "read_parquet"]
@@ -63,8 +64,13 @@ class ParquetSource(Source):
 
     reader = "read_parquet"
 
-    def __init__(self, paths: Any, split_row_groups: bool, pandas_kwargs: dict[str, Any]) -> None:
-        super().__init__(paths, pandas_kwargs)
+    def __init__(self, paths: Any, split_row_groups: bool, pandas_kwargs: dict[str, Any],
+                 schema: Any = None) -> None:
+        dtype = pandas_kwargs.pop("dtype", None)
+        if dtype is not None and schema is not None:
+            raise OptionError(f"read_parquet({paths!r}): give schema= or dtype=, not both "
+                              "(they declare the same thing)")
+        super().__init__(paths, pandas_kwargs, schema if dtype is None else dtype)
         self.split_row_groups = bool(split_row_groups)
         unsupported = sorted(set(self.pandas_kwargs) - _ROW_GROUP_OPTIONS)
         if self.split_row_groups and unsupported:
@@ -99,27 +105,51 @@ class ParquetSource(Source):
                 ) from exc
             footers.append(metadata)
             columns.append(_parquet_columns(metadata, wanted, full_path(fs, path), self.label))
-        orders = check_same_columns([full_path(fs, path) for fs, path, _ in files], columns, self.label)
-        token = tokenize("parquet", self.pandas_kwargs)
-        if hive is not None:  # every partition's key columns carry every folder's values
-            token = tokenize(token, hive.token())
-        parts: list[Partition] = []
-        for number, ((fs, path, info), metadata, order) in enumerate(zip(files, footers, orders)):
-            size, version = file_version(fs, path, info)
+        paths = [full_path(fs, path) for fs, path, _ in files]
+        orders = check_same_columns(paths, columns, self.label)
+        plans: list[tuple[Any, str, Any, int | None]] = []
+        numbers: list[int] = []  # each partition's file, among the files kept
+        for number, ((fs, path, _), metadata) in enumerate(zip(files, footers)):
             groups: list[int | None] = [None]
             if self.split_row_groups and metadata.num_row_groups > 0:
                 groups = list(range(metadata.num_row_groups))
-            for group in groups:
-                fields: dict[str, Any] = dict(
-                    index=len(parts), path=full_path(fs, path), size=size, mtime_ns=version,
-                    source=self.label, options_token=with_order(token, order), row_group=group,
-                    read_kwargs=self.pandas_kwargs, columns=order, storage_options=self.storage_options,
-                )
-                parts.append(ParquetPartition(**fields) if hive is None else hive.partition(number, **fields))
+            plans.extend((fs, path, metadata, group) for group in groups)
+            numbers.extend([number] * len(groups))
+        types = self._types(plans, columns[0])
+        token = tokenize("parquet", self.pandas_kwargs)
+        if hive is not None:  # every partition's key columns carry every folder's values
+            token = tokenize(token, hive.token())
+        order_of = dict(zip(paths, orders))
+        info_of = {full_path(fs, path): info for fs, path, info in files}
+        parts: list[Partition] = []
+        for (fs, path, _, group), part_types, number in zip(plans, types, numbers):
+            where = full_path(fs, path)
+            size, version = file_version(fs, path, info_of[where])
+            order = order_of[where]
+            fields: dict[str, Any] = dict(
+                index=len(parts), path=where, size=size, mtime_ns=version, source=self.label,
+                options_token=tokenize(with_order(token, order), type_token(part_types)), row_group=group,
+                read_kwargs=self.pandas_kwargs, columns=order, storage_options=self.storage_options,
+                types=part_types,
+            )
+            parts.append(ParquetPartition(**fields) if hive is None else hive.partition(number, **fields))
         return parts
 
+    def _types(self, plans: list[tuple[Any, str, Any, int | None]], columns: tuple) -> list[tuple]:
+        """Each partition's column types, from the footers (raises on a mismatch, before any task)."""
+        units = []
+        for index, (fs, path, metadata, group) in enumerate(plans):
+            groups = list(range(metadata.num_row_groups)) if group is None else [group]
+            units.append(FooterSchema(full_path(fs, path), index, metadata.schema.to_arrow_schema(),
+                               parquet_nulls(metadata, list(columns), groups)))
+        wanted = self.pandas_kwargs.get("columns")
+        declared = {name: dtype for name, dtype in (self.schema or {}).items() if wanted is None or name in wanted}
+        return parquet_types(units, columns, declared, self.label,
+                             self.pandas_kwargs.get("dtype_backend"), self.pandas_kwargs.get("to_pandas_kwargs"))
 
-def read_parquet(path: Any, *, split_row_groups: bool = False, **pandas_kwargs: Any) -> ParquetSource:
+
+def read_parquet(path: Any, *, split_row_groups: bool = False, schema: Any = None,
+                 **pandas_kwargs: Any) -> ParquetSource:
     """Declare Parquet input: one partition per file, or per row group.
 
     Parameters
@@ -129,6 +159,13 @@ def read_parquet(path: Any, *, split_row_groups: bool = False, **pandas_kwargs: 
     split_row_groups : bool
         One partition per row group instead of per file (planned from the
         files' footers).
+    schema : mapping or pyarrow.Schema, optional
+        The type of some or all columns. Every file's footer is checked at
+        planning, before any task runs: a column missing, of another type,
+        or holding missing values the declared dtype cannot hold raises
+        ``DataError`` naming the file, the partition and the column.
+        ``dtype=`` is taken as a synonym. Undeclared columns that differ
+        between files are unified (see ``docs/data-contracts.md``).
     **pandas_kwargs
         Passed to :func:`pandas.read_parquet` (``columns=``, ``filters=``...).
         With ``split_row_groups`` only ``columns``, ``filters``,
@@ -139,7 +176,7 @@ def read_parquet(path: Any, *, split_row_groups: bool = False, **pandas_kwargs: 
     >>> read_parquet("data/trips_parquet", columns=["fare", "tip"])
     read_parquet('data/trips_parquet', columns=['fare', 'tip'])
     """
-    return ParquetSource(path, split_row_groups, pandas_kwargs)
+    return ParquetSource(path, split_row_groups, pandas_kwargs, schema)
 
 
 def _plan_hive(source: ParquetSource, files: list) -> Any:

@@ -45,6 +45,7 @@ from flowyml.io.filesystem import (
     redact_url,
     storage_error,
 )
+from flowyml.io.schema import ColumnType, conform, declared_schema
 
 __all__ = ["Partition", "Source", "check_same_columns", "resolve_files", "with_order"]
 
@@ -85,6 +86,10 @@ class Partition:
         The columns this file must have (in any order), and the file that had
         them, when they are checked as the partition loads rather than at
         planning (CSV on an object store); the frame is reordered to them.
+    types : tuple of ColumnType
+        The dtype each listed column must have as the partition reaches the
+        steps, the same for every partition of the source (see
+        :mod:`flowyml.io.schema`); part of ``options_token``.
     """
 
     index: int
@@ -98,6 +103,7 @@ class Partition:
     storage_options: dict[str, Any] | None = field(default=None, compare=False, repr=False)
     expected: tuple | None = field(default=None, repr=False)
     expected_from: str | None = field(default=None, repr=False)
+    types: tuple[ColumnType, ...] = field(default=(), repr=False)
 
     def load(self) -> pd.DataFrame:
         """Read exactly this partition's rows.
@@ -116,8 +122,10 @@ class Partition:
                 found = tuple(frame.columns)
                 order = check_same_columns([self.expected_from or "", self.path], [self.expected, found],
                                            self.source)[1]
-                return frame if order is None else frame[list(order)]
-            return frame if self.columns is None else frame[list(self.columns)]
+            else:
+                order = self.columns
+            frame = frame if order is None else frame[list(order)]
+            return conform(frame, self.types, self.where(), self._locate) if self.types else frame
         except DataError:
             raise
         except Exception as exc:
@@ -156,6 +164,10 @@ class Partition:
         """A short human description, e.g. ``data/trips_03.csv (bytes 0-1048576)``."""
         return display_path(self.path)
 
+    def where(self) -> str:
+        """How errors about this partition start: ``source 'trips': partition 3, data/trips_03.csv``."""
+        return f"source {self.source!r}: partition {self.index}, {self.describe()}"
+
     # -- for subclasses
     def _read(self) -> pd.DataFrame:
         """The partition's rows as the file has them (``load`` reorders the columns)."""
@@ -165,6 +177,10 @@ class Partition:
         raise NotImplementedError
 
     def _hint(self) -> str:
+        return ""
+
+    def _locate(self, column: str, dtype: Any) -> str:
+        """Where in the file the first value of ``column`` that is not a ``dtype`` is ("": unknown)."""
         return ""
 
     def _check_unchanged(self) -> None:
@@ -204,12 +220,14 @@ class Source:
 
     reader: ClassVar[str] = "source"
 
-    def __init__(self, paths: Any, pandas_kwargs: dict[str, Any]) -> None:
+    def __init__(self, paths: Any, pandas_kwargs: dict[str, Any], schema: Any = None) -> None:
         self.paths = _as_path_list(paths, self.reader)
         self.pandas_kwargs = dict(pandas_kwargs)
         # Kept apart from the reader options: used for every touch of the files
         # (planning and loading), never part of the options' hash or a message.
         self.storage_options = _storage_options(self.pandas_kwargs.pop("storage_options", None), self._declared())
+        #: The declared schema, column -> pandas dtype name (None: none declared).
+        self.schema = declared_schema(schema, self._declared())
         self.name: str | None = None
 
     def partitions(self) -> list[Partition]:
@@ -235,6 +253,8 @@ class Source:
 
     def _options_repr(self) -> str:
         options = dict(self.pandas_kwargs)
+        if self.schema is not None:
+            options["schema"] = self.schema
         if self.storage_options is not None:
             options["storage_options"] = self.storage_options
         return "".join(f", {key}={redact_option(key, value)!r}" for key, value in options.items())
