@@ -225,8 +225,12 @@ def overrun_first(rows, log_dir="", release=""):
 
     Attempt 1 writes its pid when it starts and ``overrun-ended-<part>`` when it ends.
     """
-    attempt = record(log_dir, f"overrun-{_part(rows)}")
-    if attempt == 1:
+    from flowyml import current_task
+
+    record(log_dir, f"overrun-{_part(rows)}")
+    # flowyml's own count: on a loaded machine an attempt's process can be killed before this
+    # line ever runs, so counting the records here would be one behind.
+    if current_task().attempt == 1:
         with open(os.path.join(log_dir, f"overrun-pid-{_part(rows)}"), "w") as stream:
             stream.write(str(os.getpid()))
         deadline = time.time() + 60

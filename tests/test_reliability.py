@@ -88,7 +88,7 @@ def test_timeout_fails_the_attempt_and_retries(executor, parts, tmp_path):
     release = tmp_path / "release"
     pipeline = rows_pipeline(parts).add_step(
         pipelines.overrun_first, params={"log_dir": str(tmp_path), "release": str(release)},
-        timeout=1.0, retries=1,
+        timeout=2.0, retries=1,  # room for the quick attempt 2 on a loaded machine
     )
     try:
         result = pipeline.run(executor=executor, progress=False)
@@ -99,7 +99,9 @@ def test_timeout_fails_the_attempt_and_retries(executor, parts, tmp_path):
     assert ended_during_run == [0, 0, 0]
     pd.testing.assert_frame_equal(result["waited"], expected_rows(parts))
     assert result.steps["overrun_first"].attempts == 2
-    pids = [int((tmp_path / f"overrun-pid-{part}").read_text()) for part in range(3)]
+    # An attempt killed before it began writes no pid: at least one did.
+    pids = [int(path.read_text()) for path in tmp_path.glob("overrun-pid-*")]
+    assert pids
     if executor.backend == "process":  # the overrunning attempts' processes were killed
         assert not any(_alive(pid) for pid in pids)
     else:  # a thread cannot be killed: each attempt runs on to its end (docs/reliability.md)

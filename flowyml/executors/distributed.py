@@ -96,6 +96,10 @@ QUIET_AFTER = 5 * FLUSH_DELAY
 NO_WORKERS_TIMEOUT = 120.0
 #: How often, at most, a run asks the scheduler how many workers it has.
 WORKERS_CHECK_INTERVAL = 1.0
+#: Seconds to wait for a connection (or a LocalCluster) begun in the background.
+#: Dask bounds each step of it (the connect timeout, worker start-up); this only
+#: keeps a run or a ``close`` from waiting forever on a start that never ends.
+START_TIMEOUT = 300.0
 
 
 class FlowymlPlugin(WorkerPlugin):
@@ -221,7 +225,13 @@ class DistributedBackend(Backend):
         thread = self._starting
         if thread is None:
             return None
-        thread.join()
+        thread.join(START_TIMEOUT)
+        if thread.is_alive():
+            where = f"the Dask scheduler at {self.address}" if self.address else "the LocalCluster"
+            return BackendError(
+                f"connecting to {where} did not finish within {START_TIMEOUT:g} s; check that the "
+                f"scheduler answers (its dashboard's /health page) and how loaded this machine is"
+            )
         with self._start_lock:
             if self._starting is not thread:
                 return None
