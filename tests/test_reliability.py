@@ -88,7 +88,7 @@ def test_timeout_fails_the_attempt_and_retries(executor, parts, tmp_path):
     release = tmp_path / "release"
     pipeline = rows_pipeline(parts).add_step(
         pipelines.overrun_first, params={"log_dir": str(tmp_path), "release": str(release)},
-        timeout=2.0, retries=1,  # room for the quick attempt 2 on a loaded machine
+        timeout=1.5, retries=1,  # room for the quick attempt 2 on a loaded machine
     )
     try:
         result = pipeline.run(executor=executor, progress=False)
@@ -205,9 +205,12 @@ def test_dead_worker_is_retried_and_finished_work_is_kept(worker_executor, parts
         # The partitions that had finished before the death were not computed again.
         assert [len(pids) for pids in computed_in] == [1, 1, 1]
     else:
-        # Dask recomputes, once, exactly the partitions that lived only in the dead
-        # worker's memory; those another worker computed are kept.
-        assert [len(pids) for pids in computed_in] == [1 + (pids[0] == died_in) for pids in computed_in]
+        # Dask recomputes, once, the partitions that lived only in the dead worker's
+        # memory. Those another worker computed are usually kept, but not always: a
+        # replica Dask had already released is recomputed too (seen with distributed
+        # 2024), so the test asks for no more than one recomputation of each.
+        assert all(len(pids) == 2 for pids in computed_in if pids[0] == died_in)
+        assert all(len(pids) in (1, 2) for pids in computed_in)
         assert all(pids[-1] != died_in for pids in computed_in)
 
 
