@@ -100,7 +100,10 @@ def steps_pipeline(n: int):
 def steps_graph(n: int, suffix: str) -> tuple[Graph, list[Hashable]]:
     from workload import combine, noop
 
-    names = [f"s{i}{suffix}" for i in range(n - 1)]
+    # One key name with an index, as a Dask user writes N copies of a task (and as flowyml keys
+    # copies of one function on distributed): a key name each would be a task prefix each,
+    # which Dask's scheduler walks at every transition (quadratic; docs/distributed.md).
+    names = [("noop" + suffix, i) for i in range(n - 1)]
     dsk: Graph = {name: (noop,) for name in names}
     dsk["combine" + suffix] = (combine, *names)
     return dsk, ["combine" + suffix]
