@@ -12,6 +12,7 @@ partition where it was computed and commits them all at once.
 - :mod:`~flowyml.io.parquet`: Parquet sources, per file or row group;
 - :mod:`~flowyml.io.hive`: Hive ``key=value`` folders as columns, pruned by ``filters=``;
 - :mod:`~flowyml.io.sinks`: writing partitions, the commit and its abort;
+- :mod:`~flowyml.io.writers`: the ``write_parquet`` and ``write_csv`` steps;
 - :mod:`~flowyml.io.hive_sink`: ``write_parquet(partition_on=, mode=)``, the Hive layout
   and its commit one partition at a time;
 - :mod:`~flowyml.io.delta`: Delta Lake tables (``write_delta``, ``read_delta``) through deltalake;
@@ -24,15 +25,9 @@ from __future__ import annotations
 from flowyml.io.csv import CsvPartition, CsvSource, read_csv
 from flowyml.io.delta import DeltaCommit, DeltaSource, read_delta, write_delta
 from flowyml.io.parquet import ParquetPartition, ParquetSource, read_parquet
-from flowyml.io.sinks import (
-    abort_output,
-    commit_output,
-    restage_partition,
-    write_csv,
-    write_parquet,
-    write_partition,
-)
+from flowyml.io.sinks import abort_output, commit_output, restage_partition, write_partition
 from flowyml.io.sources import Partition, Source
+from flowyml.io.writers import write_csv, write_parquet
 
 __all__ = [
     "CsvPartition",

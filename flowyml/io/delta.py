@@ -1,6 +1,6 @@
 """Delta Lake tables: a sink whose workers write data files and whose driver commits them once.
 
-:func:`write_delta` is a per-partition step like :func:`~flowyml.io.sinks.write_parquet`:
+:func:`write_delta` is a per-partition step like :func:`~flowyml.io.writers.write_parquet`:
 
 - each worker writes its partition as Parquet files straight into the table's
   folder, under names no other run or attempt uses

@@ -39,7 +39,7 @@ from dask.base import tokenize
 from flowyml._compat import arrow_to_pandas
 from flowyml.exceptions import OptionError
 from flowyml.io.filesystem import filesystem_for, is_url
-from flowyml.io.parquet import ParquetPartition
+from flowyml.io.parquet_partition import ParquetPartition, filter_columns
 
 __all__ = ["HIVE_NULL", "HiveColumns", "HivePartition", "HivePlan", "folder_keys", "plan_hive"]
 
@@ -124,7 +124,7 @@ class HivePartition(ParquetPartition):
         read_columns = None
         # Filter columns need not be among the selected ones; an Expression's are unknown: read all.
         if columns is not None and (self.row_filter is None or isinstance(self.row_filter, list)):
-            needed = list(columns) + (_filter_columns(self.row_filter) or [])
+            needed = list(columns) + (filter_columns(self.row_filter) or [])
             read_columns = [name for name in dict.fromkeys(needed) if name not in keys.names]
         parquet = pq.ParquetFile(file)
         if self.row_group is None:
@@ -348,9 +348,3 @@ def _like(key: Any, value: Any) -> Any:
         except ValueError:
             return value
     return value
-
-
-def _filter_columns(filters: Any) -> list[str] | None:
-    if not isinstance(filters, list):
-        return None
-    return [condition[0] for group in filters for condition in group]
