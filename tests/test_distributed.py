@@ -15,6 +15,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -591,6 +592,46 @@ def test_the_no_workers_timeout_comes_from_the_environment(lonely, monkeypatch):
         ParallelExecutor(address=lonely)
     with pytest.raises(OptionError, match=r"no_workers_timeout must be"):
         ParallelExecutor(address=lonely, no_workers_timeout=0)
+
+
+#: In CI a Client nobody had closed was finalized by a collector pass that ran while Dask's
+#: LoopRunner, holding its class-wide lock, started another client's loop; the finalizer's
+#: close waited for that lock, held by its own thread, forever. Here the garbage is an object
+#: whose finalizer takes that lock, as Client.close does, and the pass is forced inside the
+#: start, where CI's happened.
+ABANDONED_CLIENT_SCRIPT = """
+import gc, sys
+from distributed.utils import LoopRunner
+from flowyml import ParallelExecutor
+
+class Abandoned:
+    def __del__(self):
+        with LoopRunner._lock:  # what a Client's close does (LoopRunner.stop)
+            pass
+
+gc.disable()  # no pass frees it before the one forced below
+abandoned = Abandoned()
+abandoned.itself = abandoned  # a cycle: only the collector frees it
+del abandoned
+
+start = LoopRunner._start_unlocked
+def start_with_a_collection(self):
+    gc.collect()
+    return start(self)
+LoopRunner._start_unlocked = start_with_a_collection
+
+with ParallelExecutor(address=sys.argv[1]) as executor:
+    print(len(executor.client.nthreads()))
+"""
+
+
+def test_connecting_while_an_abandoned_client_awaits_collection_does_not_deadlock(lonely, tmp_path):
+    script = tmp_path / "abandoned.py"
+    script.write_text(ABANDONED_CLIENT_SCRIPT)
+    done = subprocess.run([sys.executable, str(script), lonely], capture_output=True, text=True, timeout=60,
+                          stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == "0"  # connected: the lonely scheduler has no worker
 
 
 def test_a_run_whose_only_worker_dies_without_a_nanny_fails_clearly(tmp_path):

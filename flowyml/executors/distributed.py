@@ -53,6 +53,7 @@ and what tidies the scheduler after a run.
 
 from __future__ import annotations
 
+import gc
 import html
 import logging
 import os
@@ -67,6 +68,7 @@ from typing import Any
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from .._compat import drop_topics, graph_expression, topic_events
+from ..bulk import no_gc_passes
 from ..exceptions import BackendError, OptionError, StepFailed, WorkerDiedError
 from ..logs import LOG_TOPIC, forwarding_level, install_forwarding, replay
 from .base import Backend, RunHooks, register
@@ -264,6 +266,10 @@ class DistributedBackend(Backend):
         self._disconnect(client, cluster)
 
     def _connect(self) -> None:
+        with _no_finalizers_while_starting():
+            self._connect_now()
+
+    def _connect_now(self) -> None:
         from distributed import Client, LocalCluster
 
         if self._given_client is not None:
@@ -381,6 +387,24 @@ class DistributedBackend(Backend):
             run.finish()
             if window is not None:
                 window.save(hooks)
+
+
+@contextmanager
+def _no_finalizers_while_starting() -> Iterator[None]:
+    """Start a Client or LocalCluster with no garbage collection pass in the middle.
+
+    Dask's ``LoopRunner`` holds one lock, shared by every client, while it
+    starts a client's event loop. If the collector runs then (any allocation
+    may start a pass) and finalizes a Client nobody closed (one whose connection
+    failed, or one a notebook dropped), that Client's ``__del__`` stops its own
+    loop and waits for the same lock, held by its own thread: the start never
+    ends (seen in CI, distributed 2026.8). So pending garbage is collected
+    first, before the lock is taken, and the collector waits until the start is
+    over.
+    """
+    gc.collect()
+    with no_gc_passes():
+        yield
 
 
 def _no_workers_timeout(given: float | str | None) -> float:
