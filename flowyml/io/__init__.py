@@ -23,7 +23,8 @@ partition where it was computed and commits them all at once.
 from __future__ import annotations
 
 from flowyml.io.csv import CsvPartition, CsvSource, read_csv
-from flowyml.io.delta import DeltaCommit, DeltaSource, read_delta, write_delta
+from flowyml.io.delta import DeltaCommit, write_delta
+from flowyml.io.delta_read import DeltaSource, read_delta
 from flowyml.io.parquet import ParquetPartition, ParquetSource, read_parquet
 from flowyml.io.sinks import abort_output, commit_output, restage_partition, write_partition
 from flowyml.io.sources import Partition, Source
