@@ -35,6 +35,7 @@ from flowyml import (
     current_task,
     step,
 )
+from flowyml.executors.distributed import HEARTBEAT_FAILURE, _ClosingHeartbeatFilter
 from flowyml.logs import TaskLogFilter
 
 from .pipelines import diamond
@@ -355,6 +356,39 @@ def test_local_cluster_binds_127_0_0_1_and_logs_its_dashboard(local, caplog):
     assert any(link in r.getMessage() for r in caplog.records if r.name == "flowyml")
     assert all(w.startswith("tcp://127.0.0.1:") for w in local.client.scheduler_info()["workers"])
     no_default_client()
+
+
+
+def _heartbeat_failure_passes() -> bool:
+    record = logging.LogRecord("distributed.worker", logging.ERROR, __file__, 0, HEARTBEAT_FAILURE, None, None)
+    return logging.getLogger("distributed.worker").filter(record)
+
+
+def test_own_cluster_workers_keep_a_heartbeat_failure_while_they_run(local):
+    # Installed on every worker of the cluster flowyml starts, and a worker that
+    # runs still reports a scheduler it cannot reach.
+    squares(2).run(executor=local, progress=False)
+    kept = local.client.run(_heartbeat_failure_passes)
+    assert len(kept) == 2 and all(kept.values()), kept
+    installed = local.client.run(lambda: [type(f).__name__ for f in logging.getLogger("distributed.worker").filters])
+    assert all("_ClosingHeartbeatFilter" in names for names in installed.values()), installed
+
+
+@pytest.mark.parametrize("statuses, kept", [
+    (["running"], True), (["paused"], True), (["closing", "running"], True),
+    (["closing"], False), (["closed"], False), (["closing", "closed"], False),
+])
+def test_a_heartbeat_failure_is_dropped_only_when_every_worker_is_closing(statuses, kept):
+    # Closing a LocalCluster races with heartbeats in flight: the traceback they
+    # log must not reach the stderr of a job that succeeded.
+    from distributed.core import Status
+
+    workers = [type("W", (), {"status": Status[name]})() for name in statuses]
+    quiet = _ClosingHeartbeatFilter(lambda: workers)
+    record = logging.LogRecord("distributed.worker", logging.ERROR, __file__, 0, HEARTBEAT_FAILURE, None, None)
+    other = logging.LogRecord("distributed.worker", logging.ERROR, __file__, 0, "Unexpected exception", None, None)
+    assert quiet.filter(record) is kept
+    assert quiet.filter(other)
 
 
 # -- live progress, logs ---------------------------------------------------------------

@@ -59,7 +59,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -98,18 +98,19 @@ class FlowymlPlugin(WorkerPlugin):
     is left alone, so the plugin is harmless on a shared cluster.
     """
 
-    def __init__(self, level: int) -> None:
+    def __init__(self, level: int, quiet_shutdown: bool = False) -> None:
         self.level = level
+        self.quiet_shutdown = quiet_shutdown
         self._uninstall: Callable[[], None] | None = None
         self._worker: Any = None  # distributed.Worker, once set up
         self._lock = threading.Lock()
         self._pending: dict[str, list] = {}
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"level": self.level}
+        return {"level": self.level, "quiet_shutdown": self.quiet_shutdown}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        FlowymlPlugin.__init__(self, state["level"])
+        FlowymlPlugin.__init__(self, state["level"], state.get("quiet_shutdown", False))
 
     def setup(self, worker: Any) -> None:
         from distributed import get_worker
@@ -126,6 +127,8 @@ class FlowymlPlugin(WorkerPlugin):
 
         self._worker = worker
         self._uninstall = install_forwarding(send, self.level, worker.address)
+        if self.quiet_shutdown:
+            _quiet_heartbeats_while_closing()
 
     def teardown(self, worker: Any) -> None:
         self._flush()
@@ -146,6 +149,41 @@ class FlowymlPlugin(WorkerPlugin):
             pending, self._pending = self._pending, {}
         for topic, events in pending.items():
             self._worker.log_event(topic, events)
+
+
+#: What a worker logs when a heartbeat meets a closed connection.
+HEARTBEAT_FAILURE = "Failed to communicate with scheduler during heartbeat."
+
+
+class _ClosingHeartbeatFilter(logging.Filter):
+    """Drops a heartbeat failure logged while every worker of the process is closing.
+
+    Closing a ``LocalCluster`` races with the workers' heartbeats: a worker
+    tells the scheduler it is closing, the scheduler drops its connections, and
+    a heartbeat already on its way fails and logs a traceback at ERROR, to the
+    stderr of a job that did nothing wrong. A worker still running keeps it.
+    """
+
+    def __init__(self, workers: Callable[[], Iterable[Any]]) -> None:
+        super().__init__()
+        self._workers = workers
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg != HEARTBEAT_FAILURE:
+            return True
+        from distributed.worker import WORKER_ANY_RUNNING
+
+        return any(w.status in WORKER_ANY_RUNNING for w in self._workers())
+
+
+def _quiet_heartbeats_while_closing() -> None:
+    """Install the filter once per worker process; a plugin's teardown runs before
+    the worker stops its heartbeats, so it stays for the life of the process."""
+    from distributed import Worker
+
+    logger = logging.getLogger("distributed.worker")
+    if not any(isinstance(f, _ClosingHeartbeatFilter) for f in logger.filters):
+        logger.addFilter(_ClosingHeartbeatFilter(lambda: list(Worker._instances)))
 
 
 @register
@@ -291,7 +329,8 @@ class DistributedBackend(Backend):
         try:
             # Idempotent: the same name replaces the plugin on every worker,
             # and workers that join later get it too.
-            self._client.register_plugin(FlowymlPlugin(forwarding_level()), name=PLUGIN_NAME)
+            plugin = FlowymlPlugin(forwarding_level(), quiet_shutdown=self._cluster is not None)
+            self._client.register_plugin(plugin, name=PLUGIN_NAME)
         except Exception as exc:  # logs are a convenience; the run must not depend on them
             log.warning("worker logs will not reach this process: %s", exc)
         self.dashboard_link = self._client.dashboard_link
