@@ -33,6 +33,24 @@ for _variable in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_CONFIG_FILE", "AWS_SH
 BACKENDS = ["sync", "thread", "process", "distributed"]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _interpreter_helpers():
+    """Python's own helper processes, started before any test.
+
+    multiprocessing's resource tracker and the forkserver the process backend's
+    workers fork from (:mod:`flowyml.executors.processes`) stay until Python
+    exits, by design, once any pool started them: tests that count the child
+    processes flowyml leaves behind must not count these.
+    """
+    from multiprocessing import forkserver, resource_tracker
+
+    from flowyml.executors.processes import process_context
+
+    resource_tracker.ensure_running()
+    if process_context().get_start_method() == "forkserver":
+        forkserver.ensure_running()
+
+
 @pytest.fixture(scope="session")
 def _executors():
     opened = {}

@@ -71,13 +71,7 @@ def _worker_pids(executor) -> set[int]:
 
 @pytest.mark.parametrize("backend", ["process", "distributed"])
 def test_nothing_left_running_outside_with(backend):
-    # multiprocessing's resource tracker is the interpreter's own helper: started
-    # by the first pool of any library, it stays until Python exits by design.
-    # Start it first, so that only what flowyml starts counts (the test passed in
-    # the full suite, where an earlier test had started it, and failed alone).
-    from multiprocessing import resource_tracker
-
-    resource_tracker.ensure_running()
+    # Python's own helper processes were started first (conftest.py).
     before = {p.pid for p in psutil.Process().children(recursive=True)}
     executor = ParallelExecutor(max_workers=2, backend=backend)
     result = pipelines.parallel_processing(3).run(executor=executor, progress=False)
@@ -133,3 +127,68 @@ def test_script_without_main_guard_runs_on_process(tmp_path):
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[0, 1, 4, 9]"
+
+
+# -- where worker processes come from --------------------------------------------------
+
+
+@step
+def environment(name: str):
+    import dask
+
+    return os.environ.get(name), dask.config.get("flowyml-test.marker", None), os.getpid(), os.getppid()
+
+
+def _worker_view(name: str) -> tuple:
+    pipeline = Pipeline("env").add_step(environment, params={"name": name})
+    with ParallelExecutor(max_workers=1, backend="process") as executor:
+        return pipeline.run(executor=executor, progress=False)["environment"]
+
+
+def test_process_workers_see_the_environment_the_driver_has_when_their_pool_starts(monkeypatch):
+    # A variable set after an earlier pool started (credentials, an endpoint, a
+    # Dask setting) reaches the next pool's workers, as it would spawned ones.
+    name = f"FLOWYML_TEST_{os.getpid()}_{id(monkeypatch)}"
+    first = _worker_view(name)
+    assert first[:2] == (None, None)
+    monkeypatch.setenv(name, "set later")
+    monkeypatch.setenv("DASK_FLOWYML_TEST__MARKER", "from the environment")
+    second = _worker_view(name)
+    assert second[:2] == ("set later", "from the environment")
+    assert second[2] != first[2]  # a new worker
+    monkeypatch.delenv(name)
+    assert _worker_view(name)[0] is None  # and one the driver dropped is gone
+
+
+def test_parallel_map_workers_see_the_driver_s_environment(monkeypatch):
+    from flowyml.utils.parallel import parallel_map
+
+    name = f"FLOWYML_TEST_MAP_{os.getpid()}"
+    parallel_map(_read_variable, [name, name], backend="process", max_workers=2)  # the server is up
+    monkeypatch.setenv(name, "seen")
+    got = parallel_map(_read_variable, [name, name], backend="process", max_workers=2)
+    assert got == ["seen", "seen"]
+
+
+def _read_variable(name: str):
+    return os.environ.get(name)
+
+
+def test_a_new_pool_s_workers_are_forked_from_one_server_with_pandas_imported():
+    # The imports are paid once per driver process: the next pool's workers come
+    # from the same server, not from the driver, and have pandas already.
+    pipeline = Pipeline("where").add_step(_where)
+    seen = []
+    for _ in range(2):
+        with ParallelExecutor(max_workers=1, backend="process") as executor:
+            seen.append(pipeline.run(executor=executor, progress=False)["_where"])
+    (pid_a, parent_a, had_a), (pid_b, parent_b, had_b) = seen
+    assert pid_a != pid_b and parent_a == parent_b != os.getpid()
+    assert had_a and had_b
+
+
+@step
+def _where():
+    import sys
+
+    return os.getpid(), os.getppid(), "pandas" in sys.modules and "flowyml.tasks" in sys.modules

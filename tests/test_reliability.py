@@ -349,3 +349,33 @@ def test_interrupt_stops_workers_and_leaves_no_partial_output(tmp_path, backend,
     assert alive == [], f"left behind: {alive}"
     leftovers = sorted(name for name in os.listdir(tmp_path) if name not in ("parts", "slow_job.py", "started"))
     assert leftovers == [] or leftovers == [".out.flowyml-lock"], leftovers  # no output, no staging
+
+
+def test_a_driver_killed_outright_leaves_no_worker_process_behind(tmp_path):
+    # SIGKILL (the OOM killer, a scheduler's hard limit) gives the driver no chance
+    # to stop its pool: the workers, and the server they were forked from, go too.
+    pipelines.write_parts(tmp_path / "parts", range(2))
+    script = tmp_path / "slow_job.py"
+    script.write_text(textwrap.dedent(SLOW_PIPELINE.format(here=str(tmp_path))))
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    child = subprocess.Popen(
+        [sys.executable, "-m", "flowyml", "run", str(script), "--backend", "process", "--workers", "2",
+         "--no-progress"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        started = tmp_path / "started"
+        deadline = time.time() + 60
+        while not started.exists():
+            assert child.poll() is None, "the job ended before its slow step started"
+            assert time.time() < deadline, "the slow step never started"
+            time.sleep(0.02)
+        descendants = psutil.Process(child.pid).children(recursive=True)
+        assert int(started.read_text()) in {p.pid for p in descendants}
+        child.kill()
+        child.wait(timeout=30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    _, alive = psutil.wait_procs(descendants, timeout=15)
+    assert alive == [], f"left behind: {alive}"

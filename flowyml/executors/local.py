@@ -8,7 +8,7 @@ batching several into one submission would serialize them on one worker.
 
 from __future__ import annotations
 
-import multiprocessing
+import os
 import pickle
 import signal
 import sys
@@ -33,6 +33,7 @@ from .._compat import (
 )
 from ..tasks import WorkerSettings, install_worker_settings
 from .base import Backend, RunHooks, register
+from .processes import PRELOAD, dies_with_driver, prepare_worker, process_context
 
 if TYPE_CHECKING:
     from ..logs import ProcessLogBridge
@@ -163,14 +164,10 @@ class ThreadBackend(_PoolBackend):
         return dask.threaded.get(dsk, keys, pool=pool, callbacks=dask_callbacks(hooks), chunksize=1)
 
 
-#: Imported by each worker process as it starts, where the driver has them: what
-#: the first tasks would otherwise import while the driver waits for them.
-PRELOAD = ("dask.local", "flowyml.tasks", "flowyml.cache.tasks", "pandas", "pyarrow")
-
-
 def initialize_worker(
     ready: Any = None, settings: WorkerSettings | None = None, log_queue: Any = None, log_level: int = 0,
     slots: Any = None, die_with_parent: bool = False, preload: Sequence[str] = (),
+    environ: Mapping[str, str] | None = None,
 ) -> None:
     """Runs once in each worker process of the process backend.
 
@@ -178,22 +175,22 @@ def initialize_worker(
     slot in ``slots`` adds the hook that records each attempt, to name it if
     this process dies. They are installed with
     :func:`~flowyml.tasks.install_worker_settings`, the one way the worker
-    side is configured. ``preload`` are modules to import now: the pool starts
-    while the run is still planned, so its first tasks need not import them.
+    side is configured. ``preload`` are modules to import now (a forkserver's
+    workers have them already): the pool starts while the run is still
+    planned, so its first tasks need not import them. ``environ`` is the
+    driver's environment (see :mod:`flowyml.executors.processes`).
     """
     import importlib
 
     from .. import logs
+
+    prepare_worker(environ, die_with_parent)
 
     if log_queue is not None:  # what steps log or print reaches the driver's log
         logs.worker_setup(log_queue, log_level)
     # The driver decides what Ctrl-C means (it stops the pool): a worker hit by
     # the terminal's SIGINT mid-task would only report a confusing failure.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if die_with_parent:  # a driver killed outright (SIGKILL) leaves no worker behind
-        from ..timeouts import die_with_parent as arrange
-
-        arrange()
     settings = settings if settings is not None else WorkerSettings()
     if slots is not None:
         settings = replace(settings, on_attempt=slots.claim())
@@ -211,9 +208,9 @@ def initialize_worker(
 def _main_module_hidden() -> Iterator[None]:
     """Start worker processes without re-running the user's script in each.
 
-    A spawned process normally re-imports ``__main__`` from its file, so a
-    script without an ``if __name__ == "__main__":`` guard would run its
-    pipeline again in every worker (and fail). flowyml's tasks never need the
+    A new worker process (spawned, or forked by the forkserver) imports
+    ``__main__`` again from its file, so a script without an ``if __name__ ==
+    "__main__":`` guard would run its pipeline again in every worker (and fail). flowyml's tasks never need the
     main module there: cloudpickle sends functions and classes defined in
     ``__main__`` by value. So while the processes start, the main module shows
     no file for ``multiprocessing`` to re-import; a notebook already shows none.
@@ -266,7 +263,7 @@ def _names_by_value_module(data: bytes) -> bool:
 
 @register
 class ProcessBackend(_PoolBackend):
-    """Dask's multiprocessing scheduler on a reused pool of spawned processes.
+    """Dask's multiprocessing scheduler on a reused pool of worker processes.
 
     Dask's own ``multiprocessing.get`` starts a new pool per call, paying its
     start-up on every run, and batches several tasks per submission; this
@@ -298,21 +295,18 @@ class ProcessBackend(_PoolBackend):
         from ..logs import ProcessLogBridge
         from ..recovery import WorkerSlots
 
-        context = multiprocessing.get_context("spawn")
+        context = process_context()
         ready = context.SimpleQueue()
         if self._logs is None:  # kept when a broken pool is replaced
             self._logs = ProcessLogBridge(context)
         self._slots = WorkerSlots(context, self.max_workers)
-        # Linux's parent-death signal follows the thread that started a process:
-        # only ask for it when that thread is the main one, which lives as long as
-        # the driver does.
-        main = threading.current_thread() is threading.main_thread()
+        main = dies_with_driver(context)  # a driver killed outright leaves no worker behind
         # An overrunning attempt runs in a child process that is killed (timeouts.py).
         settings = WorkerSettings(killable_timeouts=True)
         pool = ProcessPoolExecutor(
             self.max_workers, mp_context=context, initializer=initialize_worker,
             initargs=(ready, settings, *self._logs.initargs, self._slots, main,
-                      [name for name in PRELOAD if name in sys.modules]),
+                      [name for name in PRELOAD if name in sys.modules], dict(os.environ)),
         )
         # Processes start on demand: one no-op per worker spawns them all now
         # (each submit spawns one), so the first tasks spread over all.

@@ -17,7 +17,6 @@ data set, prefer ``per_partition=True`` steps, which Dask schedules.
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 from collections.abc import Callable, Iterable
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
@@ -87,8 +86,11 @@ def parallel_map(
         pool: Executor = ThreadPoolExecutor(workers, thread_name_prefix="flowyml-map")
         submit = lambda index, item: pool.submit(_call, func, item, index)  # noqa: E731
     else:
-        context = multiprocessing.get_context("spawn")
-        pool = ProcessPoolExecutor(workers, mp_context=context)
+        from ..executors.processes import dies_with_driver, prepare_worker, process_context
+
+        context = process_context()
+        pool = ProcessPoolExecutor(workers, mp_context=context, initializer=prepare_worker,
+                                   initargs=(dict(os.environ), dies_with_driver(context)))
         payload = cloudpickle.dumps(func)  # pickled once, not once per item
         submit = lambda index, item: pool.submit(_call_pickled, payload, item, index)  # noqa: E731
     with pool:
