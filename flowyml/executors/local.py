@@ -283,12 +283,22 @@ class ProcessBackend(_PoolBackend):
         self._settling: _SettlingPool | None = None  # the running graph's tasks
 
     def start(self) -> None:
-        """Spawn the worker processes now, in this thread; ``open`` waits until each is up.
+        """Begin what takes long; ``open`` waits until every worker is up.
 
-        They import flowyml, pandas and Dask for most of a second: the run
-        compiles and checks its cache meanwhile.
+        Someone must import flowyml, pandas and Dask, for most of a second: the
+        forkserver (once per driver process), or each spawned worker. Either
+        starts now, and the run compiles and checks its cache meanwhile. Forks
+        of a forkserver take milliseconds: ``open`` asks for them, and a
+        server still importing answers when it is done.
         """
-        if self._pool is None:
+        if self._pool is not None:
+            return
+        context = process_context()
+        if context.get_start_method() == "forkserver":
+            from multiprocessing import forkserver
+
+            forkserver.ensure_running()  # returns at once; the server imports in the background
+        else:
             self._pool, self._starting = self._launch()
 
     def _launch(self) -> tuple[Executor, tuple[Any, list[Future]]]:
@@ -323,6 +333,8 @@ class ProcessBackend(_PoolBackend):
 
     def open(self) -> None:
         self.start()
+        if self._pool is None:
+            self._pool, self._starting = self._launch()
         if self._starting is None:
             return
         ready, futures = self._starting
