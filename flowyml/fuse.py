@@ -12,6 +12,12 @@ i)`` keys), it is not a requested output, and the consumer is its only user,
 by direct argument. The fused task keeps the consumer's key, and its result
 carries the report lines of the tasks it absorbed (``Outcome.inner``), so
 the run report and step statuses stay per step and per partition.
+
+A cached result read by one task only, as one of the partitions a whole step
+or a tree reduction's group receives, is read by that task itself
+(:func:`inline_cached_loads`): on its own it would be read by one worker,
+sent to the parent and sent out again, twice through a pipe, for the
+consumer to concatenate anyway.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from typing import Any
 
 from .tasks import Outcome
 
-__all__ = ["FusedTask", "fuse_partition_chains"]
+__all__ = ["FusedTask", "LoadsInline", "fuse_partition_chains", "inline_cached_loads"]
 
 Key = Hashable
 
@@ -124,6 +130,82 @@ def fuse_partition_chains(dsk: dict[Key, Any], keep: Iterable[Key]) -> dict[Key,
     for key in absorbed:
         fused.pop(key, None)
     return fused
+
+
+class LoadsInline:
+    """A task that reads some of its cached inputs itself, inside its worker.
+
+    Its list arguments hold those reads as nested tasks, which Dask runs in the
+    worker before calling; ``slots`` says where each sits (argument, item)
+    and its key. Their report lines travel back with the task's own
+    (``Outcome.inner``), without their values.
+    """
+
+    __slots__ = ("task", "slots")
+
+    def __init__(self, task: Any, slots: tuple[tuple[int, int, Key], ...]) -> None:
+        self.task = task
+        self.slots = slots
+
+    def __reduce__(self):
+        return (LoadsInline, (self.task, self.slots))
+
+    def __repr__(self) -> str:
+        return f"LoadsInline({self.task!r}, {len(self.slots)} cached inputs)"
+
+    @property
+    def spec(self) -> Any:
+        """The wrapped step's spec (backends read options such as resources from it)."""
+        return getattr(self.task, "spec", None)
+
+    def with_task(self, task: Any) -> LoadsInline:
+        return LoadsInline(task, self.slots)
+
+    def __call__(self, *arguments: Any) -> Any:
+        result = self.task(*arguments)
+        if type(result) is Outcome:
+            inner = []
+            for position, index, key in self.slots:
+                loaded = arguments[position][index]
+                if type(loaded) is Outcome:
+                    loaded.value = None  # only the report line goes back to the parent
+                    inner.append((key, loaded))
+            result.inner = (*(result.inner or ()), *inner)
+        return result
+
+
+def inline_cached_loads(dsk: dict[Key, Any], keep: Iterable[Key]) -> dict[Key, Any]:
+    """A copy of ``dsk`` where each cached read used by one list argument only is
+    nested in the task that uses it; ``keep`` are never nested."""
+    from .cache.tasks import LoadTask
+
+    keep = set(keep)
+    uses: dict[Key, int] = {}
+    for task in dsk.values():
+        for argument in task[1:]:
+            for item in argument if isinstance(argument, list) else (argument,):
+                if _is_key(item, dsk):
+                    uses[item] = uses.get(item, 0) + 1
+    nested = {
+        key for key, task in dsk.items()
+        if len(task) == 1 and isinstance(task[0], LoadTask) and uses.get(key) == 1 and key not in keep
+    }
+    if not nested:
+        return dsk
+    inlined: dict[Key, Any] = {}
+    for key, task in dsk.items():
+        if key in nested:
+            continue
+        slots: list[tuple[int, int, Key]] = []
+        arguments = list(task[1:])
+        for position, argument in enumerate(arguments):
+            if isinstance(argument, list) and any(_is_key(item, dsk) and item in nested for item in argument):
+                arguments[position] = [dsk[item] if _is_key(item, dsk) and item in nested else item
+                                       for item in argument]
+                slots.extend((position, index, item) for index, item in enumerate(argument)
+                             if _is_key(item, dsk) and item in nested)
+        inlined[key] = (LoadsInline(task[0], tuple(slots)), *arguments) if slots else task
+    return inlined
 
 
 def _is_key(value: Any, dsk: dict[Key, Any]) -> bool:

@@ -212,9 +212,9 @@ def _execute(session, executor, name, run_id, dsk, graph, recorder, cached,
         f", dashboard {backend.dashboard_link}" if backend.dashboard_link else "",
     )
     if backend.fuses_partitions:
-        from .fuse import fuse_partition_chains
+        from .fuse import fuse_partition_chains, inline_cached_loads
 
-        dsk = fuse_partition_chains(dsk, graph.output_keys)
+        dsk = inline_cached_loads(fuse_partition_chains(dsk, graph.output_keys), graph.output_keys)
     return backend.execute(dsk, graph.output_keys, recorder), backend.dashboard_link
 
 

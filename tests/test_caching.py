@@ -171,6 +171,34 @@ def test_corrupt_entries_are_recomputed_with_a_warning(executor, job):
     assert len(sorted(job.cache.glob("*/*.entry"))) == len(entries)
 
 
+def test_a_corrupt_partition_a_whole_step_reads_is_recomputed_with_the_new_file(executor, job):
+    # The cached partitions of ``clean`` reach ``summarize`` together (on the
+    # process backend, the summarize task reads them itself): one that fails its
+    # checksum only when loaded is recomputed, alone, and the run still succeeds.
+    first = job.pipeline().run(executor=executor, progress=False)
+    job.calls()
+    entry = next(path for path in job.cache.glob("*/*.entry") if _is_clean_partition(job.cache, path, 0))
+    data = bytearray(entry.read_bytes())
+    data[-1] ^= 0xFF
+    entry.write_bytes(bytes(data))
+    pipelines.write_parts(job.data, [3])
+    with pytest.warns(CacheWarning, match="checksum"):
+        result = job.pipeline().run(executor=executor, progress=False)
+    assert job.calls() == {"parse-3": 1, "clean-0": 1, "clean-3": 1, "summary": 1}
+    job.check_output(result)
+    assert result.steps["clean"].cached_partitions == 2 and result.steps["clean"].partitions == 4
+    assert first.steps["clean"].partitions == 3
+
+
+def _is_clean_partition(directory: Path, path: Path, part: int) -> bool:
+    try:
+        loaded = Cache(directory).load(path.name.split(".")[0])
+    except Exception:
+        return False
+    return (isinstance(loaded, pd.DataFrame) and "amount" in loaded and len(loaded) > 0
+            and (loaded["part"] == part).all() and (loaded["value"] % 2 == 0).all())
+
+
 def _entry_of(directory: Path, value) -> Path:
     """The cache file holding ``value`` (found by loading every entry)."""
     cache = Cache(directory)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from flowyml import ParallelExecutor, read_csv
 from flowyml.compile import compile_plan
-from flowyml.fuse import FusedTask, fuse_partition_chains
+from flowyml.fuse import FusedTask, LoadsInline, fuse_partition_chains, inline_cached_loads
 from flowyml.tasks import RAISE
 
 from . import pipelines
@@ -55,3 +55,48 @@ def test_fused_run_reports_every_task(tmp_path):
         n: (s.status, s.partitions) for n, s in reference.steps.items()
     }
     assert result["fare_by_zone"].equals(reference["fare_by_zone"])
+
+
+def _cached_rerun_graph(tmp_path, new_parts):
+    """The graph a cached rerun of ``monthly_job`` executes after ``new_parts`` arrived."""
+    from flowyml.cache import open_cache, plan_cached_run
+
+    data, logs = tmp_path / "months", tmp_path / "logs"
+    logs.mkdir()
+    pipelines.write_parts(data, range(3))
+    job = pipelines.monthly_job(str(data), str(logs), str(tmp_path / "out"), str(tmp_path / "cache"))
+    job.run(executor=ParallelExecutor(backend="sync"), progress=False)
+    pipelines.write_parts(data, new_parts)
+    plan = job.plan()
+    graph = compile_plan(plan, run_id="again", mode=RAISE,
+                         source_partitions={"months": plan.inputs["months"].partitions()})
+    cached = plan_cached_run(graph, plan, open_cache(plan.cache_dir), "again", RAISE)
+    return graph, cached.dsk
+
+
+def test_cached_partitions_a_whole_step_reads_are_read_by_its_task(tmp_path):
+    # One new month: summarize needs all four clean partitions, three of them
+    # cached. Its task reads those three itself, so they never travel through
+    # the parent process; the new partition stays a task of its own.
+    graph, dsk = _cached_rerun_graph(tmp_path, [3])
+    inlined = inline_cached_loads(dsk, graph.output_keys)
+    summarize = inlined["summarize"]
+    assert isinstance(summarize[0], LoadsInline)
+    assert [key for _, _, key in summarize[0].slots] == [("clean", 0), ("clean", 1), ("clean", 2)]
+    assert not any(key in inlined for key in [("clean", 0), ("clean", 1), ("clean", 2)])
+    assert ("clean", 3) in inlined and ("clean", 3) in summarize[1]
+    assert set(inlined) == set(dsk) - {("clean", 0), ("clean", 1), ("clean", 2)}
+
+
+def test_a_cached_read_used_twice_or_requested_stays_a_task():
+    from flowyml.cache.tasks import LoadTask
+
+    def load(i):
+        return (LoadTask("clean", i, None, f"k{i}", "run", RAISE, i),)
+
+    dsk = {("clean", 0): load(0), ("clean", 1): load(1), ("clean", 2): load(2),
+           "a": (sum, [("clean", 0), ("clean", 1)]), "b": (sum, [("clean", 1), ("clean", 2)])}
+    inlined = inline_cached_loads(dsk, keep=[("clean", 2)])
+    assert ("clean", 1) in inlined and ("clean", 2) in inlined  # read by two tasks; requested
+    assert ("clean", 0) not in inlined and inlined["a"][1][0] == dsk[("clean", 0)]
+    assert inlined["b"] == dsk["b"]
