@@ -13,11 +13,19 @@ by direct argument. The fused task keeps the consumer's key, and its result
 carries the report lines of the tasks it absorbed (``Outcome.inner``), so
 the run report and step statuses stay per step and per partition.
 
-A cached result read by one task only, as one of the partitions a whole step
-or a tree reduction's group receives, is read by that task itself
-(:func:`inline_cached_loads`): on its own it would be read by one worker,
-sent to the parent and sent out again, twice through a pipe, for the
-consumer to concatenate anyway.
+Some tasks of a cached run are read by one task only, as items of a list
+(the partitions a whole step or a tree reduction's group receives, the
+files a sink's commit takes): :func:`inline_cached_loads` nests them in that
+task, which runs them in its worker first.
+
+- A large cached result (at least :data:`INLINE_LOAD_BYTES`): on its own it
+  would be read by one worker, sent to the parent and sent out again, twice
+  through a pipe, for the consumer to concatenate anyway. Smaller ones stay
+  tasks of their own: read in parallel, early, they cost less than the wait.
+- A committed file relinked into the run's commit (local output): a few
+  system calls, which as tasks of their own would queue ahead of the new
+  partitions' work. On an object store each is a server-side copy with a
+  round trip: they stay tasks, in parallel.
 """
 
 from __future__ import annotations
@@ -27,9 +35,13 @@ from typing import Any
 
 from .tasks import Outcome
 
-__all__ = ["FusedTask", "LoadsInline", "fuse_partition_chains", "inline_cached_loads"]
+__all__ = ["INLINE_LOAD_BYTES", "FusedTask", "LoadsInline", "fuse_partition_chains", "inline_cached_loads"]
 
 Key = Hashable
+
+#: A cached result at least this large (its payload, in bytes) is read by the
+#: one task that uses it rather than shipped to it through the parent.
+INLINE_LOAD_BYTES = 1 << 20
 
 
 class FusedTask:
@@ -133,7 +145,7 @@ def fuse_partition_chains(dsk: dict[Key, Any], keep: Iterable[Key]) -> dict[Key,
 
 
 class LoadsInline:
-    """A task that reads some of its cached inputs itself, inside its worker.
+    """A task that reads some of its cached inputs (or relinks committed files) itself.
 
     Its list arguments hold those reads as nested tasks, which Dask runs in the
     worker before calling; ``slots`` says where each sits (argument, item)
@@ -174,11 +186,20 @@ class LoadsInline:
         return result
 
 
-def inline_cached_loads(dsk: dict[Key, Any], keep: Iterable[Key]) -> dict[Key, Any]:
-    """A copy of ``dsk`` where each cached read used by one list argument only is
-    nested in the task that uses it; ``keep`` are never nested."""
-    from .cache.tasks import LoadTask
+def _nestable(task: tuple) -> bool:
+    from .cache.tasks import LoadTask, RestageTask
 
+    if len(task) != 1:
+        return False
+    func = task[0]
+    if isinstance(func, LoadTask):
+        return func.size is not None and func.size >= INLINE_LOAD_BYTES
+    return isinstance(func, RestageTask) and bool(getattr(func.output, "local", False))
+
+
+def inline_cached_loads(dsk: dict[Key, Any], keep: Iterable[Key]) -> dict[Key, Any]:
+    """A copy of ``dsk`` where each large cached read, or local relink, used by one
+    list argument only is nested in the task that uses it; ``keep`` are never nested."""
     keep = set(keep)
     uses: dict[Key, int] = {}
     for task in dsk.values():
@@ -188,7 +209,7 @@ def inline_cached_loads(dsk: dict[Key, Any], keep: Iterable[Key]) -> dict[Key, A
                     uses[item] = uses.get(item, 0) + 1
     nested = {
         key for key, task in dsk.items()
-        if len(task) == 1 and isinstance(task[0], LoadTask) and uses.get(key) == 1 and key not in keep
+        if uses.get(key) == 1 and key not in keep and _nestable(task)
     }
     if not nested:
         return dsk

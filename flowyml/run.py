@@ -215,7 +215,13 @@ def _execute(session, executor, name, run_id, dsk, graph, recorder, cached,
         from .fuse import fuse_partition_chains, inline_cached_loads
 
         dsk = inline_cached_loads(fuse_partition_chains(dsk, graph.output_keys), graph.output_keys)
-    return backend.execute(dsk, graph.output_keys, recorder), backend.dashboard_link
+    from .bulk import settled_heap
+
+    # Dask's local schedulers call back once their state is built; distributed's
+    # prepares the graph on the scheduler.
+    with settled_heap(until_prepared=not backend.has_client):
+        values = backend.execute(dsk, graph.output_keys, recorder)
+    return values, backend.dashboard_link
 
 
 def _load_here(dsk, keys, recorder) -> list[Any]:

@@ -171,10 +171,12 @@ def test_corrupt_entries_are_recomputed_with_a_warning(executor, job):
     assert len(sorted(job.cache.glob("*/*.entry"))) == len(entries)
 
 
-def test_a_corrupt_partition_a_whole_step_reads_is_recomputed_with_the_new_file(executor, job):
+def test_a_corrupt_partition_a_whole_step_reads_is_recomputed_with_the_new_file(executor, job, monkeypatch):
     # The cached partitions of ``clean`` reach ``summarize`` together (on the
-    # process backend, the summarize task reads them itself): one that fails its
-    # checksum only when loaded is recomputed, alone, and the run still succeeds.
+    # process backend, the summarize task reads them itself, as it does large
+    # ones: here, all): one that fails its checksum only when loaded is
+    # recomputed, alone, and the run still succeeds.
+    monkeypatch.setattr("flowyml.fuse.INLINE_LOAD_BYTES", 0)
     first = job.pipeline().run(executor=executor, progress=False)
     job.calls()
     entry = next(path for path in job.cache.glob("*/*.entry") if _is_clean_partition(job.cache, path, 0))
@@ -186,7 +188,10 @@ def test_a_corrupt_partition_a_whole_step_reads_is_recomputed_with_the_new_file(
         result = job.pipeline().run(executor=executor, progress=False)
     assert job.calls() == {"parse-3": 1, "clean-0": 1, "clean-3": 1, "summary": 1}
     job.check_output(result)
-    assert result.steps["clean"].cached_partitions == 2 and result.steps["clean"].partitions == 4
+    assert result.steps["clean"].status == "succeeded" and result.steps["clean"].partitions == 4
+    # 1 and 2 were read from the cache (3 too, when the first round stored it
+    # before it was aborted: the next round finds it cached).
+    assert result.steps["clean"].cached_partitions >= 2
     assert first.steps["clean"].partitions == 3
 
 

@@ -264,16 +264,18 @@ class _Planner:
             return (RestageTask(step, partition, path, cache_key, self.run_id, self.mode, output),)
         if not self._has(cache_key):
             return None
+        header = None
         try:
             if self.verify:
-                self.cache.verify(cache_key)
+                header = self.cache.verify(cache_key)
             elif self.cache.local:  # on an object store the load checks it in full
-                self.cache.check_header(cache_key)
+                header = self.cache.check_header(cache_key)
         except CacheError as exc:
             self.cache.discard(cache_key)
             _warn(f"{exc}; discarded, step {step!r}" + partition_text(partition) + " is recomputed")
             return None
-        return (LoadTask(step, partition, self.cache, cache_key, self.run_id, self.mode),)
+        size = header.get("size") if header is not None else None
+        return (LoadTask(step, partition, self.cache, cache_key, self.run_id, self.mode, size=size),)
 
     def _computing_task(self, key: Key, task: tuple) -> tuple:
         cache_key = self.keys.get(key)

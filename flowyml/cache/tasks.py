@@ -38,16 +38,20 @@ SINK_COMMIT = "flowyml-sink-commit"
 
 
 class LoadTask(_TaskBase):
-    """Read a task's result from the cache (or hand over one read on the driver)."""
+    """Read a task's result from the cache (or hand over one read on the driver).
 
-    __slots__ = ("step", "partition", "cache", "key", "run_id", "mode", "value")
+    ``size`` is the entry's payload in bytes, where the driver read its header.
+    """
 
-    def __init__(self, step, partition, cache, key, run_id, mode, value=None) -> None:
+    __slots__ = ("step", "partition", "cache", "key", "run_id", "mode", "value", "size")
+
+    def __init__(self, step, partition, cache, key, run_id, mode, value=None, size=None) -> None:
         self.step, self.partition, self.cache, self.key = step, partition, cache, key
-        self.run_id, self.mode, self.value = run_id, mode, value
+        self.run_id, self.mode, self.value, self.size = run_id, mode, value, size
 
     def __reduce__(self):
-        return (LoadTask, (self.step, self.partition, self.cache, self.key, self.run_id, self.mode, self.value))
+        return (LoadTask, (self.step, self.partition, self.cache, self.key, self.run_id, self.mode, self.value,
+                           self.size))
 
     def __repr__(self) -> str:
         return f"LoadTask({self.step!r}, partition={self.partition})"

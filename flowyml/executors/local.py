@@ -31,6 +31,7 @@ from .._compat import (
     seeded_graph,
     wait_until_readable,
 )
+from ..bulk import graph_prepared
 from ..tasks import WorkerSettings, install_worker_settings
 from .base import Backend, RunHooks, register
 from .processes import PRELOAD, dies_with_driver, prepare_worker, process_context
@@ -52,8 +53,13 @@ def dask_callbacks(hooks: RunHooks) -> list[tuple]:
     def posttask(key, result, dsk, state, worker_id):
         finished(key, result)
 
+    def start_state(dsk, state):
+        # The graph converted, ordered and its scheduler state built: all of it
+        # lives until the run ends, and the collector need not scan it again.
+        graph_prepared()
+
     # No progress display to feed: Dask skips the start callback altogether.
-    return [(None, None, pretask if getattr(hooks, "watches_starts", True) else None, posttask, None)]
+    return [(None, start_state, pretask if getattr(hooks, "watches_starts", True) else None, posttask, None)]
 
 
 class _SettlingPool:
