@@ -6,7 +6,7 @@ from pathlib import Path
 
 from flowyml import ParallelExecutor, read_csv
 from flowyml.compile import compile_plan
-from flowyml.fuse import FusedTask, LoadsInline, fuse_partition_chains, inline_cached_loads
+from flowyml.fuse import INLINE_LOAD_BYTES, FusedTask, LoadsInline, fuse_partition_chains, inline_cached_loads
 from flowyml.tasks import RAISE
 
 from . import pipelines
@@ -74,25 +74,39 @@ def _cached_rerun_graph(tmp_path, new_parts):
     return graph, cached.dsk
 
 
-def test_cached_partitions_a_whole_step_reads_are_read_by_its_task(tmp_path):
+def test_large_cached_partitions_a_whole_step_reads_are_read_by_its_task(tmp_path, monkeypatch):
     # One new month: summarize needs all four clean partitions, three of them
-    # cached. Its task reads those three itself, so they never travel through
-    # the parent process; the new partition stays a task of its own.
+    # cached. Large ones (here: all) its task reads itself, so they never travel
+    # through the parent process; the new partition stays a task of its own.
+    # The sink's three unchanged files are relinked by its commit's task.
+    monkeypatch.setattr("flowyml.fuse.INLINE_LOAD_BYTES", 1)
     graph, dsk = _cached_rerun_graph(tmp_path, [3])
     inlined = inline_cached_loads(dsk, graph.output_keys)
+    cached = [("clean", 0), ("clean", 1), ("clean", 2)]
+    relinked = [("write_parquet", 0), ("write_parquet", 1), ("write_parquet", 2)]
     summarize = inlined["summarize"]
     assert isinstance(summarize[0], LoadsInline)
-    assert [key for _, _, key in summarize[0].slots] == [("clean", 0), ("clean", 1), ("clean", 2)]
-    assert not any(key in inlined for key in [("clean", 0), ("clean", 1), ("clean", 2)])
+    assert [key for _, _, key in summarize[0].slots] == cached
     assert ("clean", 3) in inlined and ("clean", 3) in summarize[1]
-    assert set(inlined) == set(dsk) - {("clean", 0), ("clean", 1), ("clean", 2)}
+    commit = inlined["write_parquet"]
+    assert isinstance(commit[0], LoadsInline) and [key for _, _, key in commit[0].slots] == relinked
+    assert set(inlined) == set(dsk) - set(cached) - set(relinked)
+
+
+def test_small_cached_partitions_stay_tasks_that_load_in_parallel(tmp_path):
+    # A few kilobytes each: reading them early, in parallel, beats the wait.
+    graph, dsk = _cached_rerun_graph(tmp_path, [3])
+    inlined = inline_cached_loads(dsk, graph.output_keys)
+    assert all(key in inlined for key in [("clean", 0), ("clean", 1), ("clean", 2)])
+    assert inlined["summarize"] == dsk["summarize"]
+    assert isinstance(inlined["write_parquet"][0], LoadsInline)  # local relinks still nest
 
 
 def test_a_cached_read_used_twice_or_requested_stays_a_task():
     from flowyml.cache.tasks import LoadTask
 
     def load(i):
-        return (LoadTask("clean", i, None, f"k{i}", "run", RAISE, i),)
+        return (LoadTask("clean", i, None, f"k{i}", "run", RAISE, i, size=INLINE_LOAD_BYTES),)
 
     dsk = {("clean", 0): load(0), ("clean", 1): load(1), ("clean", 2): load(2),
            "a": (sum, [("clean", 0), ("clean", 1)]), "b": (sum, [("clean", 1), ("clean", 2)])}
