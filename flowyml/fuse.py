@@ -35,7 +35,9 @@ from typing import Any
 
 from .tasks import Outcome
 
-__all__ = ["INLINE_LOAD_BYTES", "FusedTask", "LoadsInline", "fuse_partition_chains", "inline_cached_loads"]
+__all__ = [
+    "INLINE_LOAD_BYTES", "CachedReads", "FusedTask", "LoadsInline", "fuse_partition_chains", "inline_cached_loads",
+]
 
 Key = Hashable
 
@@ -147,23 +149,27 @@ def fuse_partition_chains(dsk: dict[Key, Any], keep: Iterable[Key]) -> dict[Key,
 class LoadsInline:
     """A task that reads some of its cached inputs (or relinks committed files) itself.
 
-    Its list arguments hold those reads as nested tasks, which Dask runs in the
-    worker before calling; ``slots`` says where each sits (argument, item)
-    and its key. Their report lines travel back with the task's own
-    (``Outcome.inner``), without their values.
+    ``nested``: reads nested in its list arguments, which Dask runs in the
+    worker before calling; each slot says where it sits (argument, item) and
+    its key, and its report line travels back with the task's own
+    (``Outcome.inner``), without its value. ``batched``: the places of reads
+    one :class:`CachedReads` task made, whose result comes as the last
+    argument.
     """
 
-    __slots__ = ("task", "slots")
+    __slots__ = ("task", "nested", "batched")
 
-    def __init__(self, task: Any, slots: tuple[tuple[int, int, Key], ...]) -> None:
+    def __init__(self, task: Any, nested: tuple[tuple[int, int, Key], ...],
+                 batched: tuple[tuple[int, int], ...] = ()) -> None:
         self.task = task
-        self.slots = slots
+        self.nested = nested
+        self.batched = batched
 
     def __reduce__(self):
-        return (LoadsInline, (self.task, self.slots))
+        return (LoadsInline, (self.task, self.nested, self.batched))
 
     def __repr__(self) -> str:
-        return f"LoadsInline({self.task!r}, {len(self.slots)} cached inputs)"
+        return f"LoadsInline({self.task!r}, {len(self.nested)} nested, {len(self.batched)} batched)"
 
     @property
     def spec(self) -> Any:
@@ -171,62 +177,128 @@ class LoadsInline:
         return getattr(self.task, "spec", None)
 
     def with_task(self, task: Any) -> LoadsInline:
-        return LoadsInline(task, self.slots)
+        return LoadsInline(task, self.nested, self.batched)
 
     def __call__(self, *arguments: Any) -> Any:
+        if self.batched:
+            *arguments, batch = arguments  # type: ignore[assignment]
+            for (position, index), loaded in zip(self.batched, batch.value):
+                arguments[position][index] = loaded
         result = self.task(*arguments)
         if type(result) is Outcome:
             inner = []
-            for position, index, key in self.slots:
+            for position, index, key in self.nested:
                 loaded = arguments[position][index]
                 if type(loaded) is Outcome:
                     loaded.value = None  # only the report line goes back to the parent
                     inner.append((key, loaded))
-            result.inner = (*(result.inner or ()), *inner)
+            if inner:
+                result.inner = (*(result.inner or ()), *inner)
         return result
 
 
-def _nestable(task: tuple) -> bool:
+def _how_to_read(task: tuple) -> str | None:
+    """``"nest"``, ``"batch"`` or None (stays a task): how a task used by one list is run."""
     from .cache.tasks import LoadTask, RestageTask
 
     if len(task) != 1:
-        return False
+        return None
     func = task[0]
     if isinstance(func, LoadTask):
-        return func.size is not None and func.size >= INLINE_LOAD_BYTES
-    return isinstance(func, RestageTask) and bool(getattr(func.output, "local", False))
+        if func.size is None:  # not read on the driver (an object store): reads in parallel
+            return None
+        return "nest" if func.size >= INLINE_LOAD_BYTES else "batch"
+    if isinstance(func, RestageTask) and getattr(func.output, "local", False):
+        return "nest"
+    return None
 
 
 def inline_cached_loads(dsk: dict[Key, Any], keep: Iterable[Key]) -> dict[Key, Any]:
-    """A copy of ``dsk`` where each large cached read, or local relink, used by one
-    list argument only is nested in the task that uses it; ``keep`` are never nested."""
+    """A copy of ``dsk`` where the cached reads and local relinks a task alone uses, as
+    items of a list, are nested in it, or batched into one task; ``keep`` stay tasks."""
     keep = set(keep)
     uses: dict[Key, int] = {}
+    in_list: set[Key] = set()
     for task in dsk.values():
         for argument in task[1:]:
-            for item in argument if isinstance(argument, list) else (argument,):
+            is_list = isinstance(argument, list)
+            for item in argument if is_list else (argument,):
                 if _is_key(item, dsk):
                     uses[item] = uses.get(item, 0) + 1
-    nested = {
-        key for key, task in dsk.items()
-        if uses.get(key) == 1 and key not in keep and _nestable(task)
-    }
-    if not nested:
-        return dsk
-    inlined: dict[Key, Any] = {}
+                    if is_list:
+                        in_list.add(item)
+    how = {}
     for key, task in dsk.items():
-        if key in nested:
+        if uses.get(key) == 1 and key in in_list and key not in keep:
+            kind = _how_to_read(task)
+            if kind is not None:
+                how[key] = kind
+    if not how:
+        return dsk
+    out: dict[Key, Any] = {}
+    for key, task in dsk.items():
+        if key in how:
             continue
-        slots: list[tuple[int, int, Key]] = []
         arguments = list(task[1:])
-        for position, argument in enumerate(arguments):
-            if isinstance(argument, list) and any(_is_key(item, dsk) and item in nested for item in argument):
-                arguments[position] = [dsk[item] if _is_key(item, dsk) and item in nested else item
-                                       for item in argument]
-                slots.extend((position, index, item) for index, item in enumerate(argument)
-                             if _is_key(item, dsk) and item in nested)
-        inlined[key] = (LoadsInline(task[0], tuple(slots)), *arguments) if slots else task
-    return inlined
+        listed = [(position, index, item) for position, argument in enumerate(arguments)
+                  if isinstance(argument, list)
+                  for index, item in enumerate(argument) if _is_key(item, dsk) and item in how]
+        if not listed:
+            out[key] = task
+            continue
+        batched = [slot for slot in listed if how[slot[2]] == "batch"]
+        if len(batched) < 2:  # one small read is not worth a task of its own
+            batched = []
+        nested = [slot for slot in listed if slot not in batched]
+        for position in {position for position, _, _ in listed}:
+            arguments[position] = list(arguments[position])
+        for position, index, item in nested:
+            arguments[position][index] = dsk[item]
+        for position, index, _ in batched:
+            arguments[position][index] = None  # filled from the batch, in the worker
+        if batched:
+            first = batched[0][2]
+            out[first] = (CachedReads(tuple(dsk[item][0] for _, _, item in batched),
+                                      tuple(item for _, _, item in batched)),)
+            arguments.append(first)
+        wrapper = LoadsInline(task[0], tuple(nested), tuple((position, index) for position, index, _ in batched))
+        out[key] = (wrapper, *arguments)
+    return out
+
+
+class CachedReads:
+    """Read several small cached results in one task: one trip through the parent for all.
+
+    Its key is its first read's; the result reports that one and carries the
+    others' report lines (``Outcome.inner``), and, as its value, every read's
+    Outcome for the one task that uses them (:class:`LoadsInline` puts them in
+    place).
+    """
+
+    __slots__ = ("loads", "keys")
+
+    def __init__(self, loads: tuple[Any, ...], keys: tuple[Key, ...]) -> None:
+        self.loads = loads
+        self.keys = keys
+
+    def __reduce__(self):
+        return (CachedReads, (self.loads, self.keys))
+
+    def __repr__(self) -> str:
+        return f"CachedReads({len(self.loads)} entries)"
+
+    def __call__(self) -> Outcome:
+        outcomes = [load() for load in self.loads]
+        first = outcomes[0]
+        lines = tuple((key, _line(outcome)) for key, outcome in zip(self.keys[1:], outcomes[1:]))
+        return Outcome(outcomes, first.step, first.partition, first.status, first.attempts, first.start,
+                       first.stop, first.worker, first.error, lines)
+
+
+def _line(outcome: Outcome) -> Outcome:
+    """``outcome`` without its value: its report line."""
+    return Outcome(None, outcome.step, outcome.partition, outcome.status, outcome.attempts, outcome.start,
+                   outcome.stop, outcome.worker, outcome.error)
 
 
 def _is_key(value: Any, dsk: dict[Key, Any]) -> bool:

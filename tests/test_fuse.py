@@ -6,7 +6,14 @@ from pathlib import Path
 
 from flowyml import ParallelExecutor, read_csv
 from flowyml.compile import compile_plan
-from flowyml.fuse import INLINE_LOAD_BYTES, FusedTask, LoadsInline, fuse_partition_chains, inline_cached_loads
+from flowyml.fuse import (
+    INLINE_LOAD_BYTES,
+    CachedReads,
+    FusedTask,
+    LoadsInline,
+    fuse_partition_chains,
+    inline_cached_loads,
+)
 from flowyml.tasks import RAISE
 
 from . import pipelines
@@ -86,20 +93,27 @@ def test_large_cached_partitions_a_whole_step_reads_are_read_by_its_task(tmp_pat
     relinked = [("write_parquet", 0), ("write_parquet", 1), ("write_parquet", 2)]
     summarize = inlined["summarize"]
     assert isinstance(summarize[0], LoadsInline)
-    assert [key for _, _, key in summarize[0].slots] == cached
+    assert [key for _, _, key in summarize[0].nested] == cached
     assert ("clean", 3) in inlined and ("clean", 3) in summarize[1]
     commit = inlined["write_parquet"]
-    assert isinstance(commit[0], LoadsInline) and [key for _, _, key in commit[0].slots] == relinked
+    assert isinstance(commit[0], LoadsInline) and [key for _, _, key in commit[0].nested] == relinked
     assert set(inlined) == set(dsk) - set(cached) - set(relinked)
 
 
-def test_small_cached_partitions_stay_tasks_that_load_in_parallel(tmp_path):
-    # A few kilobytes each: reading them early, in parallel, beats the wait.
+def test_small_cached_partitions_are_read_by_one_task_of_their_own(tmp_path):
+    # A few kilobytes each: read together by one task, early, in parallel with
+    # the new partition's work, and sent through the parent once.
     graph, dsk = _cached_rerun_graph(tmp_path, [3])
     inlined = inline_cached_loads(dsk, graph.output_keys)
-    assert all(key in inlined for key in [("clean", 0), ("clean", 1), ("clean", 2)])
-    assert inlined["summarize"] == dsk["summarize"]
-    assert isinstance(inlined["write_parquet"][0], LoadsInline)  # local relinks still nest
+    cached = [("clean", 0), ("clean", 1), ("clean", 2)]
+    reads = inlined[("clean", 0)]
+    assert isinstance(reads[0], CachedReads) and reads[0].keys == tuple(cached)
+    assert not any(key in inlined for key in cached[1:])
+    summarize = inlined["summarize"]
+    assert isinstance(summarize[0], LoadsInline) and summarize[0].nested == ()
+    assert summarize[0].batched == ((0, 0), (0, 1), (0, 2)) and summarize[-1] == ("clean", 0)
+    assert summarize[1] == [None, None, None, ("clean", 3)]
+    assert isinstance(inlined["write_parquet"][0], LoadsInline)  # local relinks nest
 
 
 def test_a_cached_read_used_twice_or_requested_stays_a_task():
