@@ -111,6 +111,55 @@ def test_fingerprint_ignores_comments_layout_and_own_decorators(tmp_path):
     assert code_fingerprint(v1) == code_fingerprint(reformatted)
 
 
+SOURCES = """
+    import functools
+
+    @functools.lru_cache
+    @functools.wraps(print)
+    def decorated(x):
+        return x
+
+
+    class Holder:
+        def method(self, y):
+            def nested(z):
+                return z + y
+            return nested
+
+        @staticmethod
+        async def later(q):
+            return q
+
+
+    def one_line(a): return a  # noqa
+"""
+
+
+def test_a_function_s_source_is_read_as_inspect_reads_it(tmp_path):
+    # The fingerprint reads a function's block from its file and first line
+    # rather than through inspect's module search (60 ms an all-cached run):
+    # the same text, or every cached entry's key would change.
+    import inspect
+
+    from flowyml.cache.fingerprint import _source
+
+    module = load_module(tmp_path, "fp_sources", SOURCES)
+    codes = [module.decorated.__wrapped__.__code__, module.Holder.method.__code__,
+             module.Holder.method(None, 1).__code__, module.Holder.later.__code__, module.one_line.__code__,
+             code_fingerprint.__code__]
+    for code in codes:
+        assert _source(code) == inspect.getsource(code), code.co_name
+    # A notebook cell: its source lives in linecache only, under a made-up name.
+    cell = "def in_a_cell(v):\n    return v * 2\n"
+    name = "<ipython-input-7-flowyml>"
+    import linecache
+
+    linecache.cache[name] = (len(cell), None, cell.splitlines(True), name)
+    namespace: dict = {}
+    exec(compile(cell, name, "exec"), namespace)
+    assert _source(namespace["in_a_cell"].__code__) == cell
+
+
 def test_fingerprint_changes_with_a_default(tmp_path):
     v1 = load_module(tmp_path, "fp_default_v1", STEP_V1).clean
     v2 = load_module(tmp_path, "fp_default_v2", STEP_V1.replace("factor=2", "factor=3")).clean
