@@ -290,15 +290,10 @@ class CachedReads:
     def __call__(self) -> Outcome:
         outcomes = [load() for load in self.loads]
         first = outcomes[0]
-        lines = tuple((key, _line(outcome)) for key, outcome in zip(self.keys[1:], outcomes[1:]))
+        lines = tuple((key, outcome.report_line()) for key, outcome in zip(self.keys[1:], outcomes[1:]))
         return Outcome(outcomes, first.step, first.partition, first.status, first.attempts, first.start,
                        first.stop, first.worker, first.error, lines)
 
-
-def _line(outcome: Outcome) -> Outcome:
-    """``outcome`` without its value: its report line."""
-    return Outcome(None, outcome.step, outcome.partition, outcome.status, outcome.attempts, outcome.start,
-                   outcome.stop, outcome.worker, outcome.error)
 
 
 def _is_key(value: Any, dsk: dict[Key, Any]) -> bool:

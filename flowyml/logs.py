@@ -34,18 +34,20 @@ import logging
 import sys
 import threading
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, TextIO
 
 from .context import TaskContext, current_task
 from .secrets import scrub
 
 __all__ = [
+    "HEARTBEAT_FAILURE",
     "LOG_TOPIC",
     "ProcessLogBridge",
     "TaskLogFilter",
     "forwarding_level",
     "install_forwarding",
+    "quiet_heartbeats_while_closing",
     "replay",
 ]
 
@@ -308,3 +310,38 @@ def worker_setup(queue: Any, level: int) -> None:
         queue.put(item)
 
     install_forwarding(send, level, f"process-{os.getpid()}")
+
+
+#: What a worker logs when a heartbeat meets a closed connection.
+HEARTBEAT_FAILURE = "Failed to communicate with scheduler during heartbeat."
+
+
+class _ClosingHeartbeatFilter(logging.Filter):
+    """Drops a heartbeat failure logged while every worker of the process is closing.
+
+    Closing a ``LocalCluster`` races with the workers' heartbeats: a worker
+    tells the scheduler it is closing, the scheduler drops its connections, and
+    a heartbeat already on its way fails and logs a traceback at ERROR, to the
+    stderr of a job that did nothing wrong. A worker still running keeps it.
+    """
+
+    def __init__(self, workers: Callable[[], Iterable[Any]]) -> None:
+        super().__init__()
+        self._workers = workers
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg != HEARTBEAT_FAILURE:
+            return True
+        from distributed.worker import WORKER_ANY_RUNNING
+
+        return any(w.status in WORKER_ANY_RUNNING for w in self._workers())
+
+
+def quiet_heartbeats_while_closing() -> None:
+    """Install the filter once per worker process; a plugin's teardown runs before
+    the worker stops its heartbeats, so it stays for the life of the process."""
+    from distributed import Worker
+
+    logger = logging.getLogger("distributed.worker")
+    if not any(isinstance(f, _ClosingHeartbeatFilter) for f in logger.filters):
+        logger.addFilter(_ClosingHeartbeatFilter(lambda: list(Worker._instances)))

@@ -335,8 +335,7 @@ class RunRecorder:
             for inner_key, inner in outcome.inner:
                 self.task_finished(inner_key, inner)
         if outcome.value is not None or outcome.inner:  # keep the report, not the data: values can be big
-            outcome = Outcome(None, outcome.step, outcome.partition, outcome.status, outcome.attempts,
-                              outcome.start, outcome.stop, outcome.worker, outcome.error)
+            outcome = outcome.report_line()
         self._records[key] = outcome
         if self.watches_starts:  # else nothing shows: the records are all there is to keep
             self._progress.finish(outcome.step, outcome.status)

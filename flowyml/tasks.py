@@ -88,6 +88,11 @@ class Outcome:
     def __repr__(self) -> str:
         return f"<Outcome {self.step}[{self.partition}] {self.status}>"
 
+    def report_line(self) -> Outcome:
+        """This outcome without its value (nor the lines of tasks it ran first)."""
+        return Outcome(None, self.step, self.partition, self.status, self.attempts, self.start, self.stop,
+                       self.worker, self.error)
+
 
 # -- where am I running -----------------------------------------------------------
 

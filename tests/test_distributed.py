@@ -35,8 +35,7 @@ from flowyml import (
     current_task,
     step,
 )
-from flowyml.executors.distributed import HEARTBEAT_FAILURE, _ClosingHeartbeatFilter
-from flowyml.logs import TaskLogFilter
+from flowyml.logs import HEARTBEAT_FAILURE, TaskLogFilter, _ClosingHeartbeatFilter
 
 from .pipelines import diamond
 from .services import START_TIMEOUT, Processes, start_cluster, wait_until

@@ -59,7 +59,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -69,7 +69,7 @@ from distributed.diagnostics.plugin import WorkerPlugin
 from .._compat import graph_expression
 from ..bulk import no_gc_passes
 from ..exceptions import BackendError, OptionError, StepFailed, WorkerDiedError
-from ..logs import LOG_TOPIC, forwarding_level, install_forwarding
+from ..logs import LOG_TOPIC, forwarding_level, install_forwarding, quiet_heartbeats_while_closing
 from .base import Backend, RunHooks, register
 from .run_events import EVENT_TOPIC, FLUSH_DELAY, _RunEvents, _step_of
 
@@ -128,7 +128,7 @@ class FlowymlPlugin(WorkerPlugin):
         self._worker = worker
         self._uninstall = install_forwarding(send, self.level, worker.address)
         if self.quiet_shutdown:
-            _quiet_heartbeats_while_closing()
+            quiet_heartbeats_while_closing()
 
     def teardown(self, worker: Any) -> None:
         self._flush()
@@ -149,41 +149,6 @@ class FlowymlPlugin(WorkerPlugin):
             pending, self._pending = self._pending, {}
         for topic, events in pending.items():
             self._worker.log_event(topic, events)
-
-
-#: What a worker logs when a heartbeat meets a closed connection.
-HEARTBEAT_FAILURE = "Failed to communicate with scheduler during heartbeat."
-
-
-class _ClosingHeartbeatFilter(logging.Filter):
-    """Drops a heartbeat failure logged while every worker of the process is closing.
-
-    Closing a ``LocalCluster`` races with the workers' heartbeats: a worker
-    tells the scheduler it is closing, the scheduler drops its connections, and
-    a heartbeat already on its way fails and logs a traceback at ERROR, to the
-    stderr of a job that did nothing wrong. A worker still running keeps it.
-    """
-
-    def __init__(self, workers: Callable[[], Iterable[Any]]) -> None:
-        super().__init__()
-        self._workers = workers
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.msg != HEARTBEAT_FAILURE:
-            return True
-        from distributed.worker import WORKER_ANY_RUNNING
-
-        return any(w.status in WORKER_ANY_RUNNING for w in self._workers())
-
-
-def _quiet_heartbeats_while_closing() -> None:
-    """Install the filter once per worker process; a plugin's teardown runs before
-    the worker stops its heartbeats, so it stays for the life of the process."""
-    from distributed import Worker
-
-    logger = logging.getLogger("distributed.worker")
-    if not any(isinstance(f, _ClosingHeartbeatFilter) for f in logger.filters):
-        logger.addFilter(_ClosingHeartbeatFilter(lambda: list(Worker._instances)))
 
 
 @register

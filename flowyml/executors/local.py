@@ -216,8 +216,8 @@ def _main_module_hidden() -> Iterator[None]:
 
     A new worker process (spawned, or forked by the forkserver) imports
     ``__main__`` again from its file, so a script without an ``if __name__ ==
-    "__main__":`` guard would run its pipeline again in every worker (and fail). flowyml's tasks never need the
-    main module there: cloudpickle sends functions and classes defined in
+    "__main__":`` guard would run its pipeline again in every worker (and
+    fail). flowyml's tasks never need the main module there: cloudpickle sends functions and classes defined in
     ``__main__`` by value. So while the processes start, the main module shows
     no file for ``multiprocessing`` to re-import; a notebook already shows none.
     """
