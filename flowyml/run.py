@@ -305,6 +305,7 @@ class RunRecorder:
         from .progress import Progress
 
         self.run_id = graph.run_id
+        self.pipeline = name
         self._graph = graph
         self._step_of = graph.task_step()
         self._key_for: dict[tuple[str, int | None], Hashable] | None = None  # built on first report

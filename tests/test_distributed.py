@@ -290,6 +290,42 @@ def test_task_prefixes_on_the_scheduler_are_step_names(cluster, on_cluster):
     assert f"('square-{result.run_id}', 5)" in keys  # the partition index, and the run token
 
 
+def run_spans(dask_scheduler, run_id):
+    """The step spans of a run: name, parent's (name, id), task groups, seconds computing.
+
+    The run is found by its partitioned steps' task groups, which carry the
+    run's token (a whole step's group is named after the step alone).
+    """
+    spans = dask_scheduler.extensions["spans"].spans.values()
+    runs = {span.parent.id for span in spans if any(run_id in group.name for group in span.groups)}
+    out = []
+    for span in spans:
+        if span.parent is not None and span.parent.id in runs:
+            execute = sum(seconds for key, seconds in span.cumulative_worker_metrics.items()
+                          if key[0] == "execute" and key[-1] == "seconds")
+            groups = sorted(group.name.replace(run_id, "RUN") for group in span.groups)
+            out.append((span.name, (span.parent.name, span.parent.id), groups, execute))
+    return sorted(out)
+
+
+def test_a_run_is_a_span_of_its_pipeline_and_each_step_a_span_within(cluster, on_cluster):
+    first = squares(6).run(executor=on_cluster, progress=False)
+    second = squares(6).run(executor=on_cluster, progress=False)
+    spans = cluster.run_on_scheduler(run_spans, run_id=first.run_id)
+    assert [(name, groups) for name, _, groups, _ in spans] == [
+        (("squares", "numbers"), ["numbers-RUN"]), (("squares", "square"), ["square-RUN"]),
+        (("squares", "total"), ["total"]),
+    ]
+    parents = {parent for _, parent, _, _ in spans}
+    assert len(parents) == 1 and next(iter(parents))[0] == ("squares",)
+    again = cluster.run_on_scheduler(run_spans, run_id=second.run_id)
+    assert {parent for _, parent, _, _ in again}.isdisjoint(parents), "each run is a span of its own"
+    # Dask's Fine Performance Metrics reach the step's span with the workers' heartbeats.
+    wait_until(lambda: all(seconds > 0 for *_, seconds in cluster.run_on_scheduler(run_spans,
+                                                                                   run_id=first.run_id)),
+               "execute seconds in every step's span")
+
+
 @step
 def maybe_fail(i, bad=-1):
     if i == bad:

@@ -20,10 +20,12 @@ class RunHooks(Protocol):
     task replaces the record). ``add_report_html`` adds a section to the run's
     HTML report (distributed: Dask's performance report, workers lost).
     ``watches_starts`` False says ``task_started`` does nothing, so a backend
-    may skip calling it.
+    may skip calling it. ``pipeline`` names the run's pipeline (distributed:
+    its Dask span).
     """
 
     run_id: str
+    pipeline: str
     watches_starts: bool
 
     def task_reported(self, outcome: Any) -> None: ...

@@ -59,6 +59,7 @@ import logging
 import os
 import threading
 import time
+import uuid
 from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -358,7 +359,8 @@ class DistributedBackend(Backend):
         window = _PerformanceWindow(client, self.performance_report) if self.performance_report else None
         run.subscribe()
         try:
-            futures = client.get(_graph(dsk, hooks.run_id), list(keys), sync=False)
+            graph = _graph(dsk, hooks.run_id, getattr(hooks, "pipeline", None) or "flowyml")
+            futures = client.get(graph, list(keys), sync=False)
             try:
                 _wait_with_workers(client, futures, self.no_workers_timeout, self._replace_lost_workers)
                 values = client.gather(futures)
@@ -457,8 +459,8 @@ def _wait_with_workers(client: Any, futures: list[Any], timeout: float, check: C
             )
 
 
-def _graph(dsk: Mapping, run_id: str) -> Any:
-    """The graph as a Dask expression, with resource restrictions where steps ask for them.
+def _graph(dsk: Mapping, run_id: str, pipeline: str) -> Any:
+    """The graph as a Dask expression: each task in its step's span, and restricted where steps ask.
 
     Built here with the run id as its token: ``client.get`` would otherwise
     hash every task (pickling each flowyml task object) just to name it.
@@ -466,10 +468,8 @@ def _graph(dsk: Mapping, run_id: str) -> Any:
     from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 
     dsk = dsk if isinstance(dsk, dict) else dict(dsk)
+    spans = _StepSpans(pipeline, f"-{run_id}")
     restricted = _resources_by_key(dsk)
-    if not restricted:
-        return graph_expression(dsk, f"flowyml-{run_id}")
-
     layers: dict[str, MaterializedLayer] = {}
     groups: dict[tuple, dict] = {}
     plain = {}
@@ -479,13 +479,39 @@ def _graph(dsk: Mapping, run_id: str) -> Any:
             plain[key] = task
         else:
             groups.setdefault(tuple(sorted(resources.items())), {})[key] = task
-    layers[f"flowyml-{run_id}"] = MaterializedLayer(plain)
+    layers[f"flowyml-{run_id}"] = MaterializedLayer(plain, annotations={"span": spans})
     for i, (pairs, tasks) in enumerate(groups.items()):
         layers[f"flowyml-{run_id}-resources-{i}"] = MaterializedLayer(
-            tasks, annotations={"resources": dict(pairs)}
+            tasks, annotations={"resources": dict(pairs), "span": spans}
         )
     hlg = HighLevelGraph(layers, {name: set() for name in layers})
     return graph_expression(hlg, f"flowyml-{run_id}")
+
+
+class _StepSpans:
+    """A run's Dask spans: ``(pipeline, step)`` inside ``(pipeline,)``, as ``distributed.span`` makes them.
+
+    Dask then breaks a run's time down by pipeline and step (the dashboard's
+    Fine Performance Metrics, ``Span.cumulative_worker_metrics``). Dask gives
+    a span whole task groups: copies of one function grouped under one key
+    name (see :mod:`flowyml.compile`) share the span named after that name.
+    Fresh ids per run, as ``span`` makes: two runs are two spans.
+    """
+
+    def __init__(self, pipeline: str, suffix: str) -> None:
+        self._pipeline = pipeline
+        self._suffix = suffix
+        self._ids = (str(uuid.uuid4()),)
+        self._by_name: dict[str, dict[str, tuple[str, ...]]] = {}
+
+    def __call__(self, key: Hashable) -> dict[str, tuple[str, ...]]:
+        name = key[0] if isinstance(key, tuple) else key
+        name = str(name).removesuffix(self._suffix)
+        annotation = self._by_name.get(name)
+        if annotation is None:  # one per step: pickled once however many tasks share it
+            annotation = {"name": (self._pipeline, name), "ids": (*self._ids, str(uuid.uuid4()))}
+            self._by_name[name] = annotation
+        return annotation
 
 
 def _reporting_tasks(dsk: Mapping) -> int:
