@@ -281,6 +281,30 @@ def test_an_unreachable_scheduler_is_a_clear_error():
 # -- keys, the dashboard, concurrent runs ---------------------------------------------
 
 
+def test_the_driver_waits_for_the_report_of_every_task_of_a_cached_run(tmp_path):
+    """Each computed task of a cached run is wrapped in the one storing its result, and still reports."""
+    from flowyml import read_csv
+    from flowyml.cache import open_cache
+    from flowyml.cache.rewrite import plan_cached_run
+    from flowyml.compile import compile_plan
+    from flowyml.executors.distributed import _reporting_tasks
+    from flowyml.run import _resolve_sources
+    from flowyml.tasks import RAISE
+
+    from .pipelines import write_parts
+
+    write_parts(tmp_path / "data", range(5))
+    pipeline = (Pipeline("counted", cache_dir=str(tmp_path / "cache"))
+                .add_source("numbers", read_csv(str(tmp_path / "data" / "*.csv")))
+                .add_step(step(len, name="rows", inputs=["numbers"], per_partition=True))
+                .add_step(total, inputs=["rows"]))
+    plan = pipeline.plan()
+    graph = compile_plan(plan, run_id="r1", mode=RAISE, key_suffix="-r1", source_partitions=_resolve_sources(plan))
+    cached = plan_cached_run(graph, plan, open_cache(plan.cache_dir, None), "r1", RAISE)
+    assert any(type(task[0]).__name__ == "StoreTask" for task in cached.dsk.values())
+    assert _reporting_tasks(cached.dsk) == _reporting_tasks(graph.dsk) == 5 + 5 + 1
+
+
 def test_task_prefixes_on_the_scheduler_are_step_names(cluster, on_cluster):
     result = squares(6).run(executor=on_cluster, progress=False)
     prefixes = cluster.run_on_scheduler(lambda dask_scheduler: list(dask_scheduler.task_prefixes))

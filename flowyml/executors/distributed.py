@@ -515,8 +515,19 @@ class _StepSpans:
 
 
 def _reporting_tasks(dsk: Mapping) -> int:
-    """How many tasks publish an outcome: flowyml's own (they carry the run id)."""
-    return sum(1 for task in dsk.values() if isinstance(task, tuple) and task and hasattr(task[0], "run_id"))
+    """How many tasks publish an outcome: flowyml's own (they carry the run id), wrapped or not.
+
+    A cached run wraps each computed task in the one that stores its result
+    (``.task``): counted short, the driver would stop listening before the
+    last batches of events arrive, and lose them.
+    """
+    return sum(1 for task in dsk.values() if isinstance(task, tuple) and task and _reports(task[0]))
+
+
+def _reports(func: Any) -> bool:
+    while func is not None and not hasattr(func, "run_id"):
+        func = getattr(func, "task", None)
+    return func is not None
 
 
 def _resources_by_key(dsk: Mapping) -> dict[Hashable, Mapping[str, float]]:
