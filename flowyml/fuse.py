@@ -37,6 +37,7 @@ from .tasks import Outcome
 
 __all__ = [
     "INLINE_LOAD_BYTES", "CachedReads", "FusedTask", "LoadsInline", "fuse_partition_chains", "inline_cached_loads",
+    "store_behind",
 ]
 
 Key = Hashable
@@ -294,6 +295,36 @@ class CachedReads:
         return Outcome(outcomes, first.step, first.partition, first.status, first.attempts, first.start,
                        first.stop, first.worker, first.error, lines)
 
+
+
+def store_behind(dsk: dict[Key, Any]) -> dict[Key, Any]:
+    """``dsk`` with the stores of values that leave their worker done by its store thread.
+
+    A task's own result leaves the worker (to the driver, then the next
+    tasks): its worker stores it while it travels. Results a fused task passes
+    on inside the worker are stored before the next call, which may change
+    them.
+    """
+    from .cache.tasks import StoreTask
+
+    def behind(func: Any) -> Any:
+        if type(func) is StoreTask:
+            return func.stored_behind()
+        if type(func) is LoadsInline:
+            inner = behind(func.task)
+            return func if inner is func.task else func.with_task(inner)
+        if type(func) is FusedTask and func.calls:
+            last, refs = func.calls[-1]
+            inner = behind(last)
+            return func if inner is last else FusedTask(func.keys, (*func.calls[:-1], (inner, refs)))
+        return func
+
+    out = {}
+    for key, task in dsk.items():
+        func = task[0] if type(task) is tuple and task else None
+        changed = behind(func) if func is not None else func
+        out[key] = task if changed is func else (changed, *task[1:])
+    return out
 
 
 def _is_key(value: Any, dsk: dict[Key, Any]) -> bool:

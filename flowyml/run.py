@@ -212,9 +212,11 @@ def _execute(session, executor, name, run_id, dsk, graph, recorder, cached,
         f", dashboard {backend.dashboard_link}" if backend.dashboard_link else "",
     )
     if backend.fuses_partitions:
-        from .fuse import fuse_partition_chains, inline_cached_loads
+        from .fuse import fuse_partition_chains, inline_cached_loads, store_behind
 
         dsk = inline_cached_loads(fuse_partition_chains(dsk, graph.output_keys), graph.output_keys)
+        if cached is not None:
+            dsk = store_behind(dsk)
     from .bulk import settled_heap
 
     # Dask's local schedulers call back once their state is built; distributed's

@@ -17,8 +17,9 @@ itself lives on.
 
 Why fork: the child shares the worker's memory, so the step's inputs (often
 a large DataFrame) reach it without being copied or pickled, and it starts
-quickly. A pool worker runs one task at a time in its main thread, so at the
-Python level it is single-threaded when it forks; the native thread pools of
+quickly. A pool worker runs one task at a time in its main thread, and waits for
+its store thread to end (:mod:`flowyml.behind`), so at the Python level
+it is single-threaded when it forks; the native thread pools of
 NumPy (OpenBLAS) and pyarrow register fork handlers. Where other Python
 threads are running (a step that started some), the attempt runs in a
 freshly spawned process instead, its function and arguments sent by
@@ -43,6 +44,7 @@ from typing import Any
 
 import cloudpickle
 
+from . import behind
 from .context import TaskContext, running
 from .exceptions import StepTimeoutError, WorkerDiedError
 
@@ -105,6 +107,7 @@ def call_in_child(
     traceback), :class:`StepTimeoutError` when it overran, or
     :class:`WorkerDiedError` when the child died without answering.
     """
+    behind.settle()  # the worker's store thread, if busy, ends first: fork single-threaded
     if hasattr(os, "fork") and threading.active_count() == 1:
         pid, reader = _fork(func, args, kwargs, context)
     else:

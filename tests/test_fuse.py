@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from flowyml import ParallelExecutor, read_csv
+from flowyml import ParallelExecutor, Pipeline, read_csv, step
 from flowyml.compile import compile_plan
 from flowyml.fuse import (
     INLINE_LOAD_BYTES,
@@ -128,3 +128,78 @@ def test_a_cached_read_used_twice_or_requested_stays_a_task():
     assert ("clean", 1) in inlined and ("clean", 2) in inlined  # read by two tasks; requested
     assert ("clean", 0) not in inlined and inlined["a"][1][0] == dsk[("clean", 0)]
     assert inlined["b"] == dsk["b"]
+
+
+# -- results stored behind ----------------------------------------------------------------
+
+class SlowToStore:
+    """A step's value whose cache store, in a worker's store thread, waits until its consumer ran.
+
+    Each pickling is logged with its thread. Stored before the task returns,
+    the consumer could not start first: the store would wait in vain.
+    """
+
+    def __init__(self, n: int, folder: str) -> None:
+        self.n, self.folder = n, folder
+
+    def __reduce__(self):
+        import threading
+        import time
+
+        thread = threading.current_thread().name
+        with open(Path(self.folder) / "pickled.log", "a") as log:
+            log.write(f"{thread}\n")
+        if thread == "flowyml-store":
+            deadline = time.monotonic() + 60
+            while not (Path(self.folder) / "consumed").exists() and time.monotonic() < deadline:
+                time.sleep(0.05)  # the store's own pace: the test waits on the run, not on this
+        return (SlowToStore, (self.n, self.folder))
+
+
+@step(outputs=["value"])
+def produce(folder: str = "") -> SlowToStore:
+    return SlowToStore(41, folder)
+
+
+@step(inputs=["value"], outputs=["answer"])
+def consume(value: SlowToStore, folder: str = "") -> int:
+    (Path(folder) / "consumed").touch()
+    return value.n + 1
+
+
+def test_a_result_is_stored_while_its_consumers_run_and_before_the_run_returns(tmp_path):
+    pipeline = (Pipeline("behind", cache_dir=str(tmp_path / "cache"))
+                .add_step(produce, params={"folder": str(tmp_path)})
+                .add_step(consume, params={"folder": str(tmp_path)}))
+    with ParallelExecutor(backend="process", max_workers=2) as executor:
+        assert pipeline.run(executor=executor, progress=False)["answer"] == 42
+    # Its worker's store thread stored it, once the consumer had started.
+    assert "flowyml-store" in (tmp_path / "pickled.log").read_text().splitlines()
+    # And it was in the cache when run() returned, though the pool is gone now.
+    with ParallelExecutor(backend="process", max_workers=2) as executor:
+        again = pipeline.run(executor=executor, progress=False)
+    assert again["answer"] == 42 and again.steps["produce"].status == "cached"
+
+
+def test_a_workers_store_thread_ends_once_its_work_is_done(monkeypatch):
+    """A worker forks single-threaded (killable timeouts): settle() waits for the thread's end."""
+    import threading
+
+    from flowyml import behind
+
+    monkeypatch.setattr(behind, "_behind", None)
+    assert not behind.put(print, "nothing")  # no thread in a process that did not install one
+    behind.install(barrier=None)
+    before = threading.active_count()
+    started, release, done = threading.Event(), threading.Event(), []
+
+    def work(value):
+        started.set()
+        release.wait(30)
+        done.append(value)
+
+    assert behind.put(work, 1) and behind.put(work, 2)
+    assert started.wait(30) and threading.active_count() == before + 1
+    release.set()
+    behind.settle()
+    assert done == [1, 2] and threading.active_count() == before

@@ -197,3 +197,20 @@ def test_progress_counts_the_tree_under_the_step(executor, tmp_path, caplog) -> 
     _pipeline(tmp_path, partial_sums, split_every=3).run(executor=executor)
     lines = [m for m in caplog.messages if m.startswith("step 'partial_sums' succeeded")]
     assert len(lines) == 1 and lines[0].startswith("step 'partial_sums' succeeded: 7 tasks in "), lines
+
+
+def test_the_bytes_named_in_the_warning_are_what_pandas_counts() -> None:
+    """The warning's total is ``memory_usage(index=True, deep=False)``'s, computed without its Series."""
+    import pandas as pd
+
+    from flowyml.memory import _shallow_bytes
+
+    frame = pd.DataFrame({
+        "n": range(5), "x": [0.5] * 5, "s": list("abcde"), "c": pd.Categorical(list("aabbc")),
+        "t": pd.date_range("2024-01-01", periods=5, tz="UTC"), "o": [object(), 1, "x", None, 2.0],
+    })
+    shapes = [frame, frame.set_index(["s", "n"]), frame.rename(columns={"x": "n"}), frame["s"],
+              frame.iloc[:0], frame.astype({"s": "string"})]
+    for part in shapes:
+        usage = part.memory_usage(index=True, deep=False)
+        assert _shallow_bytes(part) == int(usage.sum() if hasattr(usage, "sum") else usage), part

@@ -16,6 +16,7 @@ import logging
 import time
 from typing import Any
 
+from flowyml.behind import put as put_behind
 from flowyml.cache.store import Cache
 from flowyml.exceptions import CacheError, StaleCacheEntry
 from flowyml.tasks import CACHED, SUCCEEDED, Outcome, _TaskBase
@@ -96,21 +97,30 @@ def _stale(task: LoadTask | RestageTask, what: str, happened: str, exc: Exceptio
 
 
 class StoreTask:
-    """Run a task, then store its value under its key (on the worker that computed it)."""
+    """Run a task, then store its value under its key (on the worker that computed it).
 
-    __slots__ = ("task", "cache", "key")
+    ``behind=True`` (process backend, for a task whose value leaves the
+    process): the worker's store thread stores it while the value travels to
+    the next tasks, if the worker has one (:mod:`flowyml.behind`).
+    """
 
-    def __init__(self, task: Any, cache: Cache, key: str) -> None:
-        self.task, self.cache, self.key = task, cache, key
+    __slots__ = ("task", "cache", "key", "behind")
+
+    def __init__(self, task: Any, cache: Cache, key: str, behind: bool = False) -> None:
+        self.task, self.cache, self.key, self.behind = task, cache, key, behind
 
     def __reduce__(self):
-        return (StoreTask, (self.task, self.cache, self.key))
+        return (StoreTask, (self.task, self.cache, self.key, self.behind))
 
     def __repr__(self) -> str:
         return f"Store({self.task!r})"
 
     def with_task(self, task: Any) -> StoreTask:
-        return StoreTask(task, self.cache, self.key)
+        return StoreTask(task, self.cache, self.key, self.behind)
+
+    def stored_behind(self) -> StoreTask:
+        """This task, storing in the worker's store thread."""
+        return StoreTask(self.task, self.cache, self.key, True)
 
     @property
     def spec(self) -> Any:
@@ -119,7 +129,9 @@ class StoreTask:
 
     def __call__(self, *arguments: Any) -> Any:
         outcome = self.task(*arguments)
-        if type(outcome) is Outcome and outcome.status == SUCCEEDED:
+        if type(outcome) is not Outcome or outcome.status != SUCCEEDED:
+            return outcome
+        if not (self.behind and put_behind(_store, self.cache, self.key, outcome.value, outcome.step)):
             _store(self.cache, self.key, outcome.value, outcome.step)
         return outcome
 

@@ -173,7 +173,7 @@ class ThreadBackend(_PoolBackend):
 def initialize_worker(
     ready: Any = None, settings: WorkerSettings | None = None, log_queue: Any = None, log_level: int = 0,
     slots: Any = None, die_with_parent: bool = False, preload: Sequence[str] = (),
-    environ: Mapping[str, str] | None = None,
+    environ: Mapping[str, str] | None = None, flush_barrier: Any = None,
 ) -> None:
     """Runs once in each worker process of the process backend.
 
@@ -185,6 +185,8 @@ def initialize_worker(
     workers have them already): the pool starts while the run is still
     planned, so its first tasks need not import them. ``environ`` is the
     driver's environment (see :mod:`flowyml.executors.processes`).
+    ``flush_barrier`` (one party per worker) lets this worker store results in
+    a thread of its own (:mod:`flowyml.behind`).
     """
     import importlib
 
@@ -201,6 +203,10 @@ def initialize_worker(
     if slots is not None:
         settings = replace(settings, on_attempt=slots.claim())
     install_worker_settings(settings)
+    if flush_barrier is not None:
+        from .. import behind
+
+        behind.install(flush_barrier)
     for name in preload:
         try:
             importlib.import_module(name)
@@ -322,7 +328,8 @@ class ProcessBackend(_PoolBackend):
         pool = ProcessPoolExecutor(
             self.max_workers, mp_context=context, initializer=initialize_worker,
             initargs=(ready, settings, *self._logs.initargs, self._slots, main,
-                      [name for name in PRELOAD if name in sys.modules], dict(os.environ)),
+                      [name for name in PRELOAD if name in sys.modules], dict(os.environ),
+                      context.Barrier(self.max_workers)),
         )
         # Processes start on demand: one no-op per worker spawns them all now
         # (each submit spawns one), so the first tasks spread over all.
@@ -417,17 +424,34 @@ class ProcessBackend(_PoolBackend):
             self.open()
         self._settling = None
         try:
-            return list(self._get(None, dsk, list(keys), hooks))
+            values = list(self._get(None, dsk, list(keys), hooks))
         except KeyboardInterrupt:
             self._interrupt()
             raise
         except BaseException:
             if self._settling is not None:
                 self._settling.settle()
+            self._flush_stores()
             raise
+        else:
+            self._flush_stores()
+            return values
         finally:
             if self._logs is not None:
                 self._logs.flush()  # the run's worker log lines are out before it returns
+
+    def _flush_stores(self) -> None:
+        """Until every worker has stored the results its store thread holds (one task each)."""
+        from ..behind import flush_task
+
+        pool = self._pool
+        if pool is None:
+            return
+        try:
+            flushes = [pool.submit(flush_task) for _ in range(self.max_workers)]
+        except RuntimeError:  # a broken pool: its workers' pending stores are lost (recomputed next run)
+            return
+        wait(flushes)
 
     def _restart(self) -> list[Any]:
         """Replace a broken pool; return the processes that died (not those it terminated)."""

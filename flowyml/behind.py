@@ -1,0 +1,102 @@
+"""Work a process-pool worker does behind its tasks: storing results while they travel on.
+
+A process-pool worker returns a task's value to the driver, which sends it
+to the next tasks. Storing it in the cache first would put the store's time
+(Parquet encoding, a file write) on the run's critical path for nothing: the
+worker's store thread stores it while it travels
+(``StoreTask(behind=True)``, :func:`flowyml.fuse.store_behind`). The value
+has left for the driver as it is stored: nothing in this process changes it.
+
+- The driver waits for every worker's thread at the end of each run (one
+  :func:`flush_task` per worker, which a barrier of one party per worker
+  spreads over all), so a finished run's results are in the cache. A worker
+  killed before that loses its pending entries; the next run recomputes them.
+- The thread lives only while it has something to store. A worker that forks
+  (a step with a killable timeout, :mod:`flowyml.timeouts`) first waits for
+  it to end (:func:`settle`), and forks single-threaded.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["FLUSH_TIMEOUT", "flush_task", "install", "put", "settle"]
+
+#: How long a worker's flush waits for the other workers' (seconds): they are
+#: idle when the driver asks, so only a dead worker makes it wait this long.
+FLUSH_TIMEOUT = 60.0
+
+
+class _Behind:
+    """One worker's thread, started by :meth:`put` and ended once nothing is pending."""
+
+    def __init__(self, barrier: Any) -> None:
+        self.barrier = barrier
+        self._pending: deque[tuple[Callable[..., Any], tuple[Any, ...]]] = deque()
+        self._idle = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    def put(self, func: Callable[..., Any], arguments: tuple[Any, ...]) -> None:
+        with self._idle:
+            self._pending.append((func, arguments))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._work, name="flowyml-store", daemon=True)
+                self._thread.start()
+
+    def _work(self) -> None:
+        while True:
+            with self._idle:
+                if not self._pending:
+                    self._thread = None
+                    self._idle.notify_all()
+                    return
+                func, arguments = self._pending.popleft()
+            try:
+                func(*arguments)
+            except BaseException:  # the work warns of its own errors; nothing may stop the thread
+                import logging
+
+                logging.getLogger("flowyml").exception("work behind a task failed")
+            del arguments
+
+    def settle(self) -> None:
+        """Return once everything put so far is done and the thread has ended."""
+        with self._idle:
+            thread = self._thread
+            while self._thread is not None:
+                self._idle.wait()
+        if thread is not None:
+            thread.join()  # about to end: the process has one thread again
+
+
+_behind: _Behind | None = None  # this worker's, when its backend works behind
+
+
+def install(barrier: Any) -> None:
+    """In a process-pool worker: do :func:`put` work in a thread; ``barrier`` has a party per worker."""
+    global _behind
+    _behind = _Behind(barrier)
+
+
+def put(func: Callable[..., Any], *arguments: Any) -> bool:
+    """Call ``func(*arguments)`` in this worker's thread; False (not called) where there is none."""
+    if _behind is None:
+        return False
+    _behind.put(func, arguments)
+    return True
+
+
+def settle() -> None:
+    """Until this worker's thread has done everything put so far, and ended."""
+    if _behind is not None:
+        _behind.settle()
+
+
+def flush_task() -> None:
+    """A task for every worker of a pool at once: return when this worker's work is done."""
+    if _behind is not None:
+        _behind.settle()
+        _behind.barrier.wait(FLUSH_TIMEOUT)
