@@ -30,8 +30,11 @@ task, which runs them in its worker first.
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Hashable, Iterable
 from typing import Any
+
+import cloudpickle
 
 from .tasks import Outcome
 
@@ -183,7 +186,7 @@ class LoadsInline:
     def __call__(self, *arguments: Any) -> Any:
         if self.batched:
             *arguments, batch = arguments  # type: ignore[assignment]
-            for (position, index), loaded in zip(self.batched, batch.value):
+            for (position, index), loaded in zip(self.batched, pickle.loads(batch.value)):
                 arguments[position][index] = loaded
         result = self.task(*arguments)
         if type(result) is Outcome:
@@ -273,7 +276,9 @@ class CachedReads:
     Its key is its first read's; the result reports that one and carries the
     others' report lines (``Outcome.inner``), and, as its value, every read's
     Outcome for the one task that uses them (:class:`LoadsInline` puts them in
-    place).
+    place), pickled here: the parent passes the bytes on as they are, where
+    unpickling and pickling again dozens of small frames cost it several
+    milliseconds just before the task that uses them can start.
     """
 
     __slots__ = ("loads", "keys")
@@ -292,7 +297,11 @@ class CachedReads:
         outcomes = [load() for load in self.loads]
         first = outcomes[0]
         lines = tuple((key, outcome.report_line()) for key, outcome in zip(self.keys[1:], outcomes[1:]))
-        return Outcome(outcomes, first.step, first.partition, first.status, first.attempts, first.start,
+        try:
+            payload = pickle.dumps(outcomes, protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception:  # a value of a class cloudpickle made: it pickles it again, by value
+            payload = cloudpickle.dumps(outcomes, protocol=pickle.HIGHEST_PROTOCOL)
+        return Outcome(payload, first.step, first.partition, first.status, first.attempts, first.start,
                        first.stop, first.worker, first.error, lines)
 
 
@@ -305,10 +314,10 @@ def store_behind(dsk: dict[Key, Any]) -> dict[Key, Any]:
     on inside the worker are stored before the next call, which may change
     them.
     """
-    from .cache.tasks import StoreTask
+    from .cache.tasks import CommitStoreTask, StoreTask
 
     def behind(func: Any) -> Any:
-        if type(func) is StoreTask:
+        if type(func) in (StoreTask, CommitStoreTask):  # a sink's entries, once it committed
             return func.stored_behind()
         if type(func) is LoadsInline:
             inner = behind(func.task)

@@ -105,6 +105,22 @@ def test_one_new_file_computes_only_its_partitions(executor, job):
     assert result.steps["write_parquet"].cached_partitions == 3  # three files linked, one written
 
 
+def test_a_rerun_adds_entries_and_rewrites_none(executor, job):
+    """Entries of kept results stand as they are: rewriting one costs two fsyncs and says nothing new."""
+    def entries() -> dict[Path, tuple[int, int]]:
+        return {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in job.cache.rglob("*") if p.is_file()}
+
+    job.pipeline().run(executor=executor, progress=False)
+    before = entries()
+    pipelines.write_parts(job.data, [3])
+    job.pipeline().run(executor=executor, progress=False)
+    after = entries()
+    assert [p.name for p in before if after.get(p) != before[p]] == []
+    assert len(after) > len(before)  # the new month's entries
+    again = job.pipeline().run(executor=executor, progress=False)
+    assert set(statuses(again).values()) == {"cached"}
+
+
 def test_code_or_param_change_recomputes_that_step_and_downstream(executor, job):
     job.pipeline().run(executor=executor, progress=False)
     job.calls()

@@ -141,38 +141,59 @@ class CommitStoreTask(StoreTask):
 
     __slots__ = ("writers",)
 
-    def __init__(self, task: Any, cache: Cache, key: str, writers: tuple[str, ...]) -> None:
-        super().__init__(task, cache, key)
+    def __init__(self, task: Any, cache: Cache, key: str, writers: tuple[str, ...], behind: bool = False) -> None:
+        super().__init__(task, cache, key, behind)
         self.writers = writers
 
     def __reduce__(self):
-        return (CommitStoreTask, (self.task, self.cache, self.key, self.writers))
+        return (CommitStoreTask, (self.task, self.cache, self.key, self.writers, self.behind))
 
     def with_task(self, task: Any) -> CommitStoreTask:
-        return CommitStoreTask(task, self.cache, self.key, self.writers)
+        return CommitStoreTask(task, self.cache, self.key, self.writers, self.behind)
+
+    def stored_behind(self) -> CommitStoreTask:
+        return CommitStoreTask(self.task, self.cache, self.key, self.writers, True)
 
     def __call__(self, parts: list[Any]) -> Any:
         outcome = self.task(parts)
         if type(outcome) is not Outcome or outcome.status != SUCCEEDED:
             return outcome
+        # Read now: a task that restaged some parts itself drops their values once this returns.
+        paths = [part.value if type(part) is Outcome else part for part in parts]
+        kept = [type(part) is Outcome and part.status == CACHED for part in parts]
+        if not (self.behind and put_behind(self._store_entries, paths, kept, outcome.step)):
+            self._store_entries(paths, kept, outcome.step)
+        return outcome
+
+    def _store_entries(self, paths: list[Any], kept: list[bool], step: str) -> None:
+        """The entries of the committed files; ``kept`` files were restaged, whose entries may stand."""
         output = sink_output(self.task)
         files = []
-        for writer, part in zip(self.writers, parts):
-            path = part.value if type(part) is Outcome else part
+        for writer, path, restaged in zip(self.writers, paths, kept):
             version = output.version(path)
             if version is None:
-                return outcome  # changed under us: leave it uncached
-            _store(self.cache, writer, (SINK_ENTRY, path, *version), outcome.step)
+                return  # changed under us: leave it uncached
+            entry = (SINK_ENTRY, path, *version)
+            # A file kept by a hard link has the entry it had: writing it again costs two fsyncs.
+            if not (restaged and _holds(self.cache, writer, entry)):
+                _store(self.cache, writer, entry, step)
             files.append((output.name_of(path), *version))
-        if parts:
-            _store(self.cache, self.key, (SINK_COMMIT, output.url, files), outcome.step)
-        return outcome
+        if paths:
+            _store(self.cache, self.key, (SINK_COMMIT, output.url, files), step)
 
 
 def sink_output(task: Any) -> Any:
     """The :class:`~flowyml.io.sinks.Output` a sink's partition or commit task writes (None: not a sink)."""
     function = getattr(task, "finalize", None) or getattr(getattr(task, "spec", None), "func", None)
     return getattr(function, "output", None)
+
+
+def _holds(cache: Cache, key: str, value: Any) -> bool:
+    """Whether ``cache`` has ``value`` under ``key`` already."""
+    try:
+        return bool(cache.load(key) == value)
+    except Exception:  # missing or unreadable: write it
+        return False
 
 
 def _store(cache: Cache, key: str, value: Any, step: str) -> None:
