@@ -287,7 +287,7 @@ def test_the_driver_waits_for_the_report_of_every_task_of_a_cached_run(tmp_path)
     from flowyml.cache import open_cache
     from flowyml.cache.rewrite import plan_cached_run
     from flowyml.compile import compile_plan
-    from flowyml.executors.distributed import _reporting_tasks
+    from flowyml.executors.cluster_graph import reporting_tasks
     from flowyml.run import _resolve_sources
     from flowyml.tasks import RAISE
 
@@ -302,7 +302,7 @@ def test_the_driver_waits_for_the_report_of_every_task_of_a_cached_run(tmp_path)
     graph = compile_plan(plan, run_id="r1", mode=RAISE, key_suffix="-r1", source_partitions=_resolve_sources(plan))
     cached = plan_cached_run(graph, plan, open_cache(plan.cache_dir, None), "r1", RAISE)
     assert any(type(task[0]).__name__ == "StoreTask" for task in cached.dsk.values())
-    assert _reporting_tasks(cached.dsk) == _reporting_tasks(graph.dsk) == 5 + 5 + 1
+    assert reporting_tasks(cached.dsk) == reporting_tasks(graph.dsk) == 5 + 5 + 1
 
 
 def test_task_prefixes_on_the_scheduler_are_step_names(cluster, on_cluster):

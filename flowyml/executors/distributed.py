@@ -59,7 +59,6 @@ import logging
 import os
 import threading
 import time
-import uuid
 from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -67,11 +66,11 @@ from typing import Any
 
 from distributed.diagnostics.plugin import WorkerPlugin
 
-from .._compat import graph_expression
 from ..bulk import no_gc_passes
 from ..exceptions import BackendError, OptionError, StepFailed, WorkerDiedError
 from ..logs import LOG_TOPIC, forwarding_level, install_forwarding, quiet_heartbeats_while_closing
 from .base import Backend, RunHooks, register
+from .cluster_graph import cluster_graph, reporting_tasks
 from .run_events import EVENT_TOPIC, FLUSH_DELAY, _RunEvents, _step_of
 
 __all__ = ["EVENT_TOPIC", "DistributedBackend", "FlowymlPlugin"]
@@ -359,7 +358,7 @@ class DistributedBackend(Backend):
         window = _PerformanceWindow(client, self.performance_report) if self.performance_report else None
         run.subscribe()
         try:
-            graph = _graph(dsk, hooks.run_id, getattr(hooks, "pipeline", None) or "flowyml")
+            graph = cluster_graph(dsk, hooks.run_id, getattr(hooks, "pipeline", None) or "flowyml")
             futures = client.get(graph, list(keys), sync=False)
             try:
                 _wait_with_workers(client, futures, self.no_workers_timeout, self._replace_lost_workers)
@@ -367,7 +366,7 @@ class DistributedBackend(Backend):
             finally:
                 for future in futures:
                     future.release()
-            run.wait_for(_reporting_tasks(dsk))  # the last batches of events may be in flight
+            run.wait_for(reporting_tasks(dsk))  # the last batches of events may be in flight
             return values
         except Exception as exc:
             run.settle()  # the failed run's report: tasks that finished just before still report
@@ -457,87 +456,6 @@ def _wait_with_workers(client: Any, futures: list[Any], timeout: float, check: C
                 f"{client.scheduler.address}`), look in the workers' logs for why they stopped "
                 f"(killed, out of memory), or give them longer with a larger no_workers_timeout"
             )
-
-
-def _graph(dsk: Mapping, run_id: str, pipeline: str) -> Any:
-    """The graph as a Dask expression: each task in its step's span, and restricted where steps ask.
-
-    Built here with the run id as its token: ``client.get`` would otherwise
-    hash every task (pickling each flowyml task object) just to name it.
-    """
-    from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
-
-    dsk = dsk if isinstance(dsk, dict) else dict(dsk)
-    spans = _StepSpans(pipeline, f"-{run_id}")
-    restricted = _resources_by_key(dsk)
-    layers: dict[str, MaterializedLayer] = {}
-    groups: dict[tuple, dict] = {}
-    plain = {}
-    for key, task in dsk.items():
-        resources = restricted.get(key)
-        if resources is None:
-            plain[key] = task
-        else:
-            groups.setdefault(tuple(sorted(resources.items())), {})[key] = task
-    layers[f"flowyml-{run_id}"] = MaterializedLayer(plain, annotations={"span": spans})
-    for i, (pairs, tasks) in enumerate(groups.items()):
-        layers[f"flowyml-{run_id}-resources-{i}"] = MaterializedLayer(
-            tasks, annotations={"resources": dict(pairs), "span": spans}
-        )
-    hlg = HighLevelGraph(layers, {name: set() for name in layers})
-    return graph_expression(hlg, f"flowyml-{run_id}")
-
-
-class _StepSpans:
-    """A run's Dask spans: ``(pipeline, step)`` inside ``(pipeline,)``, as ``distributed.span`` makes them.
-
-    Dask then breaks a run's time down by pipeline and step (the dashboard's
-    Fine Performance Metrics, ``Span.cumulative_worker_metrics``). Dask gives
-    a span whole task groups: copies of one function grouped under one key
-    name (see :mod:`flowyml.compile`) share the span named after that name.
-    Fresh ids per run, as ``span`` makes: two runs are two spans.
-    """
-
-    def __init__(self, pipeline: str, suffix: str) -> None:
-        self._pipeline = pipeline
-        self._suffix = suffix
-        self._ids = (str(uuid.uuid4()),)
-        self._by_name: dict[str, dict[str, tuple[str, ...]]] = {}
-
-    def __call__(self, key: Hashable) -> dict[str, tuple[str, ...]]:
-        name = key[0] if isinstance(key, tuple) else key
-        name = str(name).removesuffix(self._suffix)
-        annotation = self._by_name.get(name)
-        if annotation is None:  # one per step: pickled once however many tasks share it
-            annotation = {"name": (self._pipeline, name), "ids": (*self._ids, str(uuid.uuid4()))}
-            self._by_name[name] = annotation
-        return annotation
-
-
-def _reporting_tasks(dsk: Mapping) -> int:
-    """How many tasks publish an outcome: flowyml's own (they carry the run id), wrapped or not.
-
-    A cached run wraps each computed task in the one that stores its result
-    (``.task``): counted short, the driver would stop listening before the
-    last batches of events arrive, and lose them.
-    """
-    return sum(1 for task in dsk.values() if isinstance(task, tuple) and task and _reports(task[0]))
-
-
-def _reports(func: Any) -> bool:
-    while func is not None and not hasattr(func, "run_id"):
-        func = getattr(func, "task", None)
-    return func is not None
-
-
-def _resources_by_key(dsk: Mapping) -> dict[Hashable, Mapping[str, float]]:
-    out = {}
-    for key, task in dsk.items():
-        spec = getattr(task[0], "spec", None) if isinstance(task, tuple) and task else None
-        resources = getattr(spec, "resources", None)
-        if resources:
-            out[key] = resources
-    return out
 
 
 def _worker_died(exc: Exception, suffix: str) -> StepFailed:
