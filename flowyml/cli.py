@@ -240,6 +240,9 @@ def run(target, backend, workers, address, inputs, params, cache_dir, on_failure
         code = exit_code(exc)
         click.echo(f"flowyml: pipeline {pipeline.name!r} interrupted ({signal_name(code - 128)}); "
                    f"workers stopped, partial output removed", err=True)
+        from .history.recorder import flush
+
+        flush(5.0)  # the run's record says interrupted, even when exit_now cannot wait for threads
         exit_now(code)
     except StepFailed as exc:
         cause = exc.__cause__
@@ -349,6 +352,15 @@ def cache_clear(cache_dir) -> None:
     """Remove every entry of the cache."""
     removed = _cache_for(cache_dir).clear()
     click.echo(f"removed {removed} entries")
+
+
+def _add_history() -> None:
+    from .history.cli import history
+
+    main.add_command(history)
+
+
+_add_history()
 
 
 if __name__ == "__main__":  # python -m flowyml.cli

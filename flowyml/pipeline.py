@@ -204,6 +204,7 @@ class Pipeline:
         outputs: Iterable[str] | None = None,
         on_failure: OnFailure | str = "raise",
         progress: bool | None = None,
+        history: bool | str | None = None,
     ) -> PipelineResult:
         """Run the pipeline and return a :class:`~flowyml.result.PipelineResult`.
 
@@ -221,12 +222,17 @@ class Pipeline:
             the result lists the failures.
         progress : bool, optional
             Show a progress bar; default: on in a terminal or notebook.
+        history : bool or str, optional
+            Record the run in the run history (:mod:`flowyml.history`): default
+            as ``FLOWYML_HISTORY`` says (on, in ``$FLOWYML_HOME/history.db``);
+            False records nothing; a database URL records it there.
         """
         from .run import run_plan, run_settings
 
         # Checked before planning, as a run always has: a typo costs nothing.
         mode, executor = run_settings(on_failure, executor)
-        return run_plan(self.plan(inputs, outputs), executor=executor, on_failure=mode, progress=progress)
+        return run_plan(self.plan(inputs, outputs), executor=executor, on_failure=mode, progress=progress,
+                        history=history)
 
     def to_delayed(
         self, inputs: Mapping[str, Any] | None = None, *, outputs: Iterable[str] | None = None

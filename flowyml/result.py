@@ -53,7 +53,10 @@ class StepResult:
     ``attempts`` is the most any of its partitions took; ``error`` is the
     :class:`StepFailed` of a failed step. ``tasks`` counts the step's tasks
     that ran or were cached: one per partition, one for a whole step, or the
-    whole tree of a ``split_every`` step.
+    whole tree of a ``split_every`` step; ``cached_tasks`` those of them that
+    were cached. ``rows_in`` and ``rows_out`` sum the rows of the DataFrames
+    its tasks that ran took and returned (None when none was a DataFrame;
+    cached tasks are not counted).
     """
 
     name: str
@@ -65,6 +68,9 @@ class StepResult:
     per_partition: bool = False
     error: StepFailed | None = None
     tasks: int = 0
+    cached_tasks: int = 0
+    rows_in: int | None = None
+    rows_out: int | None = None
 
     @property
     def traceback(self) -> str | None:
@@ -82,6 +88,9 @@ class StepResult:
             "cached_partitions": self.cached_partitions,
             "per_partition": self.per_partition,
             "tasks": self.tasks,
+            "cached_tasks": self.cached_tasks,
+            "rows_in": self.rows_in,
+            "rows_out": self.rows_out,
             "error": error_line(self.error),
             "traceback": self.traceback,
         }
@@ -135,6 +144,8 @@ class PipelineResult:
         self.dashboard_link = dashboard_link
         self.extra_report_html = extra_report_html
         self._success = success
+        #: The run's record in the history (set by the run; None when the history is off).
+        self.history: Any = None
 
     @property
     def steps(self) -> dict[str, StepResult]:
@@ -143,6 +154,11 @@ class PipelineResult:
             with no_gc_passes():
                 self._steps = self._steps()
         return self._steps
+
+    def fold_steps(self) -> dict[str, StepResult]:
+        """The steps as ``steps`` has them, folded again rather than kept: safe from another thread."""
+        steps = self._steps
+        return steps() if callable(steps) else steps
 
     @property
     def tasks(self) -> list[TaskRecord]:
@@ -229,7 +245,10 @@ class PipelineResult:
         """Write the run as ``.json`` or as a self-contained ``.html`` page with a timeline."""
         from .report import save_report
 
-        return save_report(self.to_dict(), path, extra_html=self.extra_report_html)
+        saved = save_report(self.to_dict(), path, extra_html=self.extra_report_html)
+        if self.history is not None:  # the history names where the run's report is
+            self.history.report_saved(os.path.abspath(saved))
+        return saved
 
     def _repr_html_(self) -> str:
         from .report import to_html_repr
@@ -269,6 +288,7 @@ def step_results(
         partitioned = per_partition.get(name, False)
         start = stop = None
         first_failure = None
+        rows_in = rows_out = None
         for t in tasks:
             status = t.status
             if status == _FAILED:
@@ -287,6 +307,12 @@ def step_results(
                 start = t.start
             if stop is None or t.stop > stop:
                 stop = t.stop
+            rows = getattr(t, "rows", None)
+            if rows is not None:
+                if rows[0] is not None:
+                    rows_in = rows[0] + (rows_in or 0)
+                if rows[1] is not None:
+                    rows_out = rows[1] + (rows_out or 0)
         error = first_failure.error if first_failure is not None else None
         if failed:
             status = Status.FAILED
@@ -308,5 +334,8 @@ def step_results(
             per_partition=partitioned,
             error=error if isinstance(error, StepFailed) else None,
             tasks=len(tasks),
+            cached_tasks=cached,
+            rows_in=rows_in,
+            rows_out=rows_out,
         )
     return out

@@ -63,11 +63,11 @@ def run_plan(
     executor: ParallelExecutor | None = None,
     on_failure: OnFailure | str = OnFailure.RAISE,
     progress: bool | None = None,
+    history: bool | str | None = None,
 ) -> PipelineResult:
     """Run ``plan``; see :meth:`Pipeline.run` for the parameters."""
     on_failure, executor = run_settings(on_failure, executor)
     run_id = uuid.uuid4().hex[:8]
-    mode = CONTINUE if on_failure == OnFailure.CONTINUE else RAISE
     started_at = datetime.now(UTC)
     start = time.perf_counter()
     # Checked before a pool or cluster starts: a typo'd glob or an unpicklable
@@ -78,6 +78,44 @@ def run_plan(
         from .pickling import check_picklable
 
         check_picklable(plan)
+    record = _history_record(history, plan, executor, run_id, started_at, source_partitions)
+    try:
+        result = _run(plan, executor, on_failure, progress, run_id, started_at, start, source_partitions)
+    except BaseException as exc:
+        if record is not None:
+            record.finish(error=exc)
+            stopped = getattr(exc, "result", None)
+            if isinstance(stopped, PipelineResult):
+                stopped.history = record
+        raise
+    if record is not None:
+        record.finish(result)
+        result.history = record
+    return result
+
+
+def _history_record(history, plan, executor, run_id, started_at, source_partitions):
+    """The run's record in the history, being written; None when the history is off."""
+    from .history.config import HistoryConfigError, history_url, warn_once
+    from .history.recorder import RunRecord
+
+    try:
+        url = history_url(history)
+    except HistoryConfigError as exc:  # recording never fails a run
+        warn_once(history if isinstance(history, str) else os.environ.get("FLOWYML_HISTORY", ""), exc)
+        return None
+    if url is None:
+        return None
+
+    record = RunRecord(url, plan.pipeline, run_id, started_at, executor.backend, executor.max_workers,
+                       {s.name: dict(s.params) for s in plan.steps if s.params}, source_partitions)
+    record.start()
+    return record
+
+
+def _run(plan, executor, on_failure, progress, run_id, started_at, start, source_partitions) -> PipelineResult:
+    impl = executor._impl
+    mode = CONTINUE if on_failure == OnFailure.CONTINUE else RAISE
     cache = open_cache(plan.cache_dir, plan.cache_storage_options)
     # The pool starts in the background once the run knows it has tasks to
     # execute: at once without a cache, else at the cache check's first miss.

@@ -26,7 +26,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,9 +65,11 @@ PLAIN, RAISE, CONTINUE = 0, 1, 2
 class Outcome:
     """A task's value and its report line; ``status`` is ``SUCCEEDED``, ``FAILED``, ``SKIPPED`` or ``CACHED``."""
 
-    __slots__ = ("value", "step", "partition", "status", "attempts", "start", "stop", "worker", "error", "inner")
+    __slots__ = ("value", "step", "partition", "status", "attempts", "start", "stop", "worker", "error", "inner",
+                 "rows")
 
-    def __init__(self, value, step, partition, status, attempts, start, stop, worker, error=None, inner=None):
+    def __init__(self, value, step, partition, status, attempts, start, stop, worker, error=None, inner=None,
+                 rows=None):
         self.value = value
         self.step = step
         self.partition = partition
@@ -79,11 +81,13 @@ class Outcome:
         self.error = error  # a StepFailed (with __cause__) when status is failed
         # ((key, Outcome), ...) of the tasks a fused task ran before this one (see fuse.py)
         self.inner = inner
+        # (rows in, rows out): the rows of the DataFrames the task took and returned, None where none was one
+        self.rows = rows
 
     def __reduce__(self):
         # Spelled out: a generator over __slots__ costs several times more, once per task each way.
         return (Outcome, (self.value, self.step, self.partition, self.status, self.attempts,
-                          self.start, self.stop, self.worker, self.error, self.inner))
+                          self.start, self.stop, self.worker, self.error, self.inner, self.rows))
 
     def __repr__(self) -> str:
         return f"<Outcome {self.step}[{self.partition}] {self.status}>"
@@ -91,7 +95,7 @@ class Outcome:
     def report_line(self) -> Outcome:
         """This outcome without its value (nor the lines of tasks it ran first)."""
         return Outcome(None, self.step, self.partition, self.status, self.attempts, self.start, self.stop,
-                       self.worker, self.error)
+                       self.worker, self.error, None, self.rows)
 
 
 # -- where am I running -----------------------------------------------------------
@@ -188,7 +192,7 @@ def _publish(outcome: Outcome, run_id: str) -> None:
 
         error = pickle.dumps(outcome.error) if outcome.error is not None else None
         fields = [getattr(outcome, name) for name in Outcome.__slots__[1:8]]
-        event = [*fields, error]  # msgpack-able
+        event = [*fields, error, outcome.rows]  # msgpack-able
         # The distributed backend's worker plugin sends events in batches
         # (``flowyml.executors.distributed.FlowymlPlugin``); without it, one by one.
         publish = getattr(worker.plugins.get("flowyml"), "publish", None)
@@ -202,9 +206,10 @@ def outcome_from_event(message: list[Any]) -> Outcome:
     """The inverse of ``_publish``, on the driver."""
     import pickle
 
-    *fields, error = message
+    *fields, error, rows = message
     # fields are Outcome's seven report slots (step ... worker): mypy cannot count a list.
-    return Outcome(None, *fields, pickle.loads(error) if error is not None else None)  # type: ignore[call-arg]
+    return Outcome(None, *fields, pickle.loads(error) if error is not None else None,  # type: ignore[call-arg]
+                   None, tuple(rows) if rows is not None else None)
 
 
 # -- specs --------------------------------------------------------------------------
@@ -429,10 +434,34 @@ class StepTask(_TaskBase):
             if self.mode == PLAIN:
                 return value
             outcome = Outcome(value, spec.name, self.partition, SUCCEEDED, attempt, start, _now(),
-                              _local.label or worker_label())
+                              _local.label or worker_label(), None, None, _rows(args, kwargs, value))
             if _local.dask_worker is not None:
                 _publish(outcome, self.run_id)
             return outcome
+
+
+def _rows(args: Sequence[Any], kwargs: Mapping[str, Any], value: Any) -> tuple[int | None, int | None] | None:
+    """(rows in, rows out) of a task, counting DataFrames only: the run history's rows per step.
+
+    ``len`` of a DataFrame is its index's length, read without touching the data.
+    """
+    rows_in = None
+    for arg in args:
+        if type(arg).__name__ == "DataFrame":
+            rows_in = len(arg) + (rows_in or 0)
+    if kwargs:
+        for arg in kwargs.values():
+            if type(arg).__name__ == "DataFrame":
+                rows_in = len(arg) + (rows_in or 0)
+    if type(value).__name__ == "DataFrame":
+        return rows_in, len(value)
+    if type(value) is tuple:  # several outputs
+        rows_out = None
+        for part in value:
+            if type(part).__name__ == "DataFrame":
+                rows_out = len(part) + (rows_out or 0)
+        return (rows_in, rows_out) if rows_in is not None or rows_out is not None else None
+    return (rows_in, None) if rows_in is not None else None
 
 
 def _split_outputs(spec: StepSpec, value: Any) -> Any:

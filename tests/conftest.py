@@ -8,13 +8,22 @@ inside ``with ParallelExecutor(...)``.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import uuid
 
 import pytest
 
 from flowyml import ParallelExecutor
 
-from .services import S3Server, free_port
+from .services import PostgresServer, S3Server, free_port, postgres_bin
+
+# Every run records itself in the run history: the tests' go to a folder of
+# their own, never to the user's ~/.flowyml, whatever the environment says.
+FLOWYML_HOME = tempfile.mkdtemp(prefix="flowyml-test-home-")
+os.environ["FLOWYML_HOME"] = FLOWYML_HOME
+for _variable in ("FLOWYML_HISTORY", "FLOWYML_HISTORY_RETENTION"):
+    os.environ.pop(_variable, None)
 
 # The S3 API server's address and credentials are in the environment from the
 # start, as on a machine configured for AWS: every pool and cluster the tests
@@ -31,6 +40,12 @@ for _variable in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_CONFIG_FILE", "AWS_SH
     os.environ.pop(_variable, None)
 
 BACKENDS = ["sync", "thread", "process", "distributed"]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _flowyml_home():
+    yield FLOWYML_HOME
+    shutil.rmtree(FLOWYML_HOME, ignore_errors=True)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -118,3 +133,19 @@ def bucket(s3_server) -> str:
     name = f"test-{uuid.uuid4().hex[:12]}"
     s3fs.S3FileSystem(skip_instance_cache=True).mkdir(name)
     return f"s3://{name}"
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """Debian's PostgreSQL, a server of its own on 127.0.0.1 for the whole session (.ci/run installs it)."""
+    if postgres_bin() is None:
+        pytest.skip("PostgreSQL is not installed (apt-get install postgresql; .ci/run does)")
+    server = PostgresServer(free_port()).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def postgres_url(postgres_server) -> str:
+    """A new, empty database on the PostgreSQL server; its SQLAlchemy URL."""
+    return postgres_server.create_database(f"test_{uuid.uuid4().hex[:12]}")

@@ -67,13 +67,13 @@ def independent(numbers):
     return len(numbers)
 
 
-def failing() -> Pipeline:
-    """numbers -> total -> fail_if_big (fails) -> after; numbers -> independent."""
+def failing(limit: int | None = None) -> Pipeline:
+    """numbers -> total -> fail_if_big (fails, unless ``limit`` lets it pass) -> after; numbers -> independent."""
     return (
         Pipeline("failing")
         .add_step(numbers)
         .add_step(total)
-        .add_step(fail_if_big)
+        .add_step(fail_if_big, params=None if limit is None else {"limit": limit})
         .add_step(after)
         .add_step(independent)
     )
@@ -382,3 +382,26 @@ def as_flowyml_reads(frame: pd.DataFrame) -> pd.DataFrame:
 def pandas_read_csv(path, **options) -> pd.DataFrame:
     """``pandas.read_csv`` with flowyml's CSV dtypes (see ``as_flowyml_reads``)."""
     return as_flowyml_reads(pd.read_csv(path, **options))
+
+
+# -- the run history ----------------------------------------------------------------
+
+
+@step(inputs=["rows"], outputs=["kept"], per_partition=True)
+def keep_above(rows, threshold=0):
+    return rows[rows["value"] > threshold]
+
+
+@step(inputs=["kept"], outputs=["summary"])
+def summarize_kept(kept):
+    return kept.groupby("part", as_index=False)["value"].sum()
+
+
+def history_pipeline(folder, cache_dir=None, threshold: int = 12) -> Pipeline:
+    """CSV parts -> keep_above (per partition, drops rows) -> summarize_kept: rows in and out differ."""
+    from flowyml import read_csv
+
+    return (Pipeline("history_demo", cache_dir=cache_dir)
+            .add_source("rows", read_csv(os.path.join(str(folder), "part_*.csv")))
+            .add_step(keep_above, params={"threshold": threshold})
+            .add_step(summarize_kept))

@@ -9,6 +9,7 @@
   passes through local disk by mistake fails.
 - :class:`S3Server` is moto's S3 API server (``moto.server``) in its own process
   on 127.0.0.1: real HTTP, real multipart uploads, conditional writes.
+- :class:`PostgresServer` is Debian's PostgreSQL, a server of its own on 127.0.0.1.
 
 Nothing here binds anything but 127.0.0.1.
 """
@@ -18,9 +19,11 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -162,3 +165,58 @@ class S3Server:
 
     def stop(self) -> None:
         self._processes.stop()
+
+
+def postgres_bin() -> Path | None:
+    """The folder of Debian's PostgreSQL programs (initdb, pg_ctl), newest version; None when not installed."""
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parts[-3]))
+    return found[-1].parent if found else None
+
+
+class PostgresServer:
+    """A PostgreSQL server of its own on 127.0.0.1:``port``, its data in a fresh folder, trusting local users.
+
+    As root (as CI runs), the server runs as the ``postgres`` user Debian's
+    package makes, so its folder lies outside pytest's root-only temporary
+    folder. ``url(database)`` is the SQLAlchemy URL of one database;
+    :meth:`create_database` makes a fresh one.
+    """
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.bin = postgres_bin()
+        self.folder = Path(tempfile.mkdtemp(prefix="flowyml-pg-", dir="/tmp"))
+        self.data = self.folder / "data"
+        self.log = self.folder / "server.log"
+
+    def _as_owner(self, command: list[str]) -> None:
+        if os.geteuid() == 0:
+            command = ["su", "postgres", "-s", "/bin/sh", "-c", shlex.join(command)]
+        subprocess.run(command, check=True, capture_output=True, timeout=START_TIMEOUT)
+
+    def start(self) -> PostgresServer:
+        assert self.bin is not None, "no PostgreSQL programs under /usr/lib/postgresql"
+        if os.geteuid() == 0:
+            shutil.chown(self.folder, "postgres", "postgres")
+        self._as_owner([str(self.bin / "initdb"), "-A", "trust", "-U", "postgres", "-D", str(self.data)])
+        options = f"-p {self.port} -h 127.0.0.1 -k {self.folder} -c fsync=off"
+        self._as_owner([str(self.bin / "pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-o", options,
+                        "-w", "-t", str(START_TIMEOUT), "start"])
+        return self
+
+    def url(self, database: str = "postgres") -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
+
+    def create_database(self, name: str) -> str:
+        import psycopg
+
+        with psycopg.connect(f"host=127.0.0.1 port={self.port} user=postgres dbname=postgres",
+                             autocommit=True) as connection:
+            connection.execute(f'CREATE DATABASE "{name}"')
+        return self.url(name)
+
+    def stop(self) -> None:
+        try:
+            self._as_owner([str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "stop"])
+        finally:
+            shutil.rmtree(self.folder, ignore_errors=True)

@@ -121,7 +121,7 @@ def _command() -> list[str]:
 
 
 def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("FLOWYML_", "PYTEST_"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FLOWYML_", "PYTEST_")) or k == "FLOWYML_HOME"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
     env.update(extra)
     return env
@@ -135,7 +135,7 @@ def flowyml_cli(*args: str, cwd: Path, env: dict[str, str] | None = None) -> sub
 
 def invoke(work: Path, *args: str, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.chdir(work)
-    for name in [n for n in os.environ if n.startswith("FLOWYML_")]:
+    for name in [n for n in os.environ if n.startswith("FLOWYML_") and n != "FLOWYML_HOME"]:
         monkeypatch.delenv(name)
     return CliRunner().invoke(main, list(args))
 

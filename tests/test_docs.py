@@ -124,7 +124,7 @@ def _bin_dir(tmp_path: Path) -> Path:
 
 def user_environment(tmp_path: Path) -> dict[str, str]:
     """The environment of a user's shell: venv first on PATH, flowyml importable, no forced backend."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("FLOWYML_", "PYTEST_"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FLOWYML_", "PYTEST_")) or k == "FLOWYML_HOME"}
     path = [str(_bin_dir(tmp_path)), str(Path(sys.executable).parent), env.get("PATH", "")]
     env["PATH"] = os.pathsep.join(path)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))

@@ -112,7 +112,7 @@ def test_unconfigured_logging_means_a_run_prints_nothing(tmp_path: Path) -> None
     script = tmp_path / "job.py"
     script.write_text(textwrap.dedent(SILENT_SCRIPT.format(
         trips=TRIPS, backends=["sync", "thread", "process", "distributed"])))
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("FLOWYML_", "PYTEST_"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FLOWYML_", "PYTEST_")) or k == "FLOWYML_HOME"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
     done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=180, stdin=subprocess.DEVNULL)

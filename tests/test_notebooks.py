@@ -44,7 +44,7 @@ def _outputs(book, kind: str) -> list[str]:
 def execute(path: Path, tmp_path: Path):
     (tmp_path / "data").symlink_to(REPO / "data", target_is_directory=True)
     book = nbformat.read(path, as_version=4)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("FLOWYML_", "PYTEST_"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FLOWYML_", "PYTEST_")) or k == "FLOWYML_HOME"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
     client = nbclient.NotebookClient(
         book, timeout=CELL_TIMEOUT, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}

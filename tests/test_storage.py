@@ -271,7 +271,7 @@ def test_the_cli_reads_writes_and_caches_on_s3_with_credentials_from_the_environ
     fs = fsspec.filesystem("s3")
     for local in sorted((ROOT / "data" / "trips").glob("*.csv")):
         fs.put_file(str(local), f"{bucket[5:]}/trips/{local.name}")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("FLOWYML_", "PYTEST_"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FLOWYML_", "PYTEST_")) or k == "FLOWYML_HOME"}
     env |= {"TRIPS_OUTPUT": f"{bucket}/trips_clean", "PYTHONPATH": str(ROOT)}
     command = [sys.executable, "-m", "flowyml", "run", "examples/trips.py", "--backend", "thread",
                "--input", f"trips={bucket}/trips/*.csv", "--no-progress"]
