@@ -23,7 +23,10 @@ PALETTE = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F
 STATUS_COLOURS = {"succeeded": "#2e7d32", "failed": "#c62828", "interrupted": "#ef6c00", "lost": "#6d4c41",
                   "running": "#1565c0"}
 
-WIDTH, HEIGHT, LEFT, RIGHT, TOP, BOTTOM = 880, 320, 60, 20, 16, 40
+WIDTH, HEIGHT, LEFT, RIGHT, TOP, BOTTOM = 880, 320, 72, 20, 16, 40
+
+#: Step statuses without a duration of their own: no point on the chart, a gap in the line.
+_NOT_RUN = ("skipped", "stopped")
 
 _STYLE = """
 body { font: 14px/1.45 system-ui, sans-serif; margin: 24px; color: #222; }
@@ -94,7 +97,7 @@ def _duration_chart(order: list[str], by_step: dict[str, dict[str, dict[str, Any
         value = top * k / 4
         parts.append(f'<line x1="{LEFT}" x2="{WIDTH - RIGHT}" y1="{y(value):.1f}" y2="{y(value):.1f}" '
                      f'stroke="#eee"/><text x="{LEFT - 6}" y="{y(value) + 4:.1f}" text-anchor="end">'
-                     f"{value:.3g} s</text>")
+                     f"{_seconds(value)}</text>")
     parts.append(f'<text x="{(WIDTH + LEFT) / 2}" y="{HEIGHT - 8}" text-anchor="middle">'
                  f"runs, oldest to newest ({len(order)})</text>")
     legend = []
@@ -102,13 +105,15 @@ def _duration_chart(order: list[str], by_step: dict[str, dict[str, dict[str, Any
         colour = PALETTE[n % len(PALETTE)]
         label = html.escape(step)
         legend.append(f'<span><i class="swatch" style="background:{colour}"></i>{label}</span>')
-        points = [(i, runs[run_id]) for i, run_id in enumerate(order) if run_id in runs]
-        line = " ".join(f"{_x(i, len(order)):.1f},{y(s['duration_s'] or 0.0):.1f}" for i, s in points)
-        parts.append(f'<polyline fill="none" stroke="{colour}" stroke-width="2" points="{line}">'
-                     f"<title>{label}</title></polyline>")
+        points = [(i, runs[run_id]) for i, run_id in enumerate(order)
+                  if run_id in runs and runs[run_id]["status"] not in _NOT_RUN]
+        for segment in _consecutive(points):  # a run the step did not run in breaks its line
+            line = " ".join(f"{_x(i, len(order)):.1f},{y(s['duration_s'] or 0.0):.1f}" for i, s in segment)
+            parts.append(f'<polyline fill="none" stroke="{colour}" stroke-width="2" points="{line}">'
+                         f"<title>{label}</title></polyline>")
         for i, s in points:
             cx, cy = _x(i, len(order)), y(s["duration_s"] or 0.0)
-            tip = html.escape(f"{step}, run {s['run_id']}: {s['duration_s'] or 0.0:.3f} s, {s['status']}")
+            tip = html.escape(f"{step}, run {s['run_id']}: {_seconds(s['duration_s'] or 0.0)}, {s['status']}")
             if s["status"] == "failed":
                 parts.append(f'<path class="failure" d="M{cx - 5:.1f},{cy - 5:.1f} l10,10 m0,-10 l-10,10" '
                              f'stroke="#c62828" stroke-width="2.5"><title>{tip}</title></path>')
@@ -131,7 +136,7 @@ def _runs_chart(runs: list[dict[str, Any]]) -> str:
         cx = _x(i, len(runs))
         colour = STATUS_COLOURS.get(r["status"], "#999")
         tip = html.escape(f"run {r['run_id']} {_time(r['started_at'])}: {r['status']}, "
-                          f"cache hit rate {_percent(rate)}, {r.get('duration_s') or 0:.2f} s")
+                          f"cache hit rate {_percent(rate)}, {_seconds(r.get('duration_s') or 0.0)}")
         h = plot_h * (rate or 0.0)
         parts.append(f'<rect class="run {html.escape(r["status"])}" x="{cx - bar / 2:.1f}" '
                      f'y="{TOP + plot_h - h:.1f}" width="{bar:.1f}" height="{h:.1f}" fill="#90a4ae">'
@@ -155,12 +160,37 @@ def _step_table(order: list[str], by_step: dict[str, dict[str, dict[str, Any]]])
         rate = _hit_rate(sum(s["cached_tasks"] or 0 for s in ordered), sum(s["tasks"] or 0 for s in ordered))
         rows_out = "" if last["rows_out"] is None else f"{last['rows_out']:,}"
         rows.append(
-            f"<tr><td>{html.escape(step)}</td><td>{last['duration_s'] or 0.0:.3f} s</td>"
-            f"<td>{statistics.median(durations) if durations else 0.0:.3f} s</td><td>{len(ordered)}</td>"
+            f"<tr><td>{html.escape(step)}</td><td>{_seconds(last['duration_s'] or 0.0)}</td>"
+            f"<td>{_seconds(statistics.median(durations)) if durations else ''}</td><td>{len(ordered)}</td>"
             f'<td class="{"failed" if failures else ""}">{failures}</td><td>{_percent(rate)}</td>'
             f"<td>{rows_out}</td></tr>"
         )
     return "".join(rows) + "</table>"
+
+
+def _consecutive(points: list[tuple[int, Any]]) -> list[list[tuple[int, Any]]]:
+    """``points`` split where a run index is missing."""
+    segments: list[list[tuple[int, Any]]] = []
+    for point in points:
+        if segments and segments[-1][-1][0] == point[0] - 1:
+            segments[-1].append(point)
+        else:
+            segments.append([point])
+    return segments
+
+
+def _seconds(value: float) -> str:
+    """A duration as people read it: 850 µs, 12.5 ms, 3.42 s, 2 min 05 s."""
+    if value == 0:
+        return "0"
+    if value < 1e-3:
+        return f"{value * 1e6:.0f} µs"
+    if value < 1:
+        return f"{value * 1e3:.3g} ms"
+    if value < 60:
+        return f"{value:.3g} s"
+    minutes, seconds = divmod(round(value), 60)
+    return f"{minutes} min {seconds:02d} s"
 
 
 def _hit_rate(cached: int | None, tasks: int | None) -> float | None:
