@@ -9,8 +9,12 @@ has left for the driver as it is stored: nothing in this process changes it.
 
 - The driver waits for every worker's thread at the end of each run (one
   :func:`flush_task` per worker, which a barrier of one party per worker
-  spreads over all), so a finished run's results are in the cache. A worker
-  killed before that loses its pending entries; the next run recomputes them.
+  spreads over all), so a finished run's results are in the cache. The
+  barrier waits without a timeout: a slow store must not break it (a broken
+  barrier no longer gives each worker one flush), and a worker that dies
+  cannot leave the others waiting, since the pool then terminates them all.
+  A worker killed before the flush loses its pending entries, and so do the
+  others, which the broken pool terminates; the next run recomputes them.
 - The thread lives only while it has something to store. A worker that forks
   (a step with a killable timeout, :mod:`flowyml.timeouts`) first waits for
   it to end (:func:`settle`), and forks single-threaded.
@@ -23,12 +27,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["FLUSH_TIMEOUT", "flush_task", "install", "put", "settle"]
-
-#: How long a worker's flush waits for the other workers' (seconds): they are
-#: idle when the driver asks, so only a dead worker makes it wait this long.
-FLUSH_TIMEOUT = 60.0
-
+__all__ = ["flush_task", "install", "put", "settle"]
 
 class _Behind:
     """One worker's thread, started by :meth:`put` and ended once nothing is pending."""
@@ -99,4 +98,4 @@ def flush_task() -> None:
     """A task for every worker of a pool at once: return when this worker's work is done."""
     if _behind is not None:
         _behind.settle()
-        _behind.barrier.wait(FLUSH_TIMEOUT)
+        _behind.barrier.wait()  # no timeout: see the module docstring

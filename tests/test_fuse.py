@@ -205,3 +205,40 @@ def test_a_workers_store_thread_ends_once_its_work_is_done(monkeypatch):
     release.set()
     behind.settle()
     assert done == [1, 2] and store_threads() == 0
+
+
+def _installed(monkeypatch, barrier=None):
+    """This process as a worker with a store thread (restored after the test)."""
+    from flowyml import behind
+
+    monkeypatch.setattr(behind, "_behind", None)
+    behind.install(barrier)
+    return behind
+
+
+def test_a_flush_outlasting_any_timeout_keeps_the_barrier_whole(monkeypatch):
+    """A slow store (here: every timeout already run out) must not break the barrier the flushes share."""
+    import threading
+
+    arrived = threading.Event()
+
+    class Expired(threading.Barrier):
+        def wait(self, timeout=None):
+            arrived.set()
+            return super().wait(None if timeout is None else 0)
+
+    behind = _installed(monkeypatch, Expired(2))
+    errors = []
+
+    def first_worker():
+        try:
+            behind.flush_task()
+        except BaseException as exc:
+            errors.append(exc)
+
+    worker = threading.Thread(target=first_worker)
+    worker.start()
+    assert arrived.wait(30)
+    behind.flush_task()  # the second worker, long after the first
+    worker.join(30)
+    assert errors == [] and not behind._behind.barrier.broken

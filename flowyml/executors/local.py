@@ -293,6 +293,7 @@ class ProcessBackend(_PoolBackend):
         self._logs: ProcessLogBridge | None = None  # the first pool's; kept when a broken pool is replaced
         self._starting: tuple[Any, list[Future]] | None = None  # spawned, not yet waited for (start)
         self._settling: _SettlingPool | None = None  # the running graph's tasks
+        self._flush_barrier: Any = None  # the pool's workers' (see _flush_stores)
 
     def start(self) -> None:
         """Begin what takes long; ``open`` waits until every worker is up.
@@ -325,11 +326,12 @@ class ProcessBackend(_PoolBackend):
         main = dies_with_driver(context)  # a driver killed outright leaves no worker behind
         # An overrunning attempt runs in a child process that is killed (timeouts.py).
         settings = WorkerSettings(killable_timeouts=True)
+        self._flush_barrier = context.Barrier(self.max_workers)
         pool = ProcessPoolExecutor(
             self.max_workers, mp_context=context, initializer=initialize_worker,
             initargs=(ready, settings, *self._logs.initargs, self._slots, main,
                       [name for name in PRELOAD if name in sys.modules], dict(os.environ),
-                      context.Barrier(self.max_workers)),
+                      self._flush_barrier),
         )
         # Processes start on demand: one no-op per worker spawns them all now
         # (each submit spawns one), so the first tasks spread over all.
@@ -441,15 +443,25 @@ class ProcessBackend(_PoolBackend):
                 self._logs.flush()  # the run's worker log lines are out before it returns
 
     def _flush_stores(self) -> None:
-        """Until every worker has stored the results its store thread holds (one task each)."""
+        """Until every worker has stored the results its store thread holds (one task each).
+
+        The tasks wait for each other at the pool's barrier, so that each
+        worker takes one. Every worker is idle now, none of them at the
+        barrier: a barrier broken before (by whatever means) is reset, or
+        each would pass it at once and one worker could take two flushes
+        while another, still storing, took none. A worker that dies during
+        the flush breaks the pool, which terminates the others: the wait ends.
+        """
         from ..behind import flush_task
 
         pool = self._pool
         if pool is None:
             return
+        if self._flush_barrier is not None and self._flush_barrier.broken:
+            self._flush_barrier.reset()
         try:
             flushes = [pool.submit(flush_task) for _ in range(self.max_workers)]
-        except RuntimeError:  # a broken pool: its workers' pending stores are lost (recomputed next run)
+        except RuntimeError:  # a broken pool: every worker's pending stores are lost (recomputed next run)
             return
         wait(flushes)
 
