@@ -16,12 +16,14 @@ has left for the driver as it is stored: nothing in this process changes it.
   A worker killed before the flush loses its pending entries, and so do the
   others, which the broken pool terminates; the next run recomputes them.
 - The thread lives only while it has something to store. A worker that forks
-  (a step with a killable timeout, :mod:`flowyml.timeouts`) first waits for
-  it to end (:func:`settle`), and forks single-threaded.
+  (a step with a killable timeout, :mod:`flowyml.timeouts`, or any other
+  fork) first waits for it to end (:func:`settle`, also run before every
+  ``os.fork``), and forks single-threaded.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -36,13 +38,14 @@ class _Behind:
         self.barrier = barrier
         self._pending: deque[tuple[Callable[..., Any], tuple[Any, ...]]] = deque()
         self._idle = threading.Condition()
-        self._thread: threading.Thread | None = None
+        self._thread: threading.Thread | None = None  # working: None once it has nothing left
+        self._last: threading.Thread | None = None  # the latest started, which may still be ending
 
     def put(self, func: Callable[..., Any], arguments: tuple[Any, ...]) -> None:
         with self._idle:
             self._pending.append((func, arguments))
             if self._thread is None:
-                self._thread = threading.Thread(target=self._work, name="flowyml-store", daemon=True)
+                self._thread = self._last = threading.Thread(target=self._work, name="flowyml-store", daemon=True)
                 self._thread.start()
 
     def _work(self) -> None:
@@ -64,20 +67,34 @@ class _Behind:
     def settle(self) -> None:
         """Return once everything put so far is done and the thread has ended."""
         with self._idle:
-            thread = self._thread
+            if threading.current_thread() is self._thread:
+                return  # the work itself forks: it cannot wait for its own end
             while self._thread is not None:
                 self._idle.wait()
-        if thread is not None:
-            thread.join()  # about to end: the process has one thread again
+            last = self._last
+        if last is not None:
+            # Done, but perhaps still ending even where it was done before this
+            # call began: once joined, the process has one thread again.
+            last.join()
 
 
 _behind: _Behind | None = None  # this worker's, when its backend works behind
 
 
+_settles_at_fork = False  # settle() is registered to run before os.fork (once a process)
+
+
 def install(barrier: Any) -> None:
-    """In a process-pool worker: do :func:`put` work in a thread; ``barrier`` has a party per worker."""
-    global _behind
+    """In a process-pool worker: do :func:`put` work in a thread; ``barrier`` has a party per worker.
+
+    Every fork of this process waits for the thread first (user code, a nested
+    run): a child forked while it runs would inherit its locks half held.
+    """
+    global _behind, _settles_at_fork
     _behind = _Behind(barrier)
+    if not _settles_at_fork and hasattr(os, "register_at_fork"):  # not on Windows, which never forks
+        os.register_at_fork(before=settle)
+        _settles_at_fork = True
 
 
 def put(func: Callable[..., Any], *arguments: Any) -> bool:

@@ -242,3 +242,46 @@ def test_a_flush_outlasting_any_timeout_keeps_the_barrier_whole(monkeypatch):
     behind.flush_task()  # the second worker, long after the first
     worker.join(30)
     assert errors == [] and not behind._behind.barrier.broken
+
+
+def test_a_fork_waits_for_the_store_thread(monkeypatch):
+    """Any fork of a worker (user code, a nested run), not only a killable timeout's, forks single-threaded."""
+    import os
+    import threading
+
+    behind = _installed(monkeypatch)
+    release, done = threading.Event(), []
+    # Runs just before the fork (before-hooks run newest first, so before settle):
+    # the store below is then still under way unless the fork waits for it.
+    os.register_at_fork(before=release.set)
+    behind.put(lambda: (release.wait(30), done.append("stored")))
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0 if done == ["stored"] and threading.active_count() == 1 else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_settle_waits_for_a_store_thread_still_ending(monkeypatch):
+    """Done with its work, a thread may not have ended yet: settle() joins it all the same."""
+    import threading
+
+    behind = _installed(monkeypatch)
+    joined = threading.Event()
+
+    class Ending(threading.Thread):
+        def run(self):
+            super().run()
+            joined.wait(30)  # still ending after its work: until someone joins it
+
+        def join(self, timeout=None):
+            joined.set()
+            super().join(timeout)
+
+    monkeypatch.setattr(behind.threading, "Thread", Ending)
+    state = behind._behind
+    behind.put(len, "")
+    with state._idle:
+        assert state._idle.wait_for(lambda: state._thread is None, 30)
+    behind.settle()
+    assert not any(thread.name == "flowyml-store" for thread in threading.enumerate())

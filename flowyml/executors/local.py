@@ -426,18 +426,20 @@ class ProcessBackend(_PoolBackend):
             self.open()
         self._settling = None
         try:
-            values = list(self._get(None, dsk, list(keys), hooks))
-        except KeyboardInterrupt:
-            self._interrupt()
-            raise
-        except BaseException:
-            if self._settling is not None:
-                self._settling.settle()
-            self._flush_stores()
-            raise
-        else:
+            try:
+                values = list(self._get(None, dsk, list(keys), hooks))
+            except KeyboardInterrupt:
+                raise
+            except BaseException:
+                if self._settling is not None:
+                    self._settling.settle()
+                self._flush_stores()
+                raise
             self._flush_stores()
             return values
+        except KeyboardInterrupt:  # while the graph runs, or while waiting for it to settle or flush
+            self._interrupt()
+            raise
         finally:
             if self._logs is not None:
                 self._logs.flush()  # the run's worker log lines are out before it returns
