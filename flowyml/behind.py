@@ -15,6 +15,9 @@ has left for the driver as it is stored: nothing in this process changes it.
   cannot leave the others waiting, since the pool then terminates them all.
   A worker killed before the flush loses its pending entries, and so do the
   others, which the broken pool terminates; the next run recomputes them.
+- A result larger than :data:`MAX_BYTES` is stored by its task before it
+  returns: held by the thread, it would add to what the worker's next task
+  loads, and raise the worker's peak memory by its size.
 - The thread lives only while it has something to store. A worker that forks
   (a step with a killable timeout, :mod:`flowyml.timeouts`, or any other
   fork) first waits for it to end (:func:`settle`, also run before every
@@ -29,7 +32,16 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["flush_task", "install", "put", "settle"]
+__all__ = ["MAX_BYTES", "flush_task", "install", "put", "settle"]
+
+#: A result larger than this in memory (its shallow size,
+#: :func:`flowyml.memory.shallow_bytes`) is stored by its task, not behind it.
+#: Held by the thread, a result adds its size (and its encoding's buffers) to
+#: the worker's peak while the next task loads its inputs; below 64 MiB that
+#: is small next to a worker's memory, and its store (a fraction of a second)
+#: is still worth taking off the critical path.
+MAX_BYTES = 64 << 20
+
 
 class _Behind:
     """One worker's thread, started by :meth:`put` and ended once nothing is pending."""

@@ -216,6 +216,42 @@ def _installed(monkeypatch, barrier=None):
     return behind
 
 
+class _Stores:
+    """A cache that records each store, and the thread that made it."""
+
+    def __init__(self) -> None:
+        self.stored: dict[str, object] = {}
+        self.threads: dict[str, str] = {}
+
+    def store(self, key, value) -> None:
+        import threading
+
+        self.stored[key], self.threads[key] = value, threading.current_thread().name
+
+    def load(self, key):
+        return self.stored[key]
+
+
+def _succeeds(value):
+    from flowyml.tasks import SUCCEEDED, Outcome
+
+    return lambda *arguments: Outcome(value, "step", 0, SUCCEEDED, 1, 0.0, 0.0, "worker")
+
+
+def test_a_large_result_is_stored_by_its_task_not_held_by_the_store_thread(monkeypatch):
+    import pandas as pd
+
+    from flowyml.cache.tasks import StoreTask
+
+    behind = _installed(monkeypatch)
+    monkeypatch.setattr("flowyml.cache.tasks.MAX_BYTES_BEHIND", 10_000)
+    cache = _Stores()
+    StoreTask(_succeeds(pd.DataFrame({"x": range(10)})), cache, "small", behind=True)()
+    StoreTask(_succeeds(pd.DataFrame({"x": range(10_000)})), cache, "large", behind=True)()
+    behind.settle()
+    assert cache.threads == {"small": "flowyml-store", "large": "MainThread"}
+
+
 def test_a_flush_outlasting_any_timeout_keeps_the_barrier_whole(monkeypatch):
     """A slow store (here: every timeout already run out) must not break the barrier the flushes share."""
     import threading

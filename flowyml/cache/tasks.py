@@ -16,9 +16,11 @@ import logging
 import time
 from typing import Any
 
+from flowyml.behind import MAX_BYTES as MAX_BYTES_BEHIND
 from flowyml.behind import put as put_behind
 from flowyml.cache.store import Cache
 from flowyml.exceptions import CacheError, StaleCacheEntry
+from flowyml.memory import shallow_bytes
 from flowyml.tasks import CACHED, SUCCEEDED, Outcome, _TaskBase
 
 __all__ = [
@@ -101,7 +103,8 @@ class StoreTask:
 
     ``behind=True`` (process backend, for a task whose value leaves the
     process): the worker's store thread stores it while the value travels to
-    the next tasks, if the worker has one (:mod:`flowyml.behind`).
+    the next tasks, if the worker has one (:mod:`flowyml.behind`), and the
+    value is at most :data:`~flowyml.behind.MAX_BYTES` in memory.
     """
 
     __slots__ = ("task", "cache", "key", "behind")
@@ -131,8 +134,10 @@ class StoreTask:
         outcome = self.task(*arguments)
         if type(outcome) is not Outcome or outcome.status != SUCCEEDED:
             return outcome
-        if not (self.behind and put_behind(_store, self.cache, self.key, outcome.value, outcome.step)):
-            _store(self.cache, self.key, outcome.value, outcome.step)
+        value = outcome.value
+        if not (self.behind and shallow_bytes(value) <= MAX_BYTES_BEHIND
+                and put_behind(_store, self.cache, self.key, value, outcome.step)):
+            _store(self.cache, self.key, value, outcome.step)
         return outcome
 
 
