@@ -252,6 +252,36 @@ def test_a_large_result_is_stored_by_its_task_not_held_by_the_store_thread(monke
     assert cache.threads == {"small": "flowyml-store", "large": "MainThread"}
 
 
+def test_a_sinks_entries_describe_its_files_as_its_commit_left_them(monkeypatch):
+    """The versions are read by the commit's task; a file changed while the thread is busy changes nothing."""
+    import threading
+    from types import SimpleNamespace
+
+    from flowyml.cache.tasks import SINK_COMMIT, SINK_ENTRY, CommitStoreTask
+
+    behind = _installed(monkeypatch)
+    versions = {"out/a.parquet": (10, 1.0), "out/b.parquet": (20, 2.0)}
+    output = SimpleNamespace(url="out", version=versions.get, name_of=lambda path: path.split("/")[-1])
+
+    class Commit:  # a sink's commit task, as sink_output finds its Output
+        finalize = SimpleNamespace(output=output)
+
+        def __call__(self, parts):
+            return _succeeds(parts)()
+
+    busy, release = threading.Event(), threading.Event()
+    behind.put(lambda: (busy.set(), release.wait(30)))  # the thread is still storing something else
+    assert busy.wait(30)
+    cache = _Stores()
+    CommitStoreTask(Commit(), cache, "commit", ("wa", "wb"), behind=True)(list(versions))
+    versions["out/a.parquet"] = (11, 3.0)  # rewritten after the commit, before its entries are stored
+    release.set()
+    behind.settle()
+    assert cache.stored == {"wa": (SINK_ENTRY, "out/a.parquet", 10, 1.0), "wb": (SINK_ENTRY, "out/b.parquet", 20, 2.0),
+                            "commit": (SINK_COMMIT, "out", [("a.parquet", 10, 1.0), ("b.parquet", 20, 2.0)])}
+    assert set(cache.threads.values()) == {"flowyml-store"}
+
+
 def test_a_flush_outlasting_any_timeout_keeps_the_barrier_whole(monkeypatch):
     """A slow store (here: every timeout already run out) must not break the barrier the flushes share."""
     import threading
