@@ -351,3 +351,19 @@ def test_settle_waits_for_a_store_thread_still_ending(monkeypatch):
         assert state._idle.wait_for(lambda: state._thread is None, 30)
     behind.settle()
     assert not any(thread.name == "flowyml-store" for thread in threading.enumerate())
+
+
+def test_cached_reads_pickle_values_from_main_by_value(monkeypatch):
+    import pickle
+    import sys
+
+    from flowyml.tasks import CACHED, Outcome
+
+    class Local:  # a class pickle finds in __main__ here, but not in the worker that unpickles
+        __module__, __qualname__ = "__main__", "FlowymlTestLocal"
+
+    monkeypatch.setattr(sys.modules["__main__"], "FlowymlTestLocal", Local, raising=False)
+    read = CachedReads((lambda: Outcome(Local(), "s", 0, CACHED, 0, 0.0, 0.0, "w"),) * 2, ("a", "b"))
+    payload = read().value
+    monkeypatch.delattr(sys.modules["__main__"], "FlowymlTestLocal")  # as in that worker
+    assert [type(outcome.value).__qualname__ for outcome in pickle.loads(payload)] == ["FlowymlTestLocal"] * 2
