@@ -34,6 +34,7 @@ import pickle
 from collections.abc import Hashable, Iterable
 from typing import Any
 
+from .pickling import dumps
 from .tasks import Outcome
 
 __all__ = [
@@ -298,8 +299,6 @@ class CachedReads:
         # As the pool pickles tasks and results: a value whose class pickle
         # would name in ``__main__`` or in a module pickled by value (not
         # importable where it is read) goes by value, through cloudpickle.
-        from .executors.local import dumps
-
         return Outcome(dumps(outcomes), first.step, first.partition, first.status, first.attempts, first.start,
                        first.stop, first.worker, first.error, lines)
 

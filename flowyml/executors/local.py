@@ -9,7 +9,6 @@ batching several into one submission would serialize them on one worker.
 from __future__ import annotations
 
 import os
-import pickle
 import signal
 import sys
 import threading
@@ -32,6 +31,7 @@ from .._compat import (
     wait_until_readable,
 )
 from ..bulk import graph_prepared
+from ..pickling import dumps
 from ..tasks import WorkerSettings, install_worker_settings
 from .base import Backend, RunHooks, register
 from .processes import PRELOAD, dies_with_driver, prepare_worker, process_context
@@ -245,32 +245,6 @@ def _main_module_hidden() -> Iterator[None]:
 
 def _ready() -> None:
     """A no-op task: submitting one per worker starts every process."""
-
-
-def dumps(value: Any) -> bytes:
-    """Serialize a task or a result for the process pool: ``pickle``, else ``cloudpickle``.
-
-    Dask's multiprocessing scheduler uses cloudpickle for everything, whose
-    Python-level hook runs for every object and looks up every class and
-    function by name: much of the pickling cost of a small task. Plain
-    ``pickle`` is right whenever everything is importable by the workers; what
-    is not (functions or classes from ``__main__``, a notebook, a module
-    registered with ``cloudpickle.register_pickle_by_value``, lambdas, closures)
-    either fails to pickle or names its module in the bytes, and goes to
-    cloudpickle, by value. ``distributed`` serializes the same way.
-    """
-    try:
-        data = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
-    except Exception:
-        return cloudpickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
-    if b"__main__" in data or _names_by_value_module(data):
-        return cloudpickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
-    return data
-
-
-def _names_by_value_module(data: bytes) -> bool:
-    registry = cloudpickle.list_registry_pickle_by_value()
-    return bool(registry) and any(name.encode() in data for name in registry)
 
 
 @register
