@@ -9,25 +9,38 @@ has left for the driver as it is stored: nothing in this process changes it.
 
 - The driver waits for every worker's thread at the end of each run (one
   :func:`flush_task` per worker, which a barrier of one party per worker
-  spreads over all), so a finished run's results are in the cache. A worker
-  killed before that loses its pending entries; the next run recomputes them.
+  spreads over all), so a finished run's results are in the cache. The
+  barrier waits without a timeout: a slow store must not break it (a broken
+  barrier no longer gives each worker one flush), and a worker that dies
+  cannot leave the others waiting, since the pool then terminates them all.
+  A worker killed before the flush loses its pending entries, and so do the
+  others, which the broken pool terminates; the next run recomputes them.
+- A result larger than :data:`MAX_BYTES` is stored by its task before it
+  returns: held by the thread, it would add to what the worker's next task
+  loads, and raise the worker's peak memory by its size.
 - The thread lives only while it has something to store. A worker that forks
-  (a step with a killable timeout, :mod:`flowyml.timeouts`) first waits for
-  it to end (:func:`settle`), and forks single-threaded.
+  (a step with a killable timeout, :mod:`flowyml.timeouts`, or any other
+  fork) first waits for it to end (:func:`settle`, also run before every
+  ``os.fork``), and forks single-threaded.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["FLUSH_TIMEOUT", "flush_task", "install", "put", "settle"]
+__all__ = ["MAX_BYTES", "flush_task", "install", "put", "settle"]
 
-#: How long a worker's flush waits for the other workers' (seconds): they are
-#: idle when the driver asks, so only a dead worker makes it wait this long.
-FLUSH_TIMEOUT = 60.0
+#: A result larger than this in memory (its shallow size,
+#: :func:`flowyml.memory.shallow_bytes`) is stored by its task, not behind it.
+#: Held by the thread, a result adds its size (and its encoding's buffers) to
+#: the worker's peak while the next task loads its inputs; below 64 MiB that
+#: is small next to a worker's memory, and its store (a fraction of a second)
+#: is still worth taking off the critical path.
+MAX_BYTES = 64 << 20
 
 
 class _Behind:
@@ -37,13 +50,14 @@ class _Behind:
         self.barrier = barrier
         self._pending: deque[tuple[Callable[..., Any], tuple[Any, ...]]] = deque()
         self._idle = threading.Condition()
-        self._thread: threading.Thread | None = None
+        self._thread: threading.Thread | None = None  # working: None once it has nothing left
+        self._last: threading.Thread | None = None  # the latest started, which may still be ending
 
     def put(self, func: Callable[..., Any], arguments: tuple[Any, ...]) -> None:
         with self._idle:
             self._pending.append((func, arguments))
             if self._thread is None:
-                self._thread = threading.Thread(target=self._work, name="flowyml-store", daemon=True)
+                self._thread = self._last = threading.Thread(target=self._work, name="flowyml-store", daemon=True)
                 self._thread.start()
 
     def _work(self) -> None:
@@ -65,20 +79,34 @@ class _Behind:
     def settle(self) -> None:
         """Return once everything put so far is done and the thread has ended."""
         with self._idle:
-            thread = self._thread
+            if threading.current_thread() is self._thread:
+                return  # the work itself forks: it cannot wait for its own end
             while self._thread is not None:
                 self._idle.wait()
-        if thread is not None:
-            thread.join()  # about to end: the process has one thread again
+            last = self._last
+        if last is not None:
+            # Done, but perhaps still ending even where it was done before this
+            # call began: once joined, the process has one thread again.
+            last.join()
 
 
 _behind: _Behind | None = None  # this worker's, when its backend works behind
 
 
+_settles_at_fork = False  # settle() is registered to run before os.fork (once a process)
+
+
 def install(barrier: Any) -> None:
-    """In a process-pool worker: do :func:`put` work in a thread; ``barrier`` has a party per worker."""
-    global _behind
+    """In a process-pool worker: do :func:`put` work in a thread; ``barrier`` has a party per worker.
+
+    Every fork of this process waits for the thread first (user code, a nested
+    run): a child forked while it runs would inherit its locks half held.
+    """
+    global _behind, _settles_at_fork
     _behind = _Behind(barrier)
+    if not _settles_at_fork and hasattr(os, "register_at_fork"):  # not on Windows, which never forks
+        os.register_at_fork(before=settle)
+        _settles_at_fork = True
 
 
 def put(func: Callable[..., Any], *arguments: Any) -> bool:
@@ -99,4 +127,4 @@ def flush_task() -> None:
     """A task for every worker of a pool at once: return when this worker's work is done."""
     if _behind is not None:
         _behind.settle()
-        _behind.barrier.wait(FLUSH_TIMEOUT)
+        _behind.barrier.wait()  # no timeout: see the module docstring

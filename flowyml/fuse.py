@@ -34,8 +34,7 @@ import pickle
 from collections.abc import Hashable, Iterable
 from typing import Any
 
-import cloudpickle
-
+from .pickling import dumps
 from .tasks import Outcome
 
 __all__ = [
@@ -297,13 +296,11 @@ class CachedReads:
         outcomes = [load() for load in self.loads]
         first = outcomes[0]
         lines = tuple((key, outcome.report_line()) for key, outcome in zip(self.keys[1:], outcomes[1:]))
-        try:
-            payload = pickle.dumps(outcomes, protocol=pickle.HIGHEST_PROTOCOL)
-        except Exception:  # a value of a class cloudpickle made: it pickles it again, by value
-            payload = cloudpickle.dumps(outcomes, protocol=pickle.HIGHEST_PROTOCOL)
-        return Outcome(payload, first.step, first.partition, first.status, first.attempts, first.start,
+        # As the pool pickles tasks and results: a value whose class pickle
+        # would name in ``__main__`` or in a module pickled by value (not
+        # importable where it is read) goes by value, through cloudpickle.
+        return Outcome(dumps(outcomes), first.step, first.partition, first.status, first.attempts, first.start,
                        first.stop, first.worker, first.error, lines)
-
 
 
 def store_behind(dsk: dict[Key, Any]) -> dict[Key, Any]:

@@ -29,7 +29,7 @@ from typing import Any
 from .context import _dask_worker
 from .exceptions import MemoryWarning
 
-__all__ = ["SHARE", "check_concat", "worker_memory"]
+__all__ = ["SHARE", "check_concat", "shallow_bytes", "worker_memory"]
 
 log = logging.getLogger("flowyml.memory")
 
@@ -72,6 +72,21 @@ def check_concat(step: str, parts: Sequence[Any]) -> None:
     log.warning("%s", message)
     if _in_driver():  # elsewhere the log record is forwarded to the driver instead
         warnings.warn(message, MemoryWarning, stacklevel=2)
+
+
+def shallow_bytes(value: Any) -> int:
+    """A cheap estimate of ``value``'s bytes in memory.
+
+    A DataFrame or Series counts as :func:`check_concat` counts it (Python
+    objects as their pointers); anything else as ``dask.sizeof`` estimates it.
+    """
+    import pandas as pd
+
+    if isinstance(value, (pd.DataFrame, pd.Series)):
+        return _shallow_bytes(value)
+    from dask.sizeof import sizeof
+
+    return int(sizeof(value))
 
 
 def _shallow_bytes(part: Any) -> int:

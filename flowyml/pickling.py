@@ -1,7 +1,13 @@
-"""Check, before any task starts, that what must reach worker processes pickles."""
+"""What must reach worker processes: checked to pickle before any task starts, and how it is pickled.
+
+:func:`dumps` is how the process backend pickles tasks and results, and how
+a task that sends others' values on in one payload pickles it
+(:class:`~flowyml.fuse.CachedReads`): one rule for what travels by value.
+"""
 
 from __future__ import annotations
 
+import pickle
 from typing import TYPE_CHECKING, Any
 
 import cloudpickle
@@ -11,7 +17,7 @@ from .exceptions import NotPicklableError
 if TYPE_CHECKING:
     from .plan import Plan
 
-__all__ = ["check_picklable"]
+__all__ = ["check_picklable", "dumps"]
 
 
 def check_picklable(plan: Plan) -> None:
@@ -55,3 +61,29 @@ def _check(value: Any, what: str, fix: str, seen: set[int]) -> None:
 
 def _name(func: Any) -> str:
     return getattr(func, "__qualname__", None) or repr(func)
+
+
+def dumps(value: Any) -> bytes:
+    """Serialize a task or a result for the process pool: ``pickle``, else ``cloudpickle``.
+
+    Dask's multiprocessing scheduler uses cloudpickle for everything, whose
+    Python-level hook runs for every object and looks up every class and
+    function by name: much of the pickling cost of a small task. Plain
+    ``pickle`` is right whenever everything is importable by the workers; what
+    is not (functions or classes from ``__main__``, a notebook, a module
+    registered with ``cloudpickle.register_pickle_by_value``, lambdas, closures)
+    either fails to pickle or names its module in the bytes, and goes to
+    cloudpickle, by value. ``distributed`` serializes the same way.
+    """
+    try:
+        data = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception:
+        return cloudpickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+    if b"__main__" in data or _names_by_value_module(data):
+        return cloudpickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+    return data
+
+
+def _names_by_value_module(data: bytes) -> bool:
+    registry = cloudpickle.list_registry_pickle_by_value()
+    return bool(registry) and any(name.encode() in data for name in registry)

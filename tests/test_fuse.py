@@ -205,3 +205,167 @@ def test_a_workers_store_thread_ends_once_its_work_is_done(monkeypatch):
     release.set()
     behind.settle()
     assert done == [1, 2] and store_threads() == 0
+
+
+def _installed(monkeypatch, barrier=None):
+    """This process as a worker with a store thread (restored after the test)."""
+    from flowyml import behind
+
+    monkeypatch.setattr(behind, "_behind", None)
+    behind.install(barrier)
+    return behind
+
+
+class _Stores:
+    """A cache that records each store, and the thread that made it."""
+
+    def __init__(self) -> None:
+        self.stored: dict[str, object] = {}
+        self.threads: dict[str, str] = {}
+
+    def store(self, key, value) -> None:
+        import threading
+
+        self.stored[key], self.threads[key] = value, threading.current_thread().name
+
+    def load(self, key):
+        return self.stored[key]
+
+
+def _succeeds(value):
+    from flowyml.tasks import SUCCEEDED, Outcome
+
+    return lambda *arguments: Outcome(value, "step", 0, SUCCEEDED, 1, 0.0, 0.0, "worker")
+
+
+def test_a_large_result_is_stored_by_its_task_not_held_by_the_store_thread(monkeypatch):
+    import pandas as pd
+
+    from flowyml.cache.tasks import StoreTask
+
+    behind = _installed(monkeypatch)
+    monkeypatch.setattr("flowyml.cache.tasks.MAX_BYTES_BEHIND", 10_000)
+    cache = _Stores()
+    StoreTask(_succeeds(pd.DataFrame({"x": range(10)})), cache, "small", behind=True)()
+    StoreTask(_succeeds(pd.DataFrame({"x": range(10_000)})), cache, "large", behind=True)()
+    behind.settle()
+    assert cache.threads == {"small": "flowyml-store", "large": "MainThread"}
+
+
+def test_a_sinks_entries_describe_its_files_as_its_commit_left_them(monkeypatch):
+    """The versions are read by the commit's task; a file changed while the thread is busy changes nothing."""
+    import threading
+    from types import SimpleNamespace
+
+    from flowyml.cache.tasks import SINK_COMMIT, SINK_ENTRY, CommitStoreTask
+
+    behind = _installed(monkeypatch)
+    versions = {"out/a.parquet": (10, 1.0), "out/b.parquet": (20, 2.0)}
+    output = SimpleNamespace(url="out", version=versions.get, name_of=lambda path: path.split("/")[-1])
+
+    class Commit:  # a sink's commit task, as sink_output finds its Output
+        finalize = SimpleNamespace(output=output)
+
+        def __call__(self, parts):
+            return _succeeds(parts)()
+
+    busy, release = threading.Event(), threading.Event()
+    behind.put(lambda: (busy.set(), release.wait(30)))  # the thread is still storing something else
+    assert busy.wait(30)
+    cache = _Stores()
+    CommitStoreTask(Commit(), cache, "commit", ("wa", "wb"), behind=True)(list(versions))
+    versions["out/a.parquet"] = (11, 3.0)  # rewritten after the commit, before its entries are stored
+    release.set()
+    behind.settle()
+    assert cache.stored == {"wa": (SINK_ENTRY, "out/a.parquet", 10, 1.0), "wb": (SINK_ENTRY, "out/b.parquet", 20, 2.0),
+                            "commit": (SINK_COMMIT, "out", [("a.parquet", 10, 1.0), ("b.parquet", 20, 2.0)])}
+    assert set(cache.threads.values()) == {"flowyml-store"}
+
+
+def test_a_flush_outlasting_any_timeout_keeps_the_barrier_whole(monkeypatch):
+    """A slow store (here: every timeout already run out) must not break the barrier the flushes share."""
+    import threading
+
+    arrived = threading.Event()
+
+    class Expired(threading.Barrier):
+        def wait(self, timeout=None):
+            arrived.set()
+            return super().wait(None if timeout is None else 0)
+
+    behind = _installed(monkeypatch, Expired(2))
+    errors = []
+
+    def first_worker():
+        try:
+            behind.flush_task()
+        except BaseException as exc:
+            errors.append(exc)
+
+    worker = threading.Thread(target=first_worker)
+    worker.start()
+    assert arrived.wait(30)
+    behind.flush_task()  # the second worker, long after the first
+    worker.join(30)
+    assert errors == [] and not behind._behind.barrier.broken
+
+
+def test_a_fork_waits_for_the_store_thread(monkeypatch):
+    """Any fork of a worker (user code, a nested run), not only a killable timeout's, forks single-threaded."""
+    import os
+    import threading
+
+    behind = _installed(monkeypatch)
+    release, done = threading.Event(), []
+    # Runs just before the fork (before-hooks run newest first, so before settle):
+    # the store below is then still under way unless the fork waits for it.
+    os.register_at_fork(before=release.set)
+    behind.put(lambda: (release.wait(30), done.append("stored")))
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0 if done == ["stored"] else 1)  # the store was over before the fork
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_settle_waits_for_a_store_thread_still_ending(monkeypatch):
+    """Done with its work, a thread may not have ended yet: settle() joins it all the same."""
+    import threading
+    from types import SimpleNamespace
+
+    behind = _installed(monkeypatch)
+    joined = threading.Event()
+
+    class Ending(threading.Thread):
+        def run(self):
+            super().run()
+            joined.wait(30)  # still ending after its work: until someone joins it
+
+        def join(self, timeout=None):
+            joined.set()
+            super().join(timeout)
+
+    # In flowyml.behind alone: a thread anything else started now must not wait to be joined.
+    monkeypatch.setattr(behind, "threading", SimpleNamespace(**{**vars(threading), "Thread": Ending}))
+    state = behind._behind
+    behind.put(len, "")
+    with state._idle:
+        assert state._idle.wait_for(lambda: state._thread is None, 30)
+    behind.settle()
+    assert not any(thread.name == "flowyml-store" for thread in threading.enumerate())
+
+
+def test_cached_reads_pickle_values_from_main_by_value(monkeypatch):
+    import pickle
+    import sys
+
+    from flowyml.tasks import CACHED, Outcome
+
+    class Local:  # a class pickle finds in __main__ here, but not in the worker that unpickles
+        __module__, __qualname__ = "__main__", "FlowymlTestLocal"
+
+    monkeypatch.setattr(sys.modules["__main__"], "FlowymlTestLocal", Local, raising=False)
+    read = CachedReads((lambda: Outcome(Local(), "s", 0, CACHED, 0, 0.0, 0.0, "w"),) * 2, ("a", "b"))
+    payload = read().value
+    monkeypatch.delattr(sys.modules["__main__"], "FlowymlTestLocal")  # as in that worker
+    assert [type(outcome.value).__qualname__ for outcome in pickle.loads(payload)] == ["FlowymlTestLocal"] * 2

@@ -379,3 +379,38 @@ def test_a_driver_killed_outright_leaves_no_worker_process_behind(tmp_path):
             child.kill()
     _, alive = psutil.wait_procs(descendants, timeout=15)
     assert alive == [], f"left behind: {alive}"
+
+
+def test_ctrl_c_while_the_workers_flush_their_stores_kills_them():
+    """The wait for the store threads' flush (process backend) is part of the run: Ctrl-C stops the pool too."""
+    from flowyml import ParallelExecutor
+
+    with ParallelExecutor(max_workers=2, backend="process") as executor:
+        backend = executor._impl
+        workers = []
+
+        def interrupted_flush():
+            workers.extend(backend._processes.values())
+            raise KeyboardInterrupt
+
+        backend._flush_stores = interrupted_flush
+        with pytest.raises(KeyboardInterrupt):
+            pipelines.diamond().run(executor=executor, progress=False)
+        assert backend._pool is None and len(workers) == 2
+        assert all(worker.exitcode is not None for worker in workers)  # killed and joined, not left running
+
+
+def test_a_broken_flush_barrier_is_whole_again_for_the_next_flush(tmp_path):
+    """A barrier broken once would let each later flush pass it at once: one worker could take two
+    flushes and another, still storing, none. The driver resets it first."""
+    from flowyml import ParallelExecutor
+
+    pipeline = pipelines.diamond()
+    pipeline.cache_dir = str(tmp_path / "cache")
+    with ParallelExecutor(max_workers=2, backend="process") as executor:
+        backend = executor._impl
+        assert pipeline.run(executor=executor, progress=False)["report"] == [20, 25, 10, 35]
+        backend._flush_barrier.abort()  # as a flush that outlasted a timeout left it
+        pipeline.add_step(pipelines.total)  # something to compute (and flush) again
+        assert pipeline.run(executor=executor, progress=False)["total"] == 45
+        assert not backend._flush_barrier.broken

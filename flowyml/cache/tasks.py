@@ -16,9 +16,11 @@ import logging
 import time
 from typing import Any
 
+from flowyml.behind import MAX_BYTES as MAX_BYTES_BEHIND
 from flowyml.behind import put as put_behind
 from flowyml.cache.store import Cache
 from flowyml.exceptions import CacheError, StaleCacheEntry
+from flowyml.memory import shallow_bytes
 from flowyml.tasks import CACHED, SUCCEEDED, Outcome, _TaskBase
 
 __all__ = [
@@ -101,7 +103,8 @@ class StoreTask:
 
     ``behind=True`` (process backend, for a task whose value leaves the
     process): the worker's store thread stores it while the value travels to
-    the next tasks, if the worker has one (:mod:`flowyml.behind`).
+    the next tasks, if the worker has one (:mod:`flowyml.behind`), and the
+    value is at most :data:`~flowyml.behind.MAX_BYTES` in memory.
     """
 
     __slots__ = ("task", "cache", "key", "behind")
@@ -131,8 +134,10 @@ class StoreTask:
         outcome = self.task(*arguments)
         if type(outcome) is not Outcome or outcome.status != SUCCEEDED:
             return outcome
-        if not (self.behind and put_behind(_store, self.cache, self.key, outcome.value, outcome.step)):
-            _store(self.cache, self.key, outcome.value, outcome.step)
+        value = outcome.value
+        if not (self.behind and shallow_bytes(value) <= MAX_BYTES_BEHIND
+                and put_behind(_store, self.cache, self.key, value, outcome.step)):
+            _store(self.cache, self.key, value, outcome.step)
         return outcome
 
 
@@ -161,25 +166,28 @@ class CommitStoreTask(StoreTask):
         # Read now: a task that restaged some parts itself drops their values once this returns.
         paths = [part.value if type(part) is Outcome else part for part in parts]
         kept = [type(part) is Outcome and part.status == CACHED for part in parts]
-        if not (self.behind and put_behind(self._store_entries, paths, kept, outcome.step)):
-            self._store_entries(paths, kept, outcome.step)
+        output = sink_output(self.task)
+        # The versions too (size and mtime, or ETag): the entries must describe
+        # the files as this commit left them, not as they are whenever the
+        # store thread gets to them.
+        versions = [output.version(path) for path in paths]
+        if any(version is None for version in versions):
+            return outcome  # changed under us: leave it uncached
+        files = [(output.name_of(path), *version) for path, version in zip(paths, versions)]
+        entries = [(SINK_ENTRY, path, *version) for path, version in zip(paths, versions)]
+        commit = (SINK_COMMIT, output.url, files) if paths else None
+        if not (self.behind and put_behind(self._store_entries, entries, kept, commit, outcome.step)):
+            self._store_entries(entries, kept, commit, outcome.step)
         return outcome
 
-    def _store_entries(self, paths: list[Any], kept: list[bool], step: str) -> None:
-        """The entries of the committed files; ``kept`` files were restaged, whose entries may stand."""
-        output = sink_output(self.task)
-        files = []
-        for writer, path, restaged in zip(self.writers, paths, kept):
-            version = output.version(path)
-            if version is None:
-                return  # changed under us: leave it uncached
-            entry = (SINK_ENTRY, path, *version)
+    def _store_entries(self, entries: list[tuple], kept: list[bool], commit: tuple | None, step: str) -> None:
+        """The committed files' entries, then the commit's; ``kept`` files were restaged, whose entries may stand."""
+        for writer, entry, restaged in zip(self.writers, entries, kept):
             # A file kept by a hard link has the entry it had: writing it again costs two fsyncs.
             if not (restaged and _holds(self.cache, writer, entry)):
                 _store(self.cache, writer, entry, step)
-            files.append((output.name_of(path), *version))
-        if paths:
-            _store(self.cache, self.key, (SINK_COMMIT, output.url, files), step)
+        if commit is not None:
+            _store(self.cache, self.key, commit, step)
 
 
 def sink_output(task: Any) -> Any:

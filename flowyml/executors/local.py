@@ -9,7 +9,6 @@ batching several into one submission would serialize them on one worker.
 from __future__ import annotations
 
 import os
-import pickle
 import signal
 import sys
 import threading
@@ -32,6 +31,7 @@ from .._compat import (
     wait_until_readable,
 )
 from ..bulk import graph_prepared
+from ..pickling import dumps
 from ..tasks import WorkerSettings, install_worker_settings
 from .base import Backend, RunHooks, register
 from .processes import PRELOAD, dies_with_driver, prepare_worker, process_context
@@ -247,32 +247,6 @@ def _ready() -> None:
     """A no-op task: submitting one per worker starts every process."""
 
 
-def dumps(value: Any) -> bytes:
-    """Serialize a task or a result for the process pool: ``pickle``, else ``cloudpickle``.
-
-    Dask's multiprocessing scheduler uses cloudpickle for everything, whose
-    Python-level hook runs for every object and looks up every class and
-    function by name: much of the pickling cost of a small task. Plain
-    ``pickle`` is right whenever everything is importable by the workers; what
-    is not (functions or classes from ``__main__``, a notebook, a module
-    registered with ``cloudpickle.register_pickle_by_value``, lambdas, closures)
-    either fails to pickle or names its module in the bytes, and goes to
-    cloudpickle, by value. ``distributed`` serializes the same way.
-    """
-    try:
-        data = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
-    except Exception:
-        return cloudpickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
-    if b"__main__" in data or _names_by_value_module(data):
-        return cloudpickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
-    return data
-
-
-def _names_by_value_module(data: bytes) -> bool:
-    registry = cloudpickle.list_registry_pickle_by_value()
-    return bool(registry) and any(name.encode() in data for name in registry)
-
-
 @register
 class ProcessBackend(_PoolBackend):
     """Dask's multiprocessing scheduler on a reused pool of worker processes.
@@ -293,6 +267,7 @@ class ProcessBackend(_PoolBackend):
         self._logs: ProcessLogBridge | None = None  # the first pool's; kept when a broken pool is replaced
         self._starting: tuple[Any, list[Future]] | None = None  # spawned, not yet waited for (start)
         self._settling: _SettlingPool | None = None  # the running graph's tasks
+        self._flush_barrier: Any = None  # the pool's workers' (see _flush_stores)
 
     def start(self) -> None:
         """Begin what takes long; ``open`` waits until every worker is up.
@@ -325,11 +300,12 @@ class ProcessBackend(_PoolBackend):
         main = dies_with_driver(context)  # a driver killed outright leaves no worker behind
         # An overrunning attempt runs in a child process that is killed (timeouts.py).
         settings = WorkerSettings(killable_timeouts=True)
+        self._flush_barrier = context.Barrier(self.max_workers)
         pool = ProcessPoolExecutor(
             self.max_workers, mp_context=context, initializer=initialize_worker,
             initargs=(ready, settings, *self._logs.initargs, self._slots, main,
                       [name for name in PRELOAD if name in sys.modules], dict(os.environ),
-                      context.Barrier(self.max_workers)),
+                      self._flush_barrier),
         )
         # Processes start on demand: one no-op per worker spawns them all now
         # (each submit spawns one), so the first tasks spread over all.
@@ -424,32 +400,44 @@ class ProcessBackend(_PoolBackend):
             self.open()
         self._settling = None
         try:
-            values = list(self._get(None, dsk, list(keys), hooks))
-        except KeyboardInterrupt:
-            self._interrupt()
-            raise
-        except BaseException:
-            if self._settling is not None:
-                self._settling.settle()
-            self._flush_stores()
-            raise
-        else:
+            try:
+                values = list(self._get(None, dsk, list(keys), hooks))
+            except KeyboardInterrupt:
+                raise
+            except BaseException:
+                if self._settling is not None:
+                    self._settling.settle()
+                self._flush_stores()
+                raise
             self._flush_stores()
             return values
+        except KeyboardInterrupt:  # while the graph runs, or while waiting for it to settle or flush
+            self._interrupt()
+            raise
         finally:
             if self._logs is not None:
                 self._logs.flush()  # the run's worker log lines are out before it returns
 
     def _flush_stores(self) -> None:
-        """Until every worker has stored the results its store thread holds (one task each)."""
+        """Until every worker has stored the results its store thread holds (one task each).
+
+        The tasks wait for each other at the pool's barrier, so that each
+        worker takes one. Every worker is idle now, none of them at the
+        barrier: a barrier broken before (by whatever means) is reset, or
+        each would pass it at once and one worker could take two flushes
+        while another, still storing, took none. A worker that dies during
+        the flush breaks the pool, which terminates the others: the wait ends.
+        """
         from ..behind import flush_task
 
         pool = self._pool
         if pool is None:
             return
+        if self._flush_barrier is not None and self._flush_barrier.broken:
+            self._flush_barrier.reset()
         try:
             flushes = [pool.submit(flush_task) for _ in range(self.max_workers)]
-        except RuntimeError:  # a broken pool: its workers' pending stores are lost (recomputed next run)
+        except RuntimeError:  # a broken pool: every worker's pending stores are lost (recomputed next run)
             return
         wait(flushes)
 
