@@ -250,13 +250,13 @@ def test_a_run_whose_process_was_killed_is_marked_lost(tmp_path):
 
 
 def test_a_run_of_another_host_is_lost_once_its_heartbeat_is_old(tmp_path):
-    from flowyml.history.recorder import lost_after
+    from flowyml.history.config import LOST_AFTER
 
     url = sqlite_url(tmp_path)
     engine = open_engine(url)
     now = datetime.now(UTC)
     with engine.begin() as connection:
-        for run_id, beat in (("fresh", now - lost_after() / 2), ("stale", now - lost_after() * 2)):
+        for run_id, beat in (("fresh", now - LOST_AFTER / 2), ("stale", now - LOST_AFTER * 2)):
             connection.execute(runs.insert().values(run_id=run_id, pipeline="p", status="running", started_at=beat,
                                                     heartbeat_at=beat, host="elsewhere.example", pid=1))
     frame = flowyml.history.runs(url=url).set_index("run_id")

@@ -17,11 +17,17 @@ import warnings
 from datetime import timedelta
 from pathlib import Path
 
-__all__ = ["DEFAULT_RETENTION", "HistoryConfigError", "HistoryWarning", "history_url", "home", "parse_age",
-           "retention", "warn_once"]
+__all__ = ["DEFAULT_RETENTION", "HEARTBEAT", "LOST_AFTER", "HistoryConfigError", "HistoryWarning", "history_url",
+           "home", "parse_age", "retention", "warn_once"]
 
 #: How long runs are kept when ``FLOWYML_HISTORY_RETENTION`` is not set.
 DEFAULT_RETENTION = "90d"
+
+#: Seconds between a running run's heartbeats.
+HEARTBEAT = 60.0
+
+#: A running record of another host without a heartbeat for this long is lost.
+LOST_AFTER = timedelta(seconds=5 * HEARTBEAT)
 
 _warned: set[str] = set()
 

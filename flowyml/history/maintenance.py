@@ -8,7 +8,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from .config import retention
+from .config import LOST_AFTER, retention
 from .database import transaction
 from .schema import meta, runs, steps
 
@@ -23,14 +23,12 @@ def mark_lost(engine: sa.Engine) -> int:
 
     A run of this host is lost once its process is gone (its pid is not
     running, or runs a process started at another time). A run of another
-    host is lost once its heartbeat is older than ``lost_after()``.
+    host is lost once its heartbeat is older than ``LOST_AFTER``.
     """
     import psutil
 
-    from .recorder import lost_after
-
     host = socket.gethostname()
-    stale = datetime.now(UTC) - lost_after()
+    stale = datetime.now(UTC) - LOST_AFTER
 
     def mark(connection: sa.Connection) -> int:
         rows = connection.execute(

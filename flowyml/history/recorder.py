@@ -24,18 +24,15 @@ import json
 import os
 import sys
 import threading
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from .config import warn_once
+from .config import HEARTBEAT, warn_once
 
 if TYPE_CHECKING:
     from ..result import PipelineResult
 
-__all__ = ["HEARTBEAT", "RunRecord", "flush", "lost_after"]
-
-#: Seconds between a running run's heartbeats.
-HEARTBEAT = 60.0
+__all__ = ["RunRecord", "flush"]
 
 #: Seconds the interpreter waits at exit for records still being written.
 EXIT_TIMEOUT = 30.0
@@ -278,8 +275,3 @@ def _files(sources: dict[str, list[Any]]) -> dict[str, Any]:
         out[name] = {"files": listed[:MAX_FILES], "count": len(listed),
                      "bytes": sum(f["size"] or 0 for f in listed if isinstance(f["size"], int))}
     return out
-
-
-def lost_after() -> timedelta:
-    """A running record without a heartbeat for this long is lost (its host is elsewhere)."""
-    return timedelta(seconds=5 * HEARTBEAT)
