@@ -330,13 +330,13 @@ class _TaskBase:
 
     mode: int  # PLAIN, RAISE or CONTINUE
 
-    def _report(self, value, step, partition, status, attempts, start, error=None):
+    def _report(self, value, step, partition, status, attempts, start, error=None, rows=None):
         if error is not None and self.mode != CONTINUE:
             raise error
         if self.mode == PLAIN:
             return value
         outcome = Outcome(value, step, partition, status, attempts, start, _now(),
-                          _local.label or worker_label(), error)
+                          _local.label or worker_label(), error, None, rows)
         if _local.dask_worker is not None:
             _publish(outcome, self.run_id)
         return outcome
@@ -532,7 +532,8 @@ class SourceTask(_TaskBase):
         except Exception as exc:
             error = _step_failed(self.name, self.index, 1, exc)
             return self._report(None, self.name, self.index, FAILED, 1, start, error)
-        return self._report(value, self.name, self.index, SUCCEEDED, 1, start)
+        rows = (None, len(value)) if type(value).__name__ == "DataFrame" else None  # the rows it read
+        return self._report(value, self.name, self.index, SUCCEEDED, 1, start, None, rows)
 
 
 class ValueTask(_TaskBase):

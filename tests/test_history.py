@@ -86,6 +86,7 @@ def test_a_run_is_recorded_with_where_how_and_what_it_ran(executor, tmp_path):
     read, kept = expected_kept(folder, 12)
     steps = {s["name"]: s for s in run["steps"]}
     assert steps["keep_above"]["tasks"] == 4
+    assert (steps["rows"]["rows_in"], steps["rows"]["rows_out"]) == (None, read)  # the source's partitions
     assert (steps["keep_above"]["rows_in"], steps["keep_above"]["rows_out"]) == (read, len(kept))
     summary = steps["summarize_kept"]
     assert (summary["rows_in"], summary["rows_out"]) == (len(kept), len(result["summary"]))
