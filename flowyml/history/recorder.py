@@ -20,12 +20,13 @@ cannot be written warns once per database and process
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
 import threading
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .config import HEARTBEAT, warn_once
 
@@ -50,7 +51,6 @@ class RunRecord:
     def __init__(self, url: str, pipeline: str, run_id: str, started_at: datetime, backend: str, workers: int,
                  params: dict[str, Any], sources: dict[str, list[Any]]) -> None:
         import shlex
-        import socket
 
         self.url = url
         self.run_id = run_id
@@ -62,9 +62,6 @@ class RunRecord:
             "heartbeat_at": started_at,
             "backend": backend,
             "workers": workers,
-            "host": socket.gethostname(),
-            "pid": os.getpid(),
-            "user": _user(),
             "command": shlex.join(sys.argv) if sys.argv and sys.argv[0] else None,
         }
         self._params = params
@@ -105,11 +102,10 @@ class RunRecord:
         if self._failed or self._engine is None:
             return
         from .database import transaction
-        from .schema import runs
 
         try:
             transaction(self._engine, lambda c: c.execute(
-                runs.update().where(runs.c.run_id == self.run_id).values(report_path=path)))
+                _statements().update, {"key": self.run_id, "report_path": path}))
         except Exception as exc:
             warn_once(self.url, exc)
 
@@ -131,15 +127,11 @@ class RunRecord:
 
     def _open(self) -> bool:
         try:
-            import psutil
-
             from .database import open_engine, transaction
-            from .schema import runs
 
-            row = dict(self._row, **_versions(), params=_plain(self._params), sources=_files(self._sources),
-                       pid_started=psutil.Process().create_time())
+            row = dict(self._row, **_this_process(), params=_plain(self._params), sources=_files(self._sources))
             engine = open_engine(self.url)
-            transaction(engine, lambda c: c.execute(runs.insert().values(**row)))
+            transaction(engine, lambda c: c.execute(_statements().insert, row))
             self._engine = engine
             return True
         except Exception as exc:
@@ -149,12 +141,11 @@ class RunRecord:
 
     def _beat(self) -> None:
         from .database import transaction
-        from .schema import runs
 
         while not self._ended.wait(HEARTBEAT):
             try:
                 transaction(self._engine, lambda c: c.execute(
-                    runs.update().where(runs.c.run_id == self.run_id).values(heartbeat_at=datetime.now(UTC))))
+                    _statements().update, {"key": self.run_id, "heartbeat_at": datetime.now(UTC)}))
             except Exception:  # a missed heartbeat is no reason to warn: the next one may pass
                 pass
 
@@ -162,7 +153,6 @@ class RunRecord:
         from ..result import error_line
         from .database import transaction
         from .maintenance import prune_by_retention, prune_due
-        from .schema import runs, steps
 
         now = self._ended_at or datetime.now(UTC)
         started: datetime = self._row["started_at"]
@@ -205,9 +195,10 @@ class RunRecord:
             values["report_path"] = self._report_path
 
         def write(connection: Any) -> bool:
-            connection.execute(runs.update().where(runs.c.run_id == self.run_id).values(**values))
+            statements = _statements()
+            connection.execute(statements.update, {"key": self.run_id, **values})
             if step_rows:
-                connection.execute(steps.insert(), step_rows)
+                connection.execute(statements.insert_steps, step_rows)
             return prune_due(connection)
 
         if transaction(self._engine, write):
@@ -230,6 +221,40 @@ def flush(timeout: float | None = None) -> bool:
     return not any(record._thread.is_alive() for record in ended)
 
 
+class _Statements(NamedTuple):
+    insert: Any
+    update: Any  # SET the columns a call gives, WHERE run_id = :key
+    insert_steps: Any
+
+
+@functools.cache
+def _statements() -> _Statements:
+    """The record's statements, built once: SQLAlchemy then compiles each once per engine."""
+    import sqlalchemy as sa
+
+    from .schema import runs, steps
+
+    return _Statements(runs.insert(), runs.update().where(runs.c.run_id == sa.bindparam("key")), steps.insert())
+
+
+@functools.cache
+def _this_process() -> dict[str, Any]:
+    """What every record of this process says of it (read once: package metadata is slow to read)."""
+    import socket
+    from importlib.metadata import PackageNotFoundError, version
+
+    import psutil
+
+    out: dict[str, Any] = {"host": socket.gethostname(), "pid": os.getpid(), "user": _user(),
+                           "pid_started": psutil.Process().create_time()}
+    for package in ("flowyml", "dask", "pandas"):
+        try:
+            out[f"{package}_version"] = version(package)
+        except PackageNotFoundError:
+            out[f"{package}_version"] = None
+    return out
+
+
 def _user() -> str | None:
     import getpass
 
@@ -237,18 +262,6 @@ def _user() -> str | None:
         return getpass.getuser()
     except Exception:  # no user name in this environment (some containers)
         return None
-
-
-def _versions() -> dict[str, str | None]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out: dict[str, str | None] = {}
-    for package in ("flowyml", "dask", "pandas"):
-        try:
-            out[f"{package}_version"] = version(package)
-        except PackageNotFoundError:
-            out[f"{package}_version"] = None
-    return out
 
 
 def _plain(value: Any) -> Any:
