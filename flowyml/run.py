@@ -70,16 +70,18 @@ def run_plan(
     run_id = uuid.uuid4().hex[:8]
     started_at = datetime.now(UTC)
     start = time.perf_counter()
-    # Checked before a pool or cluster starts: a typo'd glob or an unpicklable
-    # param should cost nothing to find.
-    impl = executor._impl
-    source_partitions = _resolve_sources(plan)
-    if impl.pickles:
-        from .pickling import check_picklable
-
-        check_picklable(plan)
-    record = _history_record(history, plan, executor, run_id, started_at, source_partitions)
+    # The run is in the history from here, a run whose sources are missing included.
+    record = _history_record(history, plan, executor, run_id, started_at)
     try:
+        # Checked before a pool or cluster starts: a typo'd glob or an unpicklable
+        # param should cost nothing to find.
+        source_partitions = _resolve_sources(plan)
+        if record is not None:
+            record.sources_resolved(source_partitions)
+        if executor._impl.pickles:
+            from .pickling import check_picklable
+
+            check_picklable(plan)
         result = _run(plan, executor, on_failure, progress, run_id, started_at, start, source_partitions)
     except BaseException as exc:
         if record is not None:
@@ -94,22 +96,31 @@ def run_plan(
     return result
 
 
-def _history_record(history, plan, executor, run_id, started_at, source_partitions):
-    """The run's record in the history, being written; None when the history is off."""
-    from .history.config import HistoryConfigError, history_url, warn_once
-    from .history.recorder import RunRecord
+def _history_record(history, plan, executor, run_id, started_at):
+    """The run's record in the history, being written; None when the history is off.
 
+    Recording never fails a run: a setting that is no URL, or a record that
+    cannot even start, warns once and the run goes on unrecorded.
+    """
+    from .history.config import HistoryConfigError, history_url, warn_once
+
+    setting = history if isinstance(history, str) else os.environ.get("FLOWYML_HISTORY", "")
     try:
         url = history_url(history)
-    except HistoryConfigError as exc:  # recording never fails a run
-        warn_once(history if isinstance(history, str) else os.environ.get("FLOWYML_HISTORY", ""), exc)
+    except HistoryConfigError as exc:
+        warn_once(setting, exc, str(exc))
         return None
     if url is None:
         return None
+    try:
+        from .history.recorder import RunRecord
 
-    record = RunRecord(url, plan.pipeline, run_id, started_at, executor.backend, executor.max_workers,
-                       {s.name: dict(s.params) for s in plan.steps if s.params}, source_partitions)
-    record.start()
+        record = RunRecord(url, plan.pipeline, run_id, started_at, executor.backend, executor.max_workers,
+                           {s.name: dict(s.params) for s in plan.steps if s.params})
+        record.start()
+    except Exception as exc:
+        warn_once(url, exc)
+        return None
     return record
 
 

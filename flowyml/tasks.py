@@ -441,27 +441,33 @@ class StepTask(_TaskBase):
 
 
 def _rows(args: Sequence[Any], kwargs: Mapping[str, Any], value: Any) -> tuple[int | None, int | None] | None:
-    """(rows in, rows out) of a task, counting DataFrames only: the run history's rows per step.
+    """(rows in, rows out) of a task, counting pandas DataFrames only: the run history's rows per step.
 
-    ``len`` of a DataFrame is its index's length, read without touching the data.
+    ``len`` of a pandas DataFrame is its index's length, read without touching
+    the data (a Dask or Spark DataFrame's would compute: they are not counted).
     """
     rows_in = None
     for arg in args:
-        if type(arg).__name__ == "DataFrame":
+        if _is_frame(arg):
             rows_in = len(arg) + (rows_in or 0)
     if kwargs:
         for arg in kwargs.values():
-            if type(arg).__name__ == "DataFrame":
+            if _is_frame(arg):
                 rows_in = len(arg) + (rows_in or 0)
-    if type(value).__name__ == "DataFrame":
+    if _is_frame(value):
         return rows_in, len(value)
     if type(value) is tuple:  # several outputs
         rows_out = None
         for part in value:
-            if type(part).__name__ == "DataFrame":
+            if _is_frame(part):
                 rows_out = len(part) + (rows_out or 0)
         return (rows_in, rows_out) if rows_in is not None or rows_out is not None else None
     return (rows_in, None) if rows_in is not None else None
+
+
+def _is_frame(value: Any) -> bool:
+    kind = type(value)
+    return kind.__name__ == "DataFrame" and kind.__module__.startswith("pandas")
 
 
 def _split_outputs(spec: StepSpec, value: Any) -> Any:
@@ -532,7 +538,7 @@ class SourceTask(_TaskBase):
         except Exception as exc:
             error = _step_failed(self.name, self.index, 1, exc)
             return self._report(None, self.name, self.index, FAILED, 1, start, error)
-        rows = (None, len(value)) if type(value).__name__ == "DataFrame" else None  # the rows it read
+        rows = (None, len(value)) if _is_frame(value) else None  # the rows it read
         return self._report(value, self.name, self.index, SUCCEEDED, 1, start, None, rows)
 
 

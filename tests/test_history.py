@@ -17,7 +17,7 @@ import subprocess
 import sys
 import warnings
 from collections import Counter
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from importlib.metadata import version
 from pathlib import Path
 
@@ -27,7 +27,7 @@ import sqlalchemy as sa
 from click.testing import CliRunner
 
 import flowyml.history
-from flowyml import ParallelExecutor, StepFailed
+from flowyml import ParallelExecutor, Pipeline, StepFailed, step
 from flowyml.cli import main
 from flowyml.history import HistoryConfigError, HistoryWarning
 from flowyml.history.database import HEAD, open_engine
@@ -64,7 +64,7 @@ def test_a_run_is_recorded_with_where_how_and_what_it_ran(executor, tmp_path):
     assert run["status"] == "succeeded" and run["pipeline"] == "history_demo"
     assert (run["backend"], run["workers"]) == (executor.backend, executor.max_workers)
     assert (run["host"], run["pid"], run["user"]) == (socket.gethostname(), os.getpid(), getpass.getuser())
-    assert run["command"] == shlex.join(sys.argv)  # this process: pytest's command line
+    assert run["command"] == shlex.join(sys.argv)  # this process: pytest's command line, no secret in it
     assert [run["flowyml_version"], run["dask_version"], run["pandas_version"]] == [
         version("flowyml"), version("dask"), version("pandas")]
     assert run["params"] == {"keep_above": {"threshold": 12}}
@@ -182,7 +182,7 @@ def test_a_history_made_by_a_newer_flowyml_is_refused_by_name(tmp_path):
     url = sqlite_url(tmp_path)
     engine = open_engine(url)
     with engine.begin() as connection:
-        connection.execute(sa.text("UPDATE alembic_version SET version_num = '9999'"))
+        connection.execute(sa.text("UPDATE flowyml_alembic_version SET version_num = '9999'"))
     engine.dispose()
     other = f"sqlite:///{tmp_path}/./history.db"  # the same file, not the engine this process has open
     with pytest.raises(HistoryConfigError, match="'9999', newer than this flowyml knows"):
@@ -210,8 +210,9 @@ def test_the_migrations_make_exactly_the_tables_flowyml_writes(tmp_path, request
     config.set_main_option("script_location", str(Path(database_module.__file__).with_name("migrations")))
     assert ScriptDirectory.from_config(config).get_current_head() == HEAD
     with engine.connect() as connection:
-        assert connection.execute(sa.text("SELECT version_num FROM alembic_version")).scalar() == HEAD
-        assert compare_metadata(MigrationContext.configure(connection), metadata) == []
+        assert connection.execute(sa.text("SELECT version_num FROM flowyml_alembic_version")).scalar() == HEAD
+        context = MigrationContext.configure(connection, opts={"version_table": "flowyml_alembic_version"})
+        assert compare_metadata(context, metadata) == []
 
 
 # ----------------------------------------------------------------------------- lost runs
@@ -256,19 +257,31 @@ def test_a_run_of_another_host_is_lost_once_its_heartbeat_is_old(tmp_path):
     url = sqlite_url(tmp_path)
     engine = open_engine(url)
     now = datetime.now(UTC)
+    rows = [  # (run id, heartbeat, host name): none of this boot of this machine
+        ("fresh", now - LOST_AFTER / 2, "elsewhere.example"),
+        ("stale", now - LOST_AFTER * 2, "elsewhere.example"),
+        ("same-name", now - LOST_AFTER / 2, socket.gethostname()),  # a container, or a clone of this image
+    ]
     with engine.begin() as connection:
-        for run_id, beat in (("fresh", now - LOST_AFTER / 2), ("stale", now - LOST_AFTER * 2)):
-            connection.execute(runs.insert().values(run_id=run_id, pipeline="p", status="running", started_at=beat,
-                                                    heartbeat_at=beat, host="elsewhere.example", pid=1))
+        for run_id, beat, host in rows:
+            connection.execute(runs.insert().values(
+                id=run_id, run_id=run_id, pipeline="p", status="running", started_at=beat, heartbeat_at=beat,
+                host=host, host_id="another-boot:pid:[4026531836]", pid=2**22 - 1))  # no such pid here
     frame = flowyml.history.runs(url=url).set_index("run_id")
-    assert frame.loc["fresh", "status"] == "running" and frame.loc["stale", "status"] == "lost"
+    assert dict(frame["status"]) == {"fresh": "running", "stale": "lost", "same-name": "running"}
 
 
 # ----------------------------------------------------------------------------- reading and pruning
 
 
-def test_runs_filters_by_pipeline_status_time_and_count(tmp_path):
-    url = sqlite_url(tmp_path)
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request, tmp_path) -> str:
+    """A new history database: a SQLite file, or a database on the PostgreSQL server."""
+    return sqlite_url(tmp_path) if request.param == "sqlite" else request.getfixturevalue("postgres_url")
+
+
+def test_runs_filters_by_pipeline_status_time_and_count(database_url):
+    url = database_url
     with ParallelExecutor(backend="sync") as executor:
         made = [pipelines.diamond().run(executor=executor, history=url) for _ in range(3)]
         failed = pipelines.failing().run(executor=executor, on_failure="continue", history=url)
@@ -280,6 +293,9 @@ def test_runs_filters_by_pipeline_status_time_and_count(tmp_path):
     assert len(flowyml.history.runs(limit=2, url=url)) == 2
     assert len(flowyml.history.runs(since="1h", url=url)) == 4
     assert flowyml.history.runs(since=datetime.now(UTC) + timedelta(minutes=1), url=url).empty
+    tokyo = timezone(timedelta(hours=9))  # a time in another zone is the same instant
+    assert len(flowyml.history.runs(since=datetime.now(tokyo) - timedelta(minutes=30), url=url)) == 4
+    assert flowyml.history.runs(since=(datetime.now(tokyo) + timedelta(minutes=30)).isoformat(), url=url).empty
     with pytest.raises(HistoryConfigError, match="not an age"):
         flowyml.history.runs(since="yesterday", url=url)
     with pytest.raises(KeyError, match="no run 'nope'"):
@@ -294,8 +310,8 @@ def _age_runs(engine, days: float) -> None:
         connection.execute(runs.update().values(started_at=datetime.now(UTC) - timedelta(days=days)))
 
 
-def test_prune_deletes_old_runs_with_their_steps(tmp_path):
-    url = sqlite_url(tmp_path)
+def test_prune_deletes_old_runs_with_their_steps(database_url):
+    url = database_url
     with ParallelExecutor(backend="sync") as executor:
         pipelines.diamond().run(executor=executor, history=url)
         _age_runs(open_engine(url), 40)
@@ -303,8 +319,10 @@ def test_prune_deletes_old_runs_with_their_steps(tmp_path):
     assert flowyml.history.prune("30d", url=url) == 1
     assert list(flowyml.history.runs(url=url)["run_id"]) == [kept.run_id]
     with open_engine(url).connect() as connection:
-        left = connection.execute(sa.text("SELECT DISTINCT run_id FROM flowyml_steps")).scalars().all()
-    assert left == [kept.run_id]
+        left = connection.execute(sa.text("SELECT DISTINCT r.run_id FROM flowyml_steps s JOIN flowyml_runs r "
+                                          "ON s.run = r.id")).scalars().all()
+        steps = connection.execute(sa.text("SELECT count(*) FROM flowyml_steps")).scalar()
+    assert left == [kept.run_id] and steps == len(kept.steps)
 
 
 def test_runs_prune_the_history_by_its_retention_once_a_day(tmp_path, monkeypatch):
@@ -321,6 +339,74 @@ def test_runs_prune_the_history_by_its_retention_once_a_day(tmp_path, monkeypatc
         newest = pipelines.diamond().run(executor=executor, history=url)
     left = set(flowyml.history.runs(url=url)["run_id"])
     assert old.run_id not in left and newest.run_id in left and len(left) == 2
+
+
+@step(outputs=["fetched"])
+def fetch(api_key="", endpoint="", options=None):
+    return len(api_key) + len(endpoint)
+
+
+def test_credentials_in_params_and_the_command_line_are_not_recorded(tmp_path, monkeypatch):
+    url = sqlite_url(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["flowyml", "run", "job.py", "--input",
+                                      "trips=https://bob:hunter2@example.com/t.csv?sig=SECRETSIG",
+                                      "--param", "fetch.api_key=sk-live-123456"])
+    pipeline = Pipeline("secrets").add_step(fetch, params={
+        "api_key": "sk-live-123456", "endpoint": "https://u:hunter2@host/x?token=T0KEN",
+        "options": {"password": "hunter2", "rows": 3}})
+    with ParallelExecutor(backend="sync") as executor:
+        result = pipeline.run(executor=executor, history=url)
+    run = flowyml.history.show(result.run_id, url=url)
+    assert "hunter2" not in run["command"] and "SECRETSIG" not in run["command"]
+    assert "sk-live" not in run["command"] and "fetch.api_key=***" in run["command"]
+    assert "https://bob:***@example.com/t.csv?sig=***" in run["command"]
+    assert run["params"] == {"fetch": {"api_key": "***", "endpoint": "https://u:***@host/x?token=***",
+                                       "options": {"password": "***", "rows": 3}}}
+
+
+def test_a_run_whose_sources_are_missing_is_recorded_failed(tmp_path):
+    from flowyml import DataError
+
+    url = sqlite_url(tmp_path)
+    pipeline = pipelines.history_pipeline(tmp_path / "nothing-here")
+    with ParallelExecutor(backend="sync") as executor, pytest.raises(DataError):
+        pipeline.run(executor=executor, history=url)
+    frame = flowyml.history.runs(url=url)
+    assert list(frame["status"]) == ["failed"] and "nothing-here" in frame["error"].iloc[0]
+
+
+def test_an_interrupted_run_is_recorded_interrupted(tmp_path):
+    url = sqlite_url(tmp_path)
+    with ParallelExecutor(backend="sync") as executor, pytest.raises(KeyboardInterrupt):
+        pipelines.diamond().run(executor=executor, history=url, inputs={"numbers": _Interrupting()})
+    assert list(flowyml.history.runs(url=url)["status"]) == ["interrupted"]
+
+
+class _Interrupting(list):
+    """A run input whose use by a step stops the run as Ctrl-C would."""
+
+    def __iter__(self):
+        raise KeyboardInterrupt
+
+
+def test_a_retention_that_is_no_age_warns_and_runs_are_still_recorded(tmp_path, monkeypatch):
+    url = sqlite_url(tmp_path)
+    monkeypatch.setenv("FLOWYML_HISTORY_RETENTION", "90 days")
+    with ParallelExecutor(backend="sync") as executor, pytest.warns(HistoryWarning) as caught:
+        result = pipelines.diamond().run(executor=executor, history=url)
+        frame = flowyml.history.runs(url=url)
+    assert list(frame["status"]) == ["succeeded"] and frame["run_id"].iloc[0] == result.run_id
+    assert any("FLOWYML_HISTORY_RETENTION '90 days' is not an age" in str(w.message) for w in caught)
+
+
+def test_a_report_saved_at_any_moment_is_named_by_the_record(tmp_path):
+    url = sqlite_url(tmp_path)
+    with ParallelExecutor(backend="sync") as executor:
+        result = pipelines.diamond().run(executor=executor, history=url)
+        first = result.save_report(tmp_path / "first.json")  # the record is still being written
+        assert flowyml.history.show(result.run_id, url=url)["report_path"] == str(first)
+        second = result.save_report(tmp_path / "second.html")  # the record was complete
+        assert flowyml.history.show(result.run_id, url=url)["report_path"] == str(second)
 
 
 # ----------------------------------------------------------------------------- the command line
@@ -392,6 +478,9 @@ def test_the_history_command_lists_shows_charts_and_prunes_runs(tmp_path):
     missing = _history_cli(url, "show", "nope")
     assert missing.exit_code == 2 and "no run 'nope'" in missing.output
     assert _history_cli(url, "--since", "soon").exit_code == 2
+    unreachable = _history_cli("postgresql://flowyml:hunter2@127.0.0.1:1/none")  # nothing listens on port 1
+    assert unreachable.exit_code == 2 and "hunter2" not in unreachable.output
+    assert "the run history at postgresql://flowyml:***@127.0.0.1:1/none cannot be read" in unreachable.output
 
     page = tmp_path / "trends.html"
     charted = _history_cli(url, "trends", "failing", "-o", str(page))
@@ -419,7 +508,7 @@ def test_sixteen_flowyml_runs_at_once_are_all_recorded(tmp_path, request, databa
     assert len(frame) == 16 and frame["run_id"].is_unique
     assert set(frame["status"]) == {"succeeded"} and set(frame["pipeline"]) == {"nightly"}
     with open_engine(url).connect() as connection:
-        steps = connection.execute(sa.text("SELECT run_id, name FROM flowyml_steps")).all()
+        steps = connection.execute(sa.text("SELECT run, name FROM flowyml_steps")).all()
     assert Counter(name for _, name in steps) == {"numbers": 16, "total": 16}
 
 

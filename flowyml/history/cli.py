@@ -6,13 +6,14 @@ imported only when a command reads the database.
 
 from __future__ import annotations
 
+import functools
 import json
 from datetime import datetime
 from typing import Any
 
 import click
 
-from .config import DEFAULT_RETENTION, HistoryConfigError, history_url, parse_age
+from .config import DEFAULT_RETENTION, HistoryConfigError, history_url, parse_age, shown_url
 
 __all__ = ["history"]
 
@@ -27,9 +28,26 @@ def _engine(url: str | None) -> Any:
     from .queries import open_history
 
     try:
-        return open_history(history_url(url) if url is not None else history_url())
+        return open_history(history_url(url, "--url") if url is not None else history_url())
     except HistoryConfigError as exc:
         raise _Usage(str(exc)) from exc
+
+
+def _database_errors(command: Any) -> Any:
+    """A database that cannot be reached or read exits 2 with its (redacted) URL, not a traceback."""
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        import sqlalchemy as sa
+
+        try:
+            return command(*args, **kwargs)
+        except sa.exc.SQLAlchemyError as exc:
+            url = click.get_current_context().obj or ""  # the group's --url
+            where = shown_url((history_url(url, "--url") if url else history_url()) or "")
+            raise _Usage(f"the run history at {where} cannot be read ({type(exc).__name__}: "
+                         f"{str(exc.orig if hasattr(exc, 'orig') and exc.orig else exc).splitlines()[0]}); "
+                         "check --url or FLOWYML_HISTORY") from exc
+    return wrapper
 
 
 def _age(text: str | None, what: str) -> Any:
@@ -57,6 +75,7 @@ def _plain(value: Any) -> Any:
 @click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True, help="At most this many.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per run, one per line.")
 @click.pass_context
+@_database_errors
 def history(ctx, url, pipeline, status, since, limit, as_json) -> None:
     """Recent runs, newest first; or a subcommand.
 
@@ -95,6 +114,7 @@ def _count(value: int | None) -> str:
 @click.argument("run_id")
 @click.option("--json", "as_json", is_flag=True, help="The run as one JSON object.")
 @click.pass_obj
+@_database_errors
 def show(url, run_id, as_json) -> None:
     """One run in full: where and how it ran, its sources, and every step."""
     from .queries import read_run
@@ -136,6 +156,7 @@ def show(url, run_id, as_json) -> None:
               help="The HTML page to write.")
 @click.option("--last", type=click.IntRange(min=1), default=30, show_default=True, help="How many recent runs.")
 @click.pass_obj
+@_database_errors
 def trends(url, pipeline, output, last) -> None:
     """One self-contained HTML page: each step's duration over the last runs, failures, cache hit rates."""
     from pathlib import Path
@@ -155,6 +176,7 @@ def trends(url, pipeline, output, last) -> None:
 @click.option("--older-than", default=DEFAULT_RETENTION, show_default=True, metavar="AGE",
               help="Delete the runs started longer ago than this (30d, 12h, 2w).")
 @click.pass_obj
+@_database_errors
 def prune(url, older_than) -> None:
     """Delete old runs (runs still running are kept).
 

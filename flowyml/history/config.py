@@ -13,12 +13,25 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 import warnings
 from datetime import timedelta
 from pathlib import Path
 
-__all__ = ["DEFAULT_RETENTION", "HEARTBEAT", "LOST_AFTER", "HistoryConfigError", "HistoryWarning", "history_url",
-           "home", "parse_age", "retention", "warn_once"]
+__all__ = [
+    "DEFAULT_RETENTION",
+    "HEARTBEAT",
+    "LOST_AFTER",
+    "HistoryConfigError",
+    "HistoryWarning",
+    "emit_warnings",
+    "history_url",
+    "home",
+    "parse_age",
+    "retention",
+    "shown_url",
+    "warn_once",
+]
 
 #: How long runs are kept when ``FLOWYML_HISTORY_RETENTION`` is not set.
 DEFAULT_RETENTION = "90d"
@@ -30,6 +43,7 @@ HEARTBEAT = 60.0
 LOST_AFTER = timedelta(seconds=5 * HEARTBEAT)
 
 _warned: set[str] = set()
+_warned_lock = threading.Lock()
 
 _OFF = {"off", "0", "false", "no", "none"}
 _ON = {"", "on", "1", "true", "yes", "default"}
@@ -46,17 +60,17 @@ def home() -> Path:
     return Path(os.environ.get("FLOWYML_HOME") or "~/.flowyml").expanduser()
 
 
-def history_url(history: bool | str | None = None) -> str | None:
+def history_url(history: bool | str | None = None, what: str = "history") -> str | None:
     """The database a run records itself in, or None for none.
 
     ``history``: a run's own setting (``Pipeline.run(history=...)``): False
     records nothing, a string is a URL; None and True follow
-    ``FLOWYML_HISTORY``.
+    ``FLOWYML_HISTORY``. ``what`` names the setting in errors.
     """
     if history is False:
         return None
     if isinstance(history, str):
-        return _url_of(history, "history=")
+        return _url_of(history, what)
     setting = os.environ.get("FLOWYML_HISTORY", "")
     if setting.strip().lower() in _OFF:
         return None
@@ -71,7 +85,7 @@ def _url_of(setting: str, where: str) -> str | None:
         return f"sqlite:///{home() / 'history.db'}"
     if "://" not in text:
         raise HistoryConfigError(
-            f"{where}={setting!r} is neither 'on', 'off' nor a database URL; "
+            f"{where}={shown_url(setting)!r} is neither 'on', 'off' nor a database URL; "
             "use e.g. sqlite:////path/to/history.db or postgresql://user@host/db"
         )
     return text
@@ -85,28 +99,73 @@ def parse_age(text: str, what: str = "age") -> timedelta:
     return timedelta(**{_UNITS[match.group(2)]: float(match.group(1))})
 
 
-def retention() -> timedelta | None:
-    """How long runs are kept (``FLOWYML_HISTORY_RETENTION``); None: for ever."""
+def retention(warn: bool = False) -> timedelta | None:
+    """How long runs are kept (``FLOWYML_HISTORY_RETENTION``); None: for ever.
+
+    ``warn``: a setting that is no age warns (once) and keeps the default,
+    rather than raising: runs prune with it, and recording never fails a run.
+    """
     setting = os.environ.get("FLOWYML_HISTORY_RETENTION", "").strip() or DEFAULT_RETENTION
     if setting.lower() in ("never", "off", "forever"):
         return None
-    return parse_age(setting, "FLOWYML_HISTORY_RETENTION")
+    try:
+        return parse_age(setting, "FLOWYML_HISTORY_RETENTION")
+    except HistoryConfigError as exc:
+        if not warn:
+            raise
+        warn_once("FLOWYML_HISTORY_RETENTION", exc, f"{exc}; runs are kept {DEFAULT_RETENTION}")
+        return parse_age(DEFAULT_RETENTION)
 
 
 class HistoryWarning(UserWarning):
-    """The run history could not be written; the run went on unrecorded."""
+    """The run history could not be written, or a history setting is unusable; the run went on."""
 
 
-def warn_once(url: str, exc: BaseException) -> None:
-    """Say once per database and process that the history failed, and why."""
+_queued: list[str] = []
+
+
+def warn_once(where: str, exc: BaseException, message: str | None = None) -> None:
+    """Say once per database (or setting) and process that the history failed, and why.
+
+    The warning is queued, and given by :func:`emit_warnings` in the run's own
+    thread: a warning raised in a record's thread could be swallowed by a
+    ``catch_warnings`` block the user's thread is in at that moment.
+    """
+    with _warned_lock:
+        if where in _warned:
+            return
+        _warned.add(where)
+        if message is None:
+            message = (f"the run history at {shown_url(where)} cannot be written ({type(exc).__name__}: "
+                       f"{_one_line(exc)}); runs go on unrecorded. Fix the database, point FLOWYML_HISTORY "
+                       "elsewhere, or set FLOWYML_HISTORY=off")
+        _queued.append(f"flowyml: {message}")
+    if threading.current_thread() is threading.main_thread():
+        emit_warnings()
+
+
+def emit_warnings() -> None:
+    """Give the queued history warnings (called in the run's thread, as runs start and end)."""
+    with _warned_lock:
+        messages = _queued[:]
+        _queued.clear()
+    for message in messages:
+        warnings.warn(message, HistoryWarning, stacklevel=3)
+
+
+def shown_url(url: str) -> str:
+    """``url`` as it may be shown: its password hidden, the rest as given."""
     from ..secrets import redact_url
 
-    if url in _warned:
-        return
-    _warned.add(url)
-    warnings.warn(
-        f"flowyml: the run history at {redact_url(url)} cannot be written ({type(exc).__name__}: {exc}); "
-        "runs go on unrecorded. Fix the database or set FLOWYML_HISTORY=off.",
-        HistoryWarning,
-        stacklevel=2,
-    )
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # no URL SQLAlchemy can read: shown as any URL is
+        return redact_url(url) if "://" in url else "***" if "=" in url else url
+
+
+def _one_line(exc: BaseException) -> str:
+    from ..secrets import scrub
+
+    return scrub(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)

@@ -40,15 +40,31 @@ ATTEMPTS = 4
 #: PostgreSQL advisory lock key held while migrating (any constant that other software is unlikely to use).
 _MIGRATION_LOCK = 0x666C6F77  # "flow"
 
+#: Alembic's version table of the history: its own, so that a database other
+#: software migrates with Alembic can hold the history too.
+VERSION_TABLE = "flowyml_alembic_version"
+
+#: Seconds to wait for a database server to answer a connection.
+CONNECT_TIMEOUT = 10
+
 _engines: dict[str, sa.Engine] = {}
+_locks: dict[str, threading.Lock] = {}
 _lock = threading.Lock()
 
 T = TypeVar("T")
 
 
 def open_engine(url: str) -> sa.Engine:
-    """The engine for ``url``, made once per process, with its schema at ``HEAD``."""
+    """The engine for ``url``, made once per process, with its schema at ``HEAD``.
+
+    One lock per URL: a database that is slow to answer holds up no other.
+    """
+    engine = _engines.get(url)
+    if engine is not None:
+        return engine
     with _lock:
+        lock = _locks.setdefault(url, threading.Lock())
+    with lock:
         engine = _engines.get(url)
         if engine is None:
             engine = _engine(url)
@@ -57,12 +73,18 @@ def open_engine(url: str) -> sa.Engine:
         return engine
 
 
-def transaction(engine: sa.Engine, work: Callable[[sa.Connection], T]) -> T:
-    """``work(connection)`` in one transaction, retried when it failed for a passing reason."""
+def transaction(engine: sa.Engine, work: Callable[[sa.Connection], T], *, write: bool = True) -> T:
+    """``work(connection)`` in one transaction, retried when it failed for a passing reason.
+
+    ``write=False``: a reading transaction, which on SQLite takes no write lock.
+    """
     for attempt in range(1, ATTEMPTS + 1):
         try:
-            with engine.begin() as connection:
-                return work(connection)
+            with engine.connect() as connection:
+                if not write:
+                    connection = connection.execution_options(flowyml_read=True)
+                with connection.begin():
+                    return work(connection)
         except sa.exc.OperationalError as exc:
             # SQLite's lock wait timed out, or a server connection dropped: retry on a fresh one.
             if attempt == ATTEMPTS or not _passing(exc):
@@ -84,17 +106,21 @@ def _engine(url: str) -> sa.Engine:
     except sa.exc.ArgumentError:
         raise HistoryConfigError(f"history URL {url!r} is not a database URL (e.g. postgresql://user@host/db)") \
             from None
-    if parsed.drivername == "postgresql":
+    if parsed.drivername in ("postgresql", "postgres"):
         parsed = parsed.set(drivername="postgresql+psycopg")
     if parsed.get_backend_name() == "sqlite":
         return _sqlite_engine(parsed)
+    shown = parsed.render_as_string(hide_password=True)
+    arguments: dict[str, Any] = {}
+    if parsed.get_backend_name() == "postgresql" and "connect_timeout" not in parsed.query:
+        arguments["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT}
     try:
-        return sa.create_engine(parsed, pool_pre_ping=True, pool_size=2, max_overflow=2)
+        return sa.create_engine(parsed, pool_pre_ping=True, pool_size=2, max_overflow=2, **arguments)
     except ModuleNotFoundError as exc:
-        raise HistoryConfigError(
-            f"the history database {parsed.render_as_string(hide_password=True)} needs the "
-            f"{exc.name!r} driver: pip install 'flowyml[postgres]'"
-        ) from None
+        extra = " (pip install 'flowyml[postgres]')" if parsed.get_backend_name() == "postgresql" else ""
+        raise HistoryConfigError(f"the history database {shown} needs the {exc.name!r} driver{extra}") from None
+    except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError, ValueError) as exc:
+        raise HistoryConfigError(f"the history database URL {shown} cannot be used: {exc}") from None
 
 
 def _sqlite_engine(url: sa.URL) -> sa.Engine:
@@ -116,22 +142,23 @@ def _sqlite_engine(url: sa.URL) -> sa.Engine:
 
     @sa.event.listens_for(engine, "begin")
     def _begin(connection: sa.Connection) -> None:
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        # A writer takes the write lock as it begins, so two writers never deadlock
+        # upgrading a read lock; a reader takes none, and never waits for a writer.
+        read = connection.get_execution_options().get("flowyml_read", False)
+        connection.exec_driver_sql("BEGIN" if read else "BEGIN IMMEDIATE")
 
     return engine
 
 
 def _version(connection: sa.Connection) -> str | None:
-    if not sa.inspect(connection).has_table("alembic_version"):
+    if not sa.inspect(connection).has_table(VERSION_TABLE):
         return None
-    return connection.execute(sa.text("SELECT version_num FROM alembic_version")).scalar()
+    return connection.execute(sa.text(f"SELECT version_num FROM {VERSION_TABLE}")).scalar()
 
 
 def _upgrade(engine: sa.Engine) -> None:
     """Bring the schema to ``HEAD``: a read when it is there already, Alembic under a lock when not."""
-    with engine.connect() as connection:
-        version = _version(connection)
-        connection.rollback()
+    version = transaction(engine, _version, write=False)
     if version == HEAD:
         return
 

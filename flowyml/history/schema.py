@@ -16,7 +16,8 @@ metadata = sa.MetaData()
 runs = sa.Table(
     "flowyml_runs",
     metadata,
-    sa.Column("run_id", sa.String(32), primary_key=True),
+    sa.Column("id", sa.String(32), primary_key=True),  # a uuid: run ids are short, and many hosts may share
+    sa.Column("run_id", sa.String(32), nullable=False, index=True),
     sa.Column("pipeline", sa.String(200), nullable=False, index=True),
     # running, succeeded, failed, interrupted, lost
     sa.Column("status", sa.String(16), nullable=False, index=True),
@@ -26,6 +27,7 @@ runs = sa.Table(
     sa.Column("backend", sa.String(32)),
     sa.Column("workers", sa.Integer),
     sa.Column("host", sa.String(255)),
+    sa.Column("host_id", sa.String(128)),  # this boot of this machine (or container), as processes see it
     sa.Column("pid", sa.Integer),
     sa.Column("pid_started", sa.Float),  # the process's start time: a reused pid is not this run
     sa.Column("heartbeat_at", sa.DateTime(timezone=True)),
@@ -46,8 +48,7 @@ runs = sa.Table(
 steps = sa.Table(
     "flowyml_steps",
     metadata,
-    sa.Column("run_id", sa.String(32), sa.ForeignKey("flowyml_runs.run_id", ondelete="CASCADE"),
-              primary_key=True),
+    sa.Column("run", sa.String(32), sa.ForeignKey("flowyml_runs.id", ondelete="CASCADE"), primary_key=True),
     sa.Column("position", sa.Integer, primary_key=True),
     sa.Column("name", sa.String(200), nullable=False),
     sa.Column("status", sa.String(16), nullable=False),

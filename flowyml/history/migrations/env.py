@@ -10,6 +10,9 @@ from __future__ import annotations
 
 from alembic import context
 
+# flowyml's own version table (flowyml.history.database.VERSION_TABLE): the
+# history may share a database with software that also uses Alembic.
+
 config = context.config
 connection = config.attributes.get("connection")
 
@@ -20,11 +23,13 @@ if connection is None:  # the alembic command line: connect to -x url=...
     if not url:
         raise SystemExit("give the database: alembic -x url=sqlite:////path/history.db upgrade head")
     with sa.create_engine(url).connect() as own:
-        context.configure(connection=own, render_as_batch=own.dialect.name == "sqlite")
+        context.configure(connection=own, render_as_batch=own.dialect.name == "sqlite",
+                          version_table="flowyml_alembic_version")
         with context.begin_transaction():
             context.run_migrations()
         own.commit()
 else:
     # SQLite alters tables by copying them: "batch" mode does that for later migrations.
-    context.configure(connection=connection, render_as_batch=connection.dialect.name == "sqlite")
+    context.configure(connection=connection, render_as_batch=connection.dialect.name == "sqlite",
+                      version_table="flowyml_alembic_version")
     context.run_migrations()

@@ -21,7 +21,8 @@ depends_on = None
 def upgrade() -> None:
     op.create_table(
         "flowyml_runs",
-        sa.Column("run_id", sa.String(32), primary_key=True),
+        sa.Column("id", sa.String(32), primary_key=True),
+        sa.Column("run_id", sa.String(32), nullable=False),
         sa.Column("pipeline", sa.String(200), nullable=False),
         sa.Column("status", sa.String(16), nullable=False),
         sa.Column("started_at", sa.DateTime(timezone=True), nullable=False),
@@ -30,6 +31,7 @@ def upgrade() -> None:
         sa.Column("backend", sa.String(32)),
         sa.Column("workers", sa.Integer),
         sa.Column("host", sa.String(255)),
+        sa.Column("host_id", sa.String(128)),
         sa.Column("pid", sa.Integer),
         sa.Column("pid_started", sa.Float),
         sa.Column("heartbeat_at", sa.DateTime(timezone=True)),
@@ -45,12 +47,13 @@ def upgrade() -> None:
         sa.Column("error", sa.Text),
         sa.Column("report_path", sa.Text),
     )
+    op.create_index("ix_flowyml_runs_run_id", "flowyml_runs", ["run_id"])
     op.create_index("ix_flowyml_runs_pipeline", "flowyml_runs", ["pipeline"])
     op.create_index("ix_flowyml_runs_status", "flowyml_runs", ["status"])
     op.create_index("ix_flowyml_runs_started_at", "flowyml_runs", ["started_at"])
     op.create_table(
         "flowyml_steps",
-        sa.Column("run_id", sa.String(32), sa.ForeignKey("flowyml_runs.run_id", ondelete="CASCADE"),
+        sa.Column("run", sa.String(32), sa.ForeignKey("flowyml_runs.id", ondelete="CASCADE"),
                   primary_key=True),
         sa.Column("position", sa.Integer, primary_key=True),
         sa.Column("name", sa.String(200), nullable=False),
@@ -80,4 +83,5 @@ def downgrade() -> None:
     op.drop_index("ix_flowyml_runs_started_at", "flowyml_runs")
     op.drop_index("ix_flowyml_runs_status", "flowyml_runs")
     op.drop_index("ix_flowyml_runs_pipeline", "flowyml_runs")
+    op.drop_index("ix_flowyml_runs_run_id", "flowyml_runs")
     op.drop_table("flowyml_runs")
