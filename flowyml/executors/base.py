@@ -61,6 +61,8 @@ class Backend:
     def __init__(self, max_workers: int | None = None, **options: Any) -> None:
         self.max_workers = max_workers or os.cpu_count() or 1
         self.dashboard_link: str | None = None
+        #: The scheduler's flowyml page (``/flowyml``), when it serves one (distributed).
+        self.flowyml_page_link: str | None = None
 
     def start(self) -> None:
         """Begin starting the pool or cluster without waiting for it; ``open`` waits.
