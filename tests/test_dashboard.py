@@ -23,9 +23,10 @@ from pathlib import Path
 import pytest
 from distributed import Client, LocalCluster
 
-from flowyml import ParallelExecutor, Pipeline, step
+from flowyml import ParallelExecutor, Pipeline, read_csv, step
 from flowyml.dashboard.state import Board
 
+from .pipelines import write_parts
 from .services import START_TIMEOUT, Processes, start_cluster, wait_until
 
 # -- steps the workers import from this module ------------------------------------------
@@ -257,6 +258,33 @@ def test_a_failed_step_shows_as_failed(executor, page, on_failure):
     assert failed["totals"]["failed"] == 1
     if on_failure == "continue":
         assert step_of(failed, "breaks")["done"] == 2 and step_of(failed, "total")["skipped"] == 1
+
+
+@step(inputs=["numbers"], per_partition=True)
+def rows(frame):
+    return len(frame)
+
+
+@step(inputs=["rows"])
+def added(values, plus=0):
+    return sum(values) + plus
+
+
+def test_tasks_the_cache_spares_show_as_cached(executor, page, tmp_path):
+    write_parts(tmp_path / "data", range(3))
+
+    def pipeline(plus: int) -> Pipeline:
+        return (Pipeline("cached", cache_dir=str(tmp_path / "cache"))
+                .add_source("numbers", read_csv(str(tmp_path / "data" / "*.csv")))
+                .add_step(rows).add_step(added, params={"plus": plus}))
+
+    pipeline(0).run(executor=executor, progress=False)
+    result = pipeline(1).run(executor=executor, progress=False)  # only the last step runs again
+    assert result["added"] == 10
+    run = run_of(page, "cached", "succeeded")
+    assert run["run_id"] == result.run_id
+    assert {s["name"]: (s["cached"], s["done"], s["waiting"]) for s in run["steps"]} == {
+        "numbers": (3, 0, 0), "rows": (3, 0, 0), "added": (0, 1, 0)}
 
 
 def test_names_reach_the_page_as_text_never_as_markup(executor, page, tmp_path):
