@@ -82,7 +82,18 @@ class Run:
 
 
 class Board:
-    """The runs of one scheduler: those going on, and the last ``kept`` finished ones."""
+    """The runs of one scheduler: those going on, and the last ``kept`` finished ones.
+
+    Examples
+    --------
+    >>> board = Board()
+    >>> board.start({"run_id": "1a2b3c4d", "pipeline": "etl", "client": "c",
+    ...              "steps": [["load", [], 2, 0], ["clean", [0], 2, 0]]})
+    >>> board.step_of(("load-1a2b3c4d", 0)).running += 1      # the plugin's transition hook
+    >>> board.outcomes("1a2b3c4d", [["load", 1, "succeeded", 1, 0.0, 0.1, "w", None]])
+    >>> [(s["name"], s["waiting"], s["running"], s["done"]) for s in board.snapshot()["runs"][0]["steps"]]
+    [('load', 0, 1, 1), ('clean', 2, 0, 0)]
+    """
 
     def __init__(self, kept: int = FINISHED_RUNS_KEPT, clock: Any = time.time) -> None:
         self.live: dict[str, Run] = {}

@@ -21,7 +21,9 @@ class RunHooks(Protocol):
     HTML report (distributed: Dask's performance report, workers lost).
     ``watches_starts`` False says ``task_started`` does nothing, so a backend
     may skip calling it. ``pipeline`` names the run's pipeline (distributed:
-    its Dask span).
+    its Dask span). ``graph``, where present, is the run's compiled graph
+    (distributed: announced to the scheduler's flowyml page, see
+    :mod:`flowyml.dashboard`).
     """
 
     run_id: str
