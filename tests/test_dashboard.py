@@ -327,6 +327,30 @@ def test_a_scheduler_without_the_preload_has_no_page_and_is_sent_nothing():
             urllib.request.urlopen(cluster.dashboard_link.removesuffix("/status") + "/flowyml", timeout=10)
 
 
+@pytest.mark.parametrize("configured", [False, True])
+def test_the_page_under_a_dashboard_prefix_and_from_dask_routes_config(configured):
+    """``--dashboard-prefix``; and routes Dask's config already lists are kept, not added twice."""
+    import dask
+
+    from flowyml.dashboard.routes import PageHandler
+    from flowyml.dashboard.web import _rules
+
+    routes = dask.config.get("distributed.scheduler.http.routes")
+    extra = {"distributed.scheduler.http.routes": [*routes, "flowyml.dashboard.routes"]} if configured else {}
+    with (dask.config.set(extra),
+          LocalCluster(n_workers=1, processes=False, protocol="tcp", host="127.0.0.1",
+                       dashboard_address="127.0.0.1:0",
+                       scheduler_kwargs={"preload": ["flowyml.dashboard"], "http_prefix": "/dask"}) as cluster,
+          ParallelExecutor(address=cluster.scheduler_address) as executor):
+        port = cluster.scheduler.http_server.port
+        assert executor.flowyml_page_link == f"http://127.0.0.1:{port}/dask/flowyml"
+        Pipeline("prefixed").add_step(total, inputs=["values"]).run({"values": [1]}, executor=executor,
+                                                                      progress=False)
+        assert run_of(executor.flowyml_page_link, "prefixed", "succeeded")
+        served = [rule for rule in _rules(cluster.scheduler.http_application) if rule.target is PageHandler]
+        assert len(served) == 1
+
+
 def test_the_plugin_counts_transitions_on_a_real_scheduler():
     """Tasks of an announced run, by their keys: running while they run, failed when they err."""
     with (LocalCluster(n_workers=2, threads_per_worker=1, processes=False, protocol="tcp", host="127.0.0.1",

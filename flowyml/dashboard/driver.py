@@ -34,8 +34,13 @@ def page_link(client: Any, dashboard_link: str | None) -> str | None:
         return None
     if not events:
         return None
+    path = str(events[-1][1].get("path", "/flowyml"))  # "/dask/flowyml" under --dashboard-prefix /dask
     base, found, _ = dashboard_link.rpartition("/status")
-    return f"{base if found else dashboard_link.rstrip('/')}/flowyml"
+    base = base if found else dashboard_link.rstrip("/")
+    prefix = path.removesuffix("/flowyml")
+    if prefix and not base.endswith(prefix):  # Dask's link names no prefix unless configured to
+        base += prefix
+    return f"{base}/flowyml"
 
 
 def describe_run(graph: Any, dsk: Mapping[Hashable, Any], pipeline: str, client_id: str) -> dict[str, Any]:

@@ -106,7 +106,11 @@ class Board:
 
     def start(self, message: dict[str, Any]) -> None:
         run = Run(message, self._clock())
-        self.live[run.run_id] = run  # a run announced again (a new cache round) starts over
+        # A run announced again (a new round after a corrupt cache entry) starts over.
+        self.live[run.run_id] = run
+        if any(earlier["run_id"] == run.run_id for earlier in self.finished):
+            kept = [earlier for earlier in self.finished if earlier["run_id"] != run.run_id]
+            self.finished = deque(kept, maxlen=self.finished.maxlen)
 
     def end(self, run_id: str, status: str = _SUCCEEDED) -> None:
         run = self.live.pop(run_id, None)
