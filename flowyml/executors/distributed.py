@@ -34,7 +34,11 @@ One run is one ``client.get`` of the compiled graph:
   run's tasks that were lost with a dying worker: their records count the
   lost attempt and the HTML report gets a "Workers lost" section;
 - with ``performance_report=``, Dask's own performance report of the run is
-  written and linked from the HTML report.
+  written and linked from the HTML report;
+- where the scheduler serves the flowyml page (always on flowyml's own
+  ``LocalCluster``, which preloads :mod:`flowyml.dashboard`), each run is
+  announced to it before its graph is sent and after it ends, and
+  ``flowyml_page_link`` names the page.
 
 Why a step's ``retries`` are not also given to Dask: Dask's ``retries`` re-run
 a task that *raised*, which flowyml's own retry loop already does (with
