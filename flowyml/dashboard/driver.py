@@ -57,7 +57,8 @@ def describe_run(graph: Any, dsk: Mapping[Hashable, Any], pipeline: str, client_
     for name, keys in graph.step_keys.items():
         deps: set[int] = set()
         for key in {keys[0], keys[-1]} if keys else ():
-            for arg in graph.dsk[key][1:]:
+            task = graph.dsk.get(key)
+            for arg in task[1:] if type(task) is tuple else ():
                 for dep in arg if isinstance(arg, list) else (arg,):
                     parent = step_of.get(dep) if isinstance(dep, Hashable) else None
                     if parent is not None and parent != name:
