@@ -31,6 +31,21 @@ Prints one row per shape and N: the median wall time of each side, the ratio
 flowyml / by hand (the target is at most 1.15), and the overhead per task;
 then, per N, separate steps against partitions on each side (the target is
 at most 1.5).
+
+The flowyml page's scheduler plugin (``flowyml.dashboard``), with it and
+without it in one run::
+
+    python bench/distributed.py --plugin-cost               # N = 2,000, 7 repeats
+    python bench/distributed.py --plugin-cost --sizes 5000 --repeats 5
+
+starts a ``dask scheduler --preload flowyml.dashboard`` and 2 single-threaded
+``dask worker`` processes, runs the same flowyml pipelines against it by
+address, alternating with the plugin's hooks on and off, and measures the CPU
+time of the scheduler process (user + system) over each run. It prints the
+scheduler's time per task both ways and their ratio (the target is at most
+1.05: the plugin costs under 5% of the scheduler's time per task). Off, the
+plugin is taken out of ``scheduler.plugins`` (no transition or event hook);
+the run's announcement, two calls per run, is made both ways.
 """
 
 from __future__ import annotations
@@ -132,12 +147,17 @@ def time_flowyml(executor: ParallelExecutor, pipeline: Pipeline, n: int) -> floa
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000])
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--sizes", type=int, nargs="+", help="default 1000 10000 (--plugin-cost: 2000)")
+    parser.add_argument("--repeats", type=int, help="default 5 (--plugin-cost: 7)")
     parser.add_argument("--shapes", nargs="+", default=["partitions", "steps"], choices=["partitions", "steps"])
     parser.add_argument("--hand-keys", choices=["flowyml", "names"], default="flowyml",
                         help="key separate steps by hand as flowyml does, or by their names (the old shape)")
+    parser.add_argument("--plugin-cost", action="store_true",
+                        help="the flowyml page's scheduler plugin: the scheduler's CPU time with it and without")
     args = parser.parse_args(argv)
+    if args.plugin_cost:
+        return plugin_cost(args.sizes or [2000], args.repeats or 7, args.shapes)
+    args.sizes, args.repeats = args.sizes or [1000, 10000], args.repeats or 5
     names = args.hand_keys == "names"
     logging.getLogger("distributed").setLevel(logging.ERROR)
 
@@ -175,6 +195,113 @@ def main(argv: list[str] | None = None) -> int:
             print(f"N={n:,}: steps / partitions: by hand {hand_steps / hand_parts:.2f}, "
                   f"flowyml {ours_steps / ours_parts:.2f} (target <= 1.5)")
     return 0
+
+
+def plugin_cost(sizes: list[int], repeats: int, shapes: list[str]) -> int:
+    """The scheduler's CPU time per task with the flowyml page's plugin and without, alternating."""
+    import json
+    import os
+    import subprocess
+    import tempfile
+
+    import psutil
+
+    dask = str(Path(sys.executable).with_name("dask"))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([sys.path[0], os.environ.get("PYTHONPATH", "")]))
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        scheduler_file = Path(tmp, "scheduler.json")
+        processes = [subprocess.Popen(
+            [dask, "scheduler", "--host", "127.0.0.1", "--port", "0", "--dashboard-address", "127.0.0.1:0",
+             "--preload", "flowyml.dashboard", "--scheduler-file", str(scheduler_file)],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+        try:
+            while not scheduler_file.exists() or not scheduler_file.read_text().strip().endswith("}"):
+                time.sleep(0.1)
+            address = json.loads(scheduler_file.read_text())["address"]
+            for i in range(2):
+                processes.append(subprocess.Popen(
+                    [dask, "worker", address, "--host", "127.0.0.1", "--nthreads", "1", "--no-dashboard",
+                     "--name", f"w{i}"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            scheduler = psutil.Process(processes[0].pid)
+            with (Client(address, set_as_default=False) as client, ParallelExecutor(client=client) as executor):
+                client.wait_for_workers(2)
+                assert executor.flowyml_page_link, "the scheduler serves no flowyml page"
+                for n in sizes:
+                    for shape in shapes:
+                        pipeline = flowyml_pipeline(n, shape)
+                        time_flowyml(executor, pipeline, n)  # warm up
+                        cpu: dict[bool, list[float]] = {True: [], False: []}
+                        for _ in range(repeats):
+                            for on in (True, False):
+                                client.run_on_scheduler(_plugin_hooks, on=on)
+                                before = sum(scheduler.cpu_times()[:2])
+                                time_flowyml(executor, pipeline, n)
+                                cpu[on].append(sum(scheduler.cpu_times()[:2]) - before)
+                        client.run_on_scheduler(_plugin_hooks, on=True)
+                        # The hooks' own time, measured inside the scheduler (an upper bound:
+                        # the clock reads add to it), over runs not counted above.
+                        hooks = []
+                        for _ in range(repeats):
+                            client.run_on_scheduler(_time_hooks, on=True)
+                            time_flowyml(executor, pipeline, n)
+                            hooks.append(client.run_on_scheduler(_time_hooks, on=False))
+                        with_, without = statistics.median(cpu[True]), statistics.median(cpu[False])
+                        rows.append((shape, n, with_, without, statistics.median(hooks)))
+                        print(f"  {shape} N={n}: scheduler CPU with the plugin {_fmt(cpu[True])}; "
+                              f"without {_fmt(cpu[False])}; in its hooks {_fmt(hooks)}", flush=True)
+        finally:
+            for process in reversed(processes):
+                process.terminate()
+                process.wait(30)
+    print()
+    print(f"{'shape':<11} {'tasks':>7} {'with (µs/task)':>15} {'without (µs/task)':>18} {'ratio':>6} "
+          f"{'hooks (µs/task)':>16} {'hooks / without':>16}")
+    for shape, n, with_, without, hooks in rows:
+        print(f"{shape:<11} {n + 1:>7,} {with_ / (n + 1) * 1e6:>15.0f} {without / (n + 1) * 1e6:>18.0f} "
+              f"{with_ / without:>6.3f} {hooks / (n + 1) * 1e6:>16.1f} {hooks / without:>16.2%}")
+    print(f"(scheduler process CPU, median of {repeats} alternating repeats; ratio = with / without, "
+          f"target <= 1.05; hooks: the time spent in the plugin's hooks, inside the scheduler, "
+          f"as a share of the scheduler's CPU time without the plugin, target < 5%)")
+    return 0
+
+
+def _plugin_hooks(dask_scheduler, on: bool) -> None:
+    """On the scheduler: put the flowyml page's plugin in ``scheduler.plugins``, or take it out.
+
+    Its announcement handler stays either way (and holds the plugin).
+    """
+    plugin = dask_scheduler.handlers["flowyml_dashboard"].__self__
+    if on:
+        dask_scheduler.plugins["flowyml-dashboard"] = plugin
+    else:
+        dask_scheduler.plugins.pop("flowyml-dashboard", None)
+
+
+def _time_hooks(dask_scheduler, on: bool) -> float:
+    """On the scheduler: time the plugin's hooks from now (``on``), or stop and return their seconds."""
+    import time
+
+    plugin = dask_scheduler.handlers["flowyml_dashboard"].__self__
+    if not on:
+        for name in ("transition", "log_event"):
+            vars(plugin).pop(name, None)
+        print(f"  the plugin's hooks: {plugin.bench_calls} calls, {plugin.bench_seconds:.4f} s", flush=True)
+        return plugin.bench_seconds
+    plugin.bench_seconds, plugin.bench_calls = 0.0, 0
+    clock = time.perf_counter
+
+    def timed(hook):
+        def call(*args, **kwargs):
+            start = clock()
+            hook(*args, **kwargs)
+            plugin.bench_seconds += clock() - start
+            plugin.bench_calls += 1
+        return call
+
+    plugin.transition = timed(plugin.transition)
+    plugin.log_event = timed(plugin.log_event)
+    return 0.0
 
 
 def _fmt(times: list[float]) -> str:

@@ -251,7 +251,7 @@ def _execute(session, executor, name, run_id, dsk, graph, recorder, cached,
     backend = session.open()
     backend.check_local_paths(local_paths)
     log.info(
-        "pipeline %r run %s: %d tasks on backend %r with %d workers%s%s",
+        "pipeline %r run %s: %d tasks on backend %r with %d workers%s%s%s",
         name,
         run_id,
         len(graph.dsk),
@@ -259,6 +259,7 @@ def _execute(session, executor, name, run_id, dsk, graph, recorder, cached,
         executor.max_workers,
         f" ({cached.computed} to compute, the rest cached)" if cached is not None else "",
         f", dashboard {backend.dashboard_link}" if backend.dashboard_link else "",
+        f", flowyml page {backend.flowyml_page_link}" if backend.flowyml_page_link else "",
     )
     if backend.fuses_partitions:
         from .fuse import fuse_partition_chains, inline_cached_loads, store_behind
@@ -368,6 +369,11 @@ class RunRecorder:
             len(graph.dsk), enabled=progress, description=name, tasks_per_step=graph.tasks_per_step()
         )
         self.watches_starts = not self._progress.silent
+
+    @property
+    def graph(self) -> CompiledGraph:
+        """The run's compiled graph (the distributed backend describes its steps to the flowyml page)."""
+        return self._graph
 
     def __enter__(self) -> RunRecorder:
         return self

@@ -111,8 +111,11 @@ def start_cluster(
     workers: list[list[str]],
     tls: list[str] = (),
     hide: list[str] = (),
+    scheduler: list[str] = (),
 ) -> str:
     """Start a scheduler and one worker per entry of ``workers`` (its extra options); the address.
+
+    ``scheduler``: extra options of ``dask scheduler`` (``--preload flowyml.dashboard``).
 
     ``hide``: folders each worker must not see (tmpfs mounted over them in its
     own mount namespace; Linux and root only). The scheduler and its file stay
@@ -123,7 +126,7 @@ def start_cluster(
     env = dict(os.environ, DASK_DISTRIBUTED__SCHEDULER__WORKER_SATURATION="inf")
     processes.start(
         [DASK, "scheduler", "--host", "127.0.0.1", "--port", "0", "--dashboard-address", "127.0.0.1:0",
-         "--scheduler-file", str(scheduler_file), *(["--protocol", "tls", *tls] if tls else [])],
+         "--scheduler-file", str(scheduler_file), *(["--protocol", "tls", *tls] if tls else []), *scheduler],
         log=log, env=env,
     )
     info = wait_until(lambda: _read_json(scheduler_file), f"the Dask scheduler (log {log})", failed=processes.dead)

@@ -135,6 +135,18 @@ class ParallelExecutor:
             self._open_in_block()
         return self._impl.dashboard_link
 
+    @property
+    def flowyml_page_link(self) -> str | None:
+        """The flowyml page on the Dask dashboard (``.../flowyml``), when the scheduler serves it.
+
+        Always on flowyml's own ``LocalCluster``; on another cluster, when its
+        scheduler runs with ``--preload flowyml.dashboard``; else None. Inside
+        ``with``, reading it starts the cluster.
+        """
+        if self._impl.has_client:
+            self._open_in_block()
+        return self._impl.flowyml_page_link
+
     def __repr__(self) -> str:
         return f"ParallelExecutor(backend={self.backend!r}, max_workers={self.max_workers})"
 

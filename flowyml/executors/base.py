@@ -21,7 +21,9 @@ class RunHooks(Protocol):
     HTML report (distributed: Dask's performance report, workers lost).
     ``watches_starts`` False says ``task_started`` does nothing, so a backend
     may skip calling it. ``pipeline`` names the run's pipeline (distributed:
-    its Dask span).
+    its Dask span). ``graph``, where present, is the run's compiled graph
+    (distributed: announced to the scheduler's flowyml page, see
+    :mod:`flowyml.dashboard`).
     """
 
     run_id: str
@@ -61,6 +63,8 @@ class Backend:
     def __init__(self, max_workers: int | None = None, **options: Any) -> None:
         self.max_workers = max_workers or os.cpu_count() or 1
         self.dashboard_link: str | None = None
+        #: The scheduler's flowyml page (``/flowyml``), when it serves one (distributed).
+        self.flowyml_page_link: str | None = None
 
     def start(self) -> None:
         """Begin starting the pool or cluster without waiting for it; ``open`` waits.

@@ -34,7 +34,11 @@ One run is one ``client.get`` of the compiled graph:
   run's tasks that were lost with a dying worker: their records count the
   lost attempt and the HTML report gets a "Workers lost" section;
 - with ``performance_report=``, Dask's own performance report of the run is
-  written and linked from the HTML report.
+  written and linked from the HTML report;
+- where the scheduler serves the flowyml page (always on flowyml's own
+  ``LocalCluster``, which preloads :mod:`flowyml.dashboard`), each run is
+  announced to it before its graph is sent and after it ends, and
+  ``flowyml_page_link`` names the page.
 
 Why a step's ``retries`` are not also given to Dask: Dask's ``retries`` re-run
 a task that *raised*, which flowyml's own retry loop already does (with
@@ -67,6 +71,7 @@ from typing import Any
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from ..bulk import no_gc_passes
+from ..dashboard.driver import announce_end, announce_start, page_link
 from ..exceptions import BackendError, OptionError, StepFailed, WorkerDiedError
 from ..logs import LOG_TOPIC, forwarding_level, install_forwarding, quiet_heartbeats_while_closing
 from .base import Backend, RunHooks, register
@@ -286,6 +291,7 @@ class DistributedBackend(Backend):
                     host="127.0.0.1",
                     dashboard_address="127.0.0.1:0",
                     silence_logs=logging.WARNING,
+                    scheduler_kwargs=_with_dashboard_preload(),
                 )
             self._client = Client(self._cluster, set_as_default=False)
         if self._cluster is None and not self._requested_workers:
@@ -299,7 +305,11 @@ class DistributedBackend(Backend):
         except Exception as exc:  # logs are a convenience; the run must not depend on them
             log.warning("worker logs will not reach this process: %s", exc)
         self.dashboard_link = self._client.dashboard_link
-        log.info("Dask dashboard: %s", self.dashboard_link)
+        self.flowyml_page_link = page_link(self._client, self.dashboard_link)
+        if self.flowyml_page_link:
+            log.info("Dask dashboard: %s, flowyml page: %s", self.dashboard_link, self.flowyml_page_link)
+        else:
+            log.info("Dask dashboard: %s", self.dashboard_link)
 
     def close(self) -> None:
         self._join_start()
@@ -357,6 +367,8 @@ class DistributedBackend(Backend):
         run = _RunEvents(client, hooks, self.key_suffix(hooks.run_id))
         window = _PerformanceWindow(client, self.performance_report) if self.performance_report else None
         run.subscribe()
+        announced = self.flowyml_page_link is not None and announce_start(client, hooks, dsk)
+        status = "failed"
         try:
             graph = cluster_graph(dsk, hooks.run_id, getattr(hooks, "pipeline", None) or "flowyml")
             futures = client.get(graph, list(keys), sync=False)
@@ -367,8 +379,12 @@ class DistributedBackend(Backend):
                 for future in futures:
                     future.release()
             run.wait_for(reporting_tasks(dsk))  # the last batches of events may be in flight
+            status = "succeeded"
             return values
-        except Exception as exc:
+        except BaseException as exc:
+            if not isinstance(exc, Exception):  # interrupted: the run did not fail, it was stopped
+                status = "stopped"
+                raise
             run.settle()  # the failed run's report: tasks that finished just before still report
             if type(exc).__name__ == "KilledWorker":
                 error = _worker_died(exc, run.suffix)
@@ -376,6 +392,8 @@ class DistributedBackend(Backend):
             raise
         finally:
             run.finish()
+            if announced:
+                announce_end(client, hooks.run_id, status)
             if window is not None:
                 window.save(hooks)
 
@@ -396,6 +414,24 @@ def _no_finalizers_while_starting() -> Iterator[None]:
     gc.collect()
     with no_gc_passes():
         yield
+
+
+def _with_dashboard_preload() -> dict[str, Any]:
+    """The scheduler's preloads (``distributed.scheduler.preload``) and the flowyml page's.
+
+    So the ``/flowyml`` page is on the dashboard of flowyml's own cluster (see
+    :mod:`flowyml.dashboard`); the user's own preloads keep their arguments.
+    """
+    import dask
+
+    preload = dask.config.get("distributed.scheduler.preload", None) or []
+    preload = [preload] if isinstance(preload, str) else list(preload)
+    argv = dask.config.get("distributed.scheduler.preload-argv", None) or []
+    if "flowyml.dashboard" in preload:
+        return {}
+    if argv and not isinstance(argv[0], str):  # one list of arguments per preload
+        return {"preload": [*preload, "flowyml.dashboard"], "preload_argv": [*argv, []]}
+    return {"preload": [*preload, "flowyml.dashboard"], "preload_argv": argv}
 
 
 def _no_workers_timeout(given: float | str | None) -> float:
