@@ -34,7 +34,7 @@ from flowyml.history.database import HEAD, open_engine
 from flowyml.history.schema import meta, metadata, runs
 
 from . import pipelines
-from .services import ROOT, wait_until
+from .services import ROOT, postgres_bin, wait_until
 from .test_report import _chromium, _decode_png, screenshot
 
 TIMEOUT = 120
@@ -213,6 +213,32 @@ def test_the_migrations_make_exactly_the_tables_flowyml_writes(tmp_path, request
         assert connection.execute(sa.text("SELECT version_num FROM flowyml_alembic_version")).scalar() == HEAD
         context = MigrationContext.configure(connection, opts={"version_table": "flowyml_alembic_version"})
         assert compare_metadata(context, metadata) == []
+
+
+def test_histories_opened_at_once_in_one_process_are_all_migrated(tmp_path, request):
+    """Alembic's migration context is global to a process: two at once must take turns."""
+    import threading
+
+    urls = [f"sqlite:///{tmp_path / f'h{i}.db'}" for i in range(4)]
+    urls += [request.getfixturevalue("postgres_server").create_database(f"at_once_{tmp_path.name[-8:]}_{i}")
+             for i in range(2)] if postgres_bin() is not None else []
+    errors = []
+
+    def open_one(url):
+        try:
+            open_engine(url)
+        except Exception as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=open_one, args=(url,)) for url in urls]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(TIMEOUT)
+    assert errors == []
+    for url in urls:
+        with open_engine(url).connect() as connection:
+            assert connection.execute(sa.text("SELECT version_num FROM flowyml_alembic_version")).scalar() == HEAD
 
 
 # ----------------------------------------------------------------------------- lost runs

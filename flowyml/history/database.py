@@ -50,6 +50,7 @@ CONNECT_TIMEOUT = 10
 _engines: dict[str, sa.Engine] = {}
 _locks: dict[str, threading.Lock] = {}
 _lock = threading.Lock()
+_migrating = threading.Lock()  # Alembic's context is global: one migration at a time per process
 
 T = TypeVar("T")
 
@@ -180,6 +181,7 @@ def _upgrade(engine: sa.Engine) -> None:
         config = Config()
         config.set_main_option("script_location", str(Path(__file__).with_name("migrations")))
         config.attributes["connection"] = connection
-        command.upgrade(config, HEAD)
+        with _migrating:
+            command.upgrade(config, HEAD)
 
     transaction(engine, migrate)
