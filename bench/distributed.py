@@ -52,14 +52,18 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 # Run as a script, this file's folder comes first on sys.path, where its own
 # name would shadow the ``distributed`` package: put the repository there instead.
 sys.path[0] = str(Path(__file__).resolve().parent.parent)
+# The runs' history goes to a folder of its own, not the user's ~/.flowyml.
+os.environ.setdefault("FLOWYML_HOME", tempfile.mkdtemp(prefix="flowyml-bench-home-"))
 
 from distributed import Client, LocalCluster  # noqa: E402
 

@@ -46,6 +46,8 @@ import pandas as pd
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+# The runs' history goes to a folder of its own, not the user's ~/.flowyml.
+os.environ.setdefault("FLOWYML_HOME", tempfile.mkdtemp(prefix="flowyml-bench-home-"))
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 

@@ -33,6 +33,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path[0] = str(HERE.parent)  # the repo root (bench/distributed.py would shadow distributed)
 sys.path.append(str(HERE))
+# The runs' history goes to a folder of its own, not the user's ~/.flowyml.
+os.environ.setdefault("FLOWYML_HOME", tempfile.mkdtemp(prefix="flowyml-bench-home-"))
 
 from flowyml import ParallelExecutor, Pipeline, read_csv, step, write_parquet  # noqa: E402
 from tests.services import S3Server, free_port  # noqa: E402

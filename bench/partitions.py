@@ -45,6 +45,7 @@ import os
 import shutil
 import statistics
 import sys
+import tempfile
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
@@ -59,6 +60,8 @@ HERE = Path(__file__).resolve().parent
 # this folder (for datagen) after site-packages.
 sys.path[0] = str(HERE.parent)
 sys.path.append(str(HERE))
+# The runs' history goes to a folder of its own, not the user's ~/.flowyml.
+os.environ.setdefault("FLOWYML_HOME", tempfile.mkdtemp(prefix="flowyml-bench-home-"))
 
 from flowyml import (  # noqa: E402
     ParallelExecutor,

@@ -67,6 +67,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # bench/ goes last, so spawned workers import ``workload`` by reference.
 sys.path[0] = str(ROOT)
 sys.path.append(str(ROOT / "bench"))
+# The runs' history goes to a folder of its own, not the user's ~/.flowyml.
+os.environ.setdefault("FLOWYML_HOME", tempfile.mkdtemp(prefix="flowyml-bench-home-"))
 
 WORKERS = 2
 TARGET_GROWTH = 1.5
