@@ -49,32 +49,10 @@ import dask.threaded  # noqa: E402
 import flowyml.history  # noqa: E402
 from flowyml import ParallelExecutor, Pipeline, step  # noqa: E402
 
-from workload import combine, noop  # noqa: E402
+from overhead import fan_in_graph, fan_in_pipeline  # noqa: E402
 
 TARGET_RATIO = 1.15
 TARGET_MS = 5.0
-
-
-@step(outputs=["parts"])
-def make_parts(n: int = 10) -> list[int]:
-    return list(range(n))
-
-
-def steps_pipeline(n: int) -> Pipeline:
-    """``n`` no-op steps and one step over all of them (bench/overhead.py's fan-in)."""
-    pipeline = Pipeline(f"steps_{n}")
-    names = [f"s{i}" for i in range(n)]
-    for name in names:
-        pipeline.add_step(noop, name=name)
-    pipeline.add_step(combine, name="combine", inputs=names)
-    return pipeline
-
-
-def steps_graph(n: int, suffix: str) -> tuple[dict, list[Hashable]]:
-    names = [f"s{i}{suffix}" for i in range(n)]
-    dsk: dict[Hashable, Any] = {name: (noop,) for name in names}
-    dsk["combine" + suffix] = (combine, *names)
-    return dsk, ["combine" + suffix]
 
 
 def _write(folder: Path, partitions: int) -> None:
@@ -179,7 +157,8 @@ def main() -> None:
     try:
         for backend in ("sync", "thread"):
             for n in (10, 100, 1_000):
-                measure(f"{n:,} steps", backend, steps_pipeline(n), lambda s, n=n: steps_graph(n, s), urls, repeats)
+                measure(f"{n:,} steps", backend, fan_in_pipeline(n), lambda s, n=n: fan_in_graph(n, s), urls,
+                        repeats)
             for partitions in (10, 1_000):
                 folder = data / f"p{partitions}"
                 _write(folder, partitions)

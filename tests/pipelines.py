@@ -7,6 +7,26 @@ import time
 from flowyml import Pipeline, step
 
 
+class Part:
+    """One partition of :class:`Numbers`: loading it gives its index."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+
+    def load(self) -> int:
+        return self.index
+
+
+class Numbers:
+    """A source of ``count`` partitions 0, 1, ..., ``count - 1`` (no files needed)."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+
+    def partitions(self) -> list[Part]:
+        return [Part(i) for i in range(self.count)]
+
+
 @step
 def process_chunk(chunk_id):
     return f"processed_{chunk_id}"

@@ -26,28 +26,10 @@ from distributed import Client, LocalCluster
 from flowyml import ParallelExecutor, Pipeline, read_csv, step
 from flowyml.dashboard.state import Board
 
-from .pipelines import write_parts
+from .pipelines import Numbers, write_parts
 from .services import START_TIMEOUT, Processes, start_cluster, wait_until
 
 # -- steps the workers import from this module ------------------------------------------
-
-
-class Part:
-    def __init__(self, index: int) -> None:
-        self.index = index
-
-    def load(self) -> int:
-        return self.index
-
-
-class Numbers:
-    """A source of ``count`` partitions 0 ... count - 1 (no files)."""
-
-    def __init__(self, count: int) -> None:
-        self.count = count
-
-    def partitions(self) -> list[Part]:
-        return [Part(i) for i in range(self.count)]
 
 
 @step(inputs=["numbers"], per_partition=True)

@@ -37,30 +37,10 @@ from flowyml import (
 )
 from flowyml.logs import HEARTBEAT_FAILURE, TaskLogFilter, _ClosingHeartbeatFilter
 
-from .pipelines import diamond
+from .pipelines import Numbers, Part, diamond
 from .services import START_TIMEOUT, Processes, start_cluster, wait_until
 
 # -- steps and a source the workers import from this module ---------------------------
-
-
-class Part:
-    """One partition of :class:`Numbers`: loading it gives its index."""
-
-    def __init__(self, index: int) -> None:
-        self.index = index
-
-    def load(self) -> int:
-        return self.index
-
-
-class Numbers:
-    """A source of ``count`` partitions 0, 1, ..., ``count - 1`` (no files needed)."""
-
-    def __init__(self, count: int) -> None:
-        self.count = count
-
-    def partitions(self) -> list[Part]:
-        return [Part(i) for i in range(self.count)]
 
 
 @step(inputs=["numbers"], per_partition=True)
