@@ -116,7 +116,7 @@ def _history_record(history, plan, executor, run_id, started_at):
         from .history.recorder import RunRecord
 
         record = RunRecord(url, plan.pipeline, run_id, started_at, executor.backend, executor.max_workers,
-                           {s.name: dict(s.params) for s in plan.steps if s.params})
+                           plan.steps)
         record.start()
     except Exception as exc:
         warn_once(url, exc)

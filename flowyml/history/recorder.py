@@ -67,7 +67,7 @@ class RunRecord:
     """The history row of one run, from its start to its end."""
 
     def __init__(self, url: str, pipeline: str, run_id: str, started_at: datetime, backend: str, workers: int,
-                 params: dict[str, Any]) -> None:
+                 steps: tuple[Any, ...]) -> None:
         self.url = url
         self.run_id = run_id
         self.key = _new_key()  # the row's key: run ids are short, and many hosts may share a history
@@ -80,9 +80,9 @@ class RunRecord:
             "heartbeat_at": started_at,
             "backend": backend,
             "workers": workers,
-            "command": _command(),
+            "command": _command(tuple(sys.argv)),
         }
-        self._params = params
+        self._steps = steps  # the plan's steps (immutable): their params are read in the record's thread
         self._sources: dict[str, list[Any]] | None = None
         self._inserted = False
         self._engine: Any = None
@@ -170,7 +170,8 @@ class RunRecord:
 
     def _values(self) -> dict[str, Any]:
         """The record's start: the run, this process, its params and sources (as known now)."""
-        row = dict(self._row, **_this_process(), params=_plain(self._params))
+        params = {s.name: dict(s.params) for s in self._steps if s.params}
+        row = dict(self._row, **_this_process(), params=_plain(params))
         if self._sources is not None:
             row["sources"] = _files(self._sources)
         return row
@@ -353,16 +354,17 @@ def _user() -> str | None:
         return None
 
 
-def _command() -> str | None:
-    """The process's command line, with what looks like a credential in it replaced by ``***``."""
-    if not sys.argv or not sys.argv[0]:
+@functools.lru_cache(maxsize=4)
+def _command(argv: tuple[str, ...]) -> str | None:
+    """The command line ``argv``, with what looks like a credential in it replaced by ``***``."""
+    if not argv or not argv[0]:
         return None
     import shlex
 
     from ..secrets import redact_url, scrub
 
     shown = []
-    for word in sys.argv:
+    for word in argv:
         name, equals, value = word.partition("=")
         if "://" in word:  # a URL, or NAME=URL (--input trips=https://...)
             word = f"{name}={redact_url(value)}" if equals and "://" in value else redact_url(word)
