@@ -84,7 +84,8 @@ class RunRecord:
         }
         self._steps = steps  # the plan's steps (immutable): their params are read in the record's thread
         self._sources: dict[str, list[Any]] | None = None
-        self._inserted = False
+        self._inserted = False  # the row is in the database (a run longer than GRACE)
+        self._sources_inserted = False  # and its sources with it (they were listed by then)
         self._engine: Any = None
         self._end: _End | None = None
         self._ended = threading.Event()
@@ -182,6 +183,7 @@ class RunRecord:
         row = self._values()
         transaction(self._engine, lambda c: c.execute(_statements().insert, row))
         self._inserted = True
+        self._sources_inserted = "sources" in row
 
     def _beat(self) -> None:
         from .database import transaction
@@ -233,15 +235,16 @@ class RunRecord:
                 values["report_path"], self._report_written = self._report_path, True
         keep = retention(warn=True)
 
+        statements = _statements()
+        if self._inserted:  # an UPDATE of the row, with the sources if they were listed after it
+            statement, row = statements.update, dict(values, key=self.key)
+            if self._sources is not None and not self._sources_inserted:
+                row["sources"] = _files(self._sources)
+        else:  # a short run: written once, complete
+            statement, row = statements.insert, dict(self._values(), **values)
+
         def write(connection: Any) -> bool:
-            statements = _statements()
-            if self._inserted:
-                update = dict(values, key=self.key)
-                if self._sources is not None:
-                    update["sources"] = _files(self._sources)
-                connection.execute(statements.update, update)
-            else:  # a short run: written once, complete
-                connection.execute(statements.insert, dict(self._values(), **values))
+            connection.execute(statement, row)
             if step_rows:
                 connection.execute(statements.insert_steps, step_rows)
             return keep is not None and prune_due(connection)
