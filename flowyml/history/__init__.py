@@ -96,12 +96,10 @@ def trends(pipeline: str, path: str | Path, *, last: int = 30, url: str | None =
     Each step's duration over the last ``last`` runs, failures marked, and
     the cache hit rate of each run.
     """
-    from .queries import open_history, read_runs, read_steps
+    from .queries import open_history, recent
     from .trends_page import write_trends
 
-    engine = open_history(_url(url))
-    recent = read_runs(engine, pipeline, None, None, last)
-    return write_trends(pipeline, list(reversed(recent)), read_steps(engine, pipeline, last), Path(path))
+    return write_trends(pipeline, *recent(open_history(_url(url)), pipeline, last), Path(path))
 
 
 def prune(older_than: str | timedelta = DEFAULT_RETENTION, *, url: str | None = None) -> int:

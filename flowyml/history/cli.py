@@ -161,15 +161,14 @@ def trends(url, pipeline, output, last) -> None:
     """One self-contained HTML page: each step's duration over the last runs, failures, cache hit rates."""
     from pathlib import Path
 
-    from .queries import read_runs, read_steps
+    from .queries import recent
     from .trends_page import write_trends
 
-    engine = _engine(url)
-    recent = read_runs(engine, pipeline, None, None, last)
-    if not recent:
+    runs, steps = recent(_engine(url), pipeline, last)
+    if not runs:
         raise _Usage(f"no run of pipeline {pipeline!r} in the history")
-    path = write_trends(pipeline, list(reversed(recent)), read_steps(engine, pipeline, last), Path(output))
-    click.echo(f"wrote {path} ({len(recent)} runs)")
+    path = write_trends(pipeline, runs, steps, Path(output))
+    click.echo(f"wrote {path} ({len(runs)} runs)")
 
 
 @history.command("prune")

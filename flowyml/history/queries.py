@@ -14,7 +14,7 @@ from .maintenance import mark_lost
 from .recorder import flush
 from .schema import runs, steps
 
-__all__ = ["RUN_COLUMNS", "open_history", "read_run", "read_runs", "read_steps", "since_time"]
+__all__ = ["RUN_COLUMNS", "open_history", "read_run", "read_runs", "read_steps", "recent", "since_time"]
 
 #: Seconds a read waits for the records this process is still writing.
 READ_WAIT = 60.0
@@ -109,6 +109,11 @@ def read_steps(engine: sa.Engine, pipeline: str, last: int) -> list[dict[str, An
              .order_by(recent.c.started_at, steps.c.position))
     rows = transaction(engine, lambda c: c.execute(query).mappings().all(), write=False)
     return [_aware(dict(row)) for row in rows]
+
+
+def recent(engine: sa.Engine, pipeline: str, last: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The pipeline's ``last`` runs, oldest first, and their steps: what the trends page charts."""
+    return list(reversed(read_runs(engine, pipeline, None, None, last))), read_steps(engine, pipeline, last)
 
 
 def _aware(row: dict[str, Any]) -> dict[str, Any]:
