@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 from flowyml import Pipeline, step
 
@@ -25,6 +26,18 @@ class Numbers:
 
     def partitions(self) -> list[Part]:
         return [Part(i) for i in range(self.count)]
+
+
+@step(inputs=["numbers"], per_partition=True)
+def hold(n, marker_dir=""):
+    """Say that this partition started, then wait (at most 60 s) until the test lets it finish."""
+    Path(marker_dir, f"started-{n}").touch()
+    deadline = time.monotonic() + 60
+    while not Path(marker_dir, "go").exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError("the test never said go")
+        time.sleep(0.01)
+    return n
 
 
 @step

@@ -16,7 +16,6 @@ import re
 import shutil
 import subprocess
 import threading
-import time
 import urllib.request
 from pathlib import Path
 
@@ -26,21 +25,10 @@ from distributed import Client, LocalCluster
 from flowyml import ParallelExecutor, Pipeline, read_csv, step
 from flowyml.dashboard.state import Board
 
-from .pipelines import Numbers, write_parts
+from .pipelines import Numbers, hold, write_parts
 from .services import START_TIMEOUT, Processes, start_cluster, wait_until
 
 # -- steps the workers import from this module ------------------------------------------
-
-
-@step(inputs=["numbers"], per_partition=True)
-def hold(n, marker_dir=""):
-    """Wait (at most 60 s) until the test writes ``go``."""
-    deadline = time.monotonic() + 60
-    while not Path(marker_dir, "go").exists():
-        if time.monotonic() > deadline:
-            raise TimeoutError("the test never said go")
-        time.sleep(0.01)
-    return n
 
 
 @step(inputs=["hold"])

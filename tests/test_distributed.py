@@ -37,7 +37,7 @@ from flowyml import (
 )
 from flowyml.logs import HEARTBEAT_FAILURE, TaskLogFilter, _ClosingHeartbeatFilter
 
-from .pipelines import Numbers, Part, diamond
+from .pipelines import Numbers, Part, diamond, hold
 from .services import START_TIMEOUT, Processes, start_cluster, wait_until
 
 # -- steps and a source the workers import from this module ---------------------------
@@ -96,18 +96,6 @@ def always_fails(attempts_file=""):
 @step(inputs=["numbers"], per_partition=True)
 def always_dies(n):
     os.kill(os.getpid(), signal.SIGKILL)
-
-
-@step(inputs=["numbers"], per_partition=True)
-def hold(n, marker_dir=""):
-    """Say that this partition started, then wait (at most 60 s) until the test lets it finish."""
-    Path(marker_dir, f"started-{n}").touch()
-    deadline = time.monotonic() + 60
-    while not Path(marker_dir, "go").exists():
-        if time.monotonic() > deadline:
-            raise TimeoutError("the test never said go")
-        time.sleep(0.01)
-    return n
 
 
 @step(inputs=["who"])
